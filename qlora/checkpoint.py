@@ -1,0 +1,95 @@
+"""Adapter-only checkpoints: LoRA weights + optimizer/scheduler/RNG/data position + resolved config.
+
+Layout of a checkpoint folder:
+    adapter/            peft save_pretrained output (adapter_config.json, adapter_model.safetensors)
+    trainer_state.pt    optimizer, scheduler, step, epoch, batch position, RNG states
+    config.yaml         the resolved JobConfig
+    manifest.json       size and sha256 of every file above, checked on load
+Folders are written under a temporary name and renamed, so a crash never leaves a half checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from qlora.config import JobConfig
+
+MANIFEST = "manifest.json"
+
+
+class CorruptCheckpoint(Exception):
+    pass
+
+
+def write_config(cfg: JobConfig, folder: Path) -> Path:
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    return path
+
+
+def save(folder: Path, model, cfg: JobConfig, optimizer=None, scheduler=None, state: dict | None = None) -> Path:
+    """Write a checkpoint to `folder` atomically. `model` is the (unwrapped) peft model."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp / "adapter")
+    write_config(cfg, tmp)
+    if optimizer is not None:
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
+                    "state": state or {}, "rng": rng_state()}, tmp / "trainer_state.pt")
+    write_manifest(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
+def write_manifest(folder: Path) -> None:
+    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps(files, indent=1))
+
+
+def verify(folder: Path) -> None:
+    """Raise CorruptCheckpoint if a file is missing, truncated or changed since it was written."""
+    folder = Path(folder)
+    try:
+        files = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpoint(f"{folder}: no readable {MANIFEST} ({e})") from None
+    for name, meta in files.items():
+        p = folder / name
+        if not p.is_file() or p.stat().st_size != meta["bytes"] or _sha256(p) != meta["sha256"]:
+            raise CorruptCheckpoint(f"{folder}: {name} is missing or does not match its manifest entry")
+
+
+def load_trainer_state(folder: Path) -> dict:
+    verify(folder)
+    return torch.load(Path(folder) / "trainer_state.pt", weights_only=False)
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,39 @@
+"""Shared command-line plumbing of the `ray_jobs` entry points: --config/--set parsing, exit codes,
+and the last stdout line (one JSON object) that automation reads."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+from qlora.errors import TrainingFailure, UserError
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def config_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", required=True, help="YAML job config, e.g. configs/quickstart.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value by its dotted path, e.g. --set lora.r=32 (repeatable)")
+    return p
+
+
+def run(job: Callable[[], dict]) -> int:
+    """Run `job`, print its result as the last stdout line, map errors to exit codes."""
+    try:
+        result = job()
+    except UserError as e:
+        return _fail(EXIT_BAD_INPUT, str(e), type(e).__name__)
+    except TrainingFailure as e:
+        return _fail(EXIT_FAILED, str(e), type(e).__name__)
+    sys.stderr.flush()
+    print(json.dumps(result, default=str), flush=True)
+    return EXIT_OK
+
+
+def _fail(code: int, message: str, kind: str) -> int:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    print(json.dumps({"error": message, "error_type": kind, "exit_code": code}), flush=True)
+    return code

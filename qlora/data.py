@@ -1,0 +1,259 @@
+"""Records -> token ids with loss masks.
+
+The pure core (`build_example`, `collate`, `render_segments`, `to_messages`, `nested_subset`) works on
+plain lists so it is tested with sentinel ids; `prepare` wires it to files and a real tokenizer.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from qlora.config import DataSection
+from qlora.errors import DataError
+
+IGNORE = -100
+REQUIRED_COLUMNS = {"alpaca": ("instruction", "output"), "messages": ("messages",),
+                    "sharegpt": ("conversations",), "text": ("text",)}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system"}
+# The Alpaca prompt, used when the tokenizer has no chat template.
+ALPACA_PROMPT = ("Below is an instruction that describes a task{ctx}. Write a response that appropriately "
+                 "completes the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n")
+
+Segment = tuple[str, bool]         # (text, trained on)
+IdSegment = tuple[list[int], bool]  # (token ids, trained on)
+
+
+# --- pure functions ----------------------------------------------------------------------------------
+
+def detect_format(columns: Sequence[str]) -> str:
+    for fmt in ("messages", "sharegpt", "alpaca", "text"):
+        if all(c in columns for c in REQUIRED_COLUMNS[fmt]):
+            return fmt
+    raise DataError(f"cannot tell the data format from the columns {sorted(columns)}",
+                    "set data.format (alpaca needs instruction+output, messages needs messages, sharegpt needs "
+                    "conversations, text needs text)")
+
+
+def to_messages(record: dict, fmt: str, system_prompt: Optional[str] = None) -> list[dict]:
+    """A record as chat messages [{role, content}] (alpaca, messages and sharegpt formats)."""
+    if fmt == "alpaca":
+        user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+        return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + msgs
+    if fmt == "messages":
+        return [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+    if fmt == "sharegpt":
+        out = []
+        for turn in record["conversations"]:
+            role = SHAREGPT_ROLES.get(turn.get("from"))
+            if role is None:
+                raise DataError(f"sharegpt turn has an unknown 'from': {turn.get('from')!r}",
+                                f"use one of {sorted(SHAREGPT_ROLES)}")
+            out.append({"role": role, "content": turn["value"]})
+        return out
+    raise ValueError(fmt)
+
+
+def render_segments(messages: list[dict], render: Callable[[list[dict], bool], str]) -> list[Segment]:
+    """Split a chat rendering into prompt and assistant segments.
+
+    `render(messages, add_generation_prompt)` is the chat template. Each assistant message's text is the
+    difference between rendering the conversation through it and rendering up to its generation prompt,
+    so whatever the template puts around turns lands in the right segment.
+    """
+    segments: list[Segment] = []
+    done = ""
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        prompt = render(messages[:i], True)
+        full = render(messages[:i + 1], False)
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            raise DataError("the chat template does not render conversations as growing prefixes",
+                            "use a template whose rendering of a longer conversation extends the shorter one")
+        segments += [(prompt[len(done):], False), (full[len(prompt):], True)]
+        done = full
+    if not segments:
+        raise DataError("a conversation has no assistant message to learn from",
+                        "every record needs at least one assistant (gpt) turn")
+    return [(t, trained) for t, trained in segments if t]
+
+
+def build_example(segments: Sequence[IdSegment], max_length: int, train_on_prompt: bool = False) -> dict:
+    """Concatenate id segments, label the trained ones, cut at max_length.
+
+    Returns input_ids, labels (IGNORE where not trained), the untruncated `length` and `truncated`.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    for seg_ids, trained in segments:
+        ids += seg_ids
+        labels += seg_ids if (trained or train_on_prompt) else [IGNORE] * len(seg_ids)
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length], "length": len(ids),
+            "truncated": len(ids) > max_length}
+
+
+def collate(examples: Sequence[dict], pad_id: int, pad_left: bool = False) -> dict:
+    """Pad a batch to its longest example. Returns plain lists (torch tensors are made by the caller)."""
+    width = max(len(e["input_ids"]) for e in examples)
+    out = {"input_ids": [], "labels": [], "attention_mask": []}
+    for e in examples:
+        n = len(e["input_ids"])
+        pad = width - n
+        for key, value, fill in (("input_ids", e["input_ids"], pad_id), ("labels", e.get("labels", []), IGNORE),
+                                 ("attention_mask", [1] * n, 0)):
+            out[key].append([fill] * pad + list(value) if pad_left else list(value) + [fill] * pad)
+    if not any(e.get("labels") for e in examples):
+        del out["labels"]
+    return out
+
+
+def nested_subset(n: int, seed: int, fraction: float = 1.0, max_samples: Optional[int] = None) -> list[int]:
+    """Indices of a seeded subset; with one seed, a smaller subset is a prefix of (inside) a larger one."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    k = max(1, round(n * fraction)) if n else 0
+    if max_samples is not None:
+        k = min(k, max_samples)
+    return order[:k]
+
+
+def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, eval) indices: a seeded shuffle, the first ceil-ish fraction held out (at least 1)."""
+    order = list(range(n))
+    random.Random(seed ^ 0x5EED).shuffle(order)
+    n_eval = min(max(1, round(n * eval_fraction)), n - 1)
+    return sorted(order[n_eval:]), sorted(order[:n_eval])
+
+
+# --- files and tokenizer -----------------------------------------------------------------------------
+
+def read_records(path: str) -> list[dict]:
+    """Rows of a local json/jsonl/csv/parquet file, through `datasets`."""
+    import datasets
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data file {path} does not exist", "check data.path (relative paths start at the "
+                        "folder the job runs in)")
+    kind = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}.get(p.suffix)
+    if kind is None:
+        raise DataError(f"data file {path} has an unknown extension {p.suffix!r}",
+                        "use a .json, .jsonl, .csv, .tsv or .parquet file")
+    if p.stat().st_size == 0:
+        raise DataError(f"data file {path} is empty", "point data.path at a file with records")
+    kwargs = {"delimiter": "\t"} if p.suffix == ".tsv" else {}
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(kind, data_files=str(p), split="train", **kwargs)
+    except Exception as e:  # datasets wraps parser errors in several exception types
+        cause = e.__cause__ or e
+        raise DataError(f"data file {path} could not be parsed as {kind}: {type(cause).__name__}: {cause}",
+                        f"fix the file so it is valid {kind} (one record per line for .jsonl)") from None
+    if len(ds) == 0:
+        raise DataError(f"data file {path} holds no records", "point data.path at a file with records")
+    return ds.to_list()
+
+
+def check_columns(records: list[dict], fmt: str, path: str) -> None:
+    need = REQUIRED_COLUMNS[fmt]
+    missing = [c for c in need if c not in records[0]]
+    if missing:
+        raise DataError(f"data file {path} lacks column(s) {missing} needed by data.format={fmt} "
+                        f"(it has {sorted(records[0])})", f"rename the columns, or set data.format to match the file")
+
+
+@dataclass
+class Encoder:
+    """Turns records into examples with one tokenizer and format."""
+    tokenizer: object
+    fmt: str
+    cfg: DataSection
+
+    def segments(self, record: dict) -> list[Segment]:
+        tok = self.tokenizer
+        if self.fmt == "text":
+            return [(record["text"] + (tok.eos_token or ""), True)]
+        if self.fmt == "alpaca" and not tok.chat_template:
+            ctx = ", paired with an input that provides further context" if record.get("input") else ""
+            inp = f"### Input:\n{record['input']}\n\n" if record.get("input") else ""
+            prompt = ALPACA_PROMPT.format(ctx=ctx, instruction=record["instruction"], input=inp)
+            return [(prompt, False), (record["output"] + (tok.eos_token or ""), True)]
+        if not tok.chat_template:
+            raise DataError(f"data.format={self.fmt} renders chat messages, but the tokenizer has no chat template",
+                            "use a chat/instruct model's tokenizer, or data.format=alpaca / text")
+        messages = to_messages(record, self.fmt, self.cfg.system_prompt)
+        return render_segments(messages, lambda m, gen: tok.apply_chat_template(
+            m, tokenize=False, add_generation_prompt=gen))
+
+    def encode(self, record: dict) -> dict:
+        segs = self.segments(record)
+        ids = [(self.tokenizer.encode(text, add_special_tokens=False), trained) for text, trained in segs]
+        ex = build_example(ids, self.cfg.max_length, self.cfg.train_on_prompt)
+        # What generation-based evaluation needs: the prompt before the last answer, and that answer.
+        last = max(i for i, (_, trained) in enumerate(segs) if trained)
+        ex["prompt_ids"] = [t for seg_ids, _ in ids[:last] for t in seg_ids][-self.cfg.max_length:]
+        ex["reference"] = self.tokenizer.decode(ids[last][0], skip_special_tokens=True).strip()
+        return ex
+
+
+@dataclass
+class PreparedData:
+    train: list[dict]
+    eval: list[dict]
+    fmt: str
+    stats: dict = field(default_factory=dict)
+    data_hash: str = ""
+    sample_segments: list[Segment] = field(default_factory=list)
+
+
+def prepare(cfg: DataSection, tokenizer) -> PreparedData:
+    """Read, split, subset, encode. Raises DataError for anything a user must fix."""
+    records = read_records(cfg.path)
+    fmt = cfg.format if cfg.format != "auto" else detect_format(list(records[0]))
+    check_columns(records, fmt, cfg.path)
+    if cfg.eval_path:
+        eval_records = read_records(cfg.eval_path)
+        check_columns(eval_records, fmt, cfg.eval_path)
+        train_records = records
+    else:
+        if len(records) < 2:
+            raise DataError(f"data file {cfg.path} has {len(records)} record: too few to hold some out",
+                            "add records or set data.eval_path")
+        tr, ev = split_indices(len(records), cfg.eval_fraction, cfg.seed)
+        train_records, eval_records = [records[i] for i in tr], [records[i] for i in ev]
+    train_records = [train_records[i] for i in nested_subset(len(train_records), cfg.seed, cfg.fraction, cfg.max_samples)]
+    if cfg.eval_max_samples:
+        eval_records = eval_records[:cfg.eval_max_samples]
+    enc = Encoder(tokenizer, fmt, cfg)
+    train = [enc.encode(r) for r in train_records]
+    evals = [enc.encode(r) for r in eval_records]
+    stats = example_stats(train)
+    kept = [e for e in train if any(t != IGNORE for t in e["labels"])]
+    if not kept:
+        raise DataError(f"all {len(train)} training examples lose every answer token to truncation at "
+                        f"data.max_length={cfg.max_length}", "raise data.max_length (see the token-length percentiles)")
+    stats["dropped_no_labels"] = len(train) - len(kept)
+    evals = [e for e in evals if any(t != IGNORE for t in e["labels"])]
+    if not evals:
+        raise DataError("no held-out example keeps an answer token after truncation",
+                        "raise data.max_length or check data.eval_path")
+    digest = hashlib.sha256(json.dumps([train_records, eval_records], sort_keys=True, default=str).encode())
+    return PreparedData(kept, evals, fmt, stats, digest.hexdigest()[:16], enc.segments(train_records[0]))
+
+
+def example_stats(examples: list[dict]) -> dict:
+    lengths = sorted(e["length"] for e in examples)  # before truncation: shows what max_length cuts
+    n_tokens = sum(len(e["input_ids"]) for e in examples)
+    masked = sum(1 for e in examples for t in e["labels"] if t == IGNORE)
+
+    def pct(q):
+        return lengths[min(len(lengths) - 1, int(q * len(lengths)))]
+
+    return {"records": len(examples), "token_length_p50": pct(0.5), "token_length_p95": pct(0.95),
+            "token_length_max": lengths[-1], "truncated_fraction": sum(e["truncated"] for e in examples) / len(examples),
+            "masked_label_fraction": masked / max(1, n_tokens), "tokens": n_tokens}

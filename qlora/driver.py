@@ -1,0 +1,178 @@
+"""The Train driver: check everything cheap first, then one TorchTrainer run and one MLflow run.
+
+Order matters: config, model source, tokenizer, data and the LoRA target check all run before Ray
+or MLflow are touched, so bad input fails in seconds with exit code 2 and leaves nothing behind.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from qlora import modeling, tracking
+from qlora.config import JobConfig, flatten
+from qlora.data import IGNORE, PreparedData, prepare
+from qlora.errors import EnvironmentProblem, TrainingFailure
+from qlora.model_source import ModelSource, resolve
+
+
+@dataclass
+class Prepared:
+    cfg: JobConfig
+    source: ModelSource
+    tokenizer: object
+    data: PreparedData
+    lora_params: int
+
+
+def prepare_job(cfg: JobConfig) -> Prepared:
+    """All checks that need no cluster: model source, tokenizer, data, LoRA targets (on the meta device)."""
+    if cfg.model.trust_remote_code:
+        print("[qlora] WARNING: model.trust_remote_code=true runs Python code from the model repository", flush=True)
+    source = resolve(cfg.model.name, cfg.model.gguf_file, cfg.model.revision)
+    tokenizer = modeling.load_tokenizer(source, cfg)
+    data = prepare(cfg.data, tokenizer)
+    lora_model = modeling.meta_lora_model(cfg, source)
+    return Prepared(cfg, source, tokenizer, data, modeling.lora_param_count(lora_model))
+
+
+def dry_run(cfg: JobConfig) -> dict:
+    import yaml
+    job = prepare_job(cfg)
+    print("# resolved config\n" + yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    print(f"model: {job.source.description} -> {job.source.path}")
+    s = job.data.stats
+    print(f"data: format={job.data.fmt} train={s['records']} eval={len(job.data.eval)} "
+          f"tokens p50={s['token_length_p50']} p95={s['token_length_p95']} max={s['token_length_max']} "
+          f"truncated={s['truncated_fraction']:.1%} masked labels={s['masked_label_fraction']:.1%}")
+    print(f"LoRA trainable parameters: {job.lora_params:,} (matches the independent count)")
+    print("one training example ([[...]] is trained on, the rest is masked out of the loss):")
+    print("".join(f"[[{t}]]" if trained and not cfg.data.train_on_prompt else t for t, trained in job.data.sample_segments))
+    first = job.data.train[0]
+    print(f"  tokens={len(first['input_ids'])} trained={sum(t != IGNORE for t in first['labels'])}")
+    return {"trainable_params": job.lora_params, "records": s["records"], "eval_records": len(job.data.eval),
+            "token_length_p50": s["token_length_p50"], "token_length_p95": s["token_length_p95"],
+            "truncated_fraction": s["truncated_fraction"], "masked_label_fraction": s["masked_label_fraction"]}
+
+
+def run_name(cfg: JobConfig) -> str:
+    if cfg.tracking.run_name:
+        return cfg.tracking.run_name
+    model = Path(cfg.model.name).stem.replace("/", "-")
+    return f"{model}-r{cfg.lora.r}-lr{cfg.train.learning_rate:g}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def worker_config(cfg: JobConfig, local_cluster: bool) -> JobConfig:
+    """Paths as workers see them: absolute on a cluster we started here (same machine); left relative
+    under `ray job submit`, where every worker's cwd is the uploaded working dir."""
+    if not local_cluster:
+        return cfg
+    data = cfg.data.model_copy(update={k: str(Path(v).resolve()) for k in ("path", "eval_path")
+                                       if (v := getattr(cfg.data, k))})
+    model = cfg.model
+    if Path(model.name).expanduser().exists():
+        model = model.model_copy(update={"name": str(Path(model.name).expanduser().resolve())})
+    return cfg.model_copy(update={"data": data, "model": model})
+
+
+def connect_ray(address: str | None) -> bool:
+    """Join the configured/submitting cluster, or start a local one. Returns True if started here."""
+    import ray
+    if ray.is_initialized():
+        return False
+    started_here = address is None and "RAY_ADDRESS" not in os.environ
+    try:
+        ray.init(address=address)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise EnvironmentProblem(f"Ray cluster at {address or os.environ.get('RAY_ADDRESS')} is unreachable ({e})",
+                                 "start it with `ray start --head`, or fix scaling.ray_address / RAY_ADDRESS") from None
+    return started_here
+
+
+def train(cfg: JobConfig) -> dict:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from qlora.worker import train_loop_per_worker
+
+    job = prepare_job(cfg)
+    name = run_name(cfg)
+    storage = cfg.scaling.storage_path
+    if "://" not in storage:
+        storage = str(Path(storage).resolve())
+        _check_writable(Path(storage))
+    uri = run_id = None
+    if cfg.tracking.enabled:
+        uri = tracking.tracking_uri(cfg.tracking.uri)
+        tracking.check_reachable(uri)
+    local = connect_ray(cfg.scaling.ray_address)
+    try:
+        if uri:
+            tags = {"base_model": job.source.description, "quantization": _quant_tag(cfg), "data_hash": job.data.data_hash,
+                    "lora_trainable_params": str(job.lora_params), "ray_job_id": ray.get_runtime_context().get_job_id()}
+            if os.environ.get("RAY_JOB_SUBMISSION_ID"):
+                tags["ray_submission_id"] = os.environ["RAY_JOB_SUBMISSION_ID"]
+            run_id = tracking.start_run(uri, cfg.tracking.experiment, name, flatten(cfg), tags)
+        payload = {"config": worker_config(cfg, local).to_json(), "tracking_uri": uri, "mlflow_run_id": run_id}
+        resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
+        trainer = TorchTrainer(
+            train_loop_per_worker, train_loop_config=payload,
+            scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                         resources_per_worker=resources),
+            run_config=RunConfig(name=name, storage_path=storage,
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 failure_config=FailureConfig(max_failures=cfg.scaling.max_failures)),
+        )
+        started = time.time()
+        try:
+            result = trainer.fit()
+        except Exception as e:  # Ray wraps the worker's exception (TrainingFailed / WorkerGroupError)
+            _finish(uri, run_id, "FAILED")
+            raise TrainingFailure(f"training failed: {_root_cause(e)}") from None
+        wall = time.time() - started
+        metrics = result.metrics or {}
+        ckpt_dir = Path(result.checkpoint.path)
+        adapter = ckpt_dir / "adapter"
+        before = {k.removeprefix("before_"): v for k, v in metrics.items() if k.startswith("before_")}
+        after = {k: metrics[k] for k in before if k in metrics}
+        if uri:
+            c = tracking.client(uri)
+            c.log_artifacts(run_id, str(adapter), "adapter")
+            c.log_artifact(run_id, str(ckpt_dir / "config.yaml"))
+            _finish(uri, run_id, "FINISHED")
+        return {"adapter": str(adapter), "checkpoint": str(ckpt_dir), "mlflow_run_id": run_id, "tracking_uri": uri,
+                "metrics_before": before, "metrics_after": after,
+                "train_seconds": metrics.get("train_seconds"), "job_seconds": round(wall, 1),
+                "steps": metrics.get("step"), "tokens_per_second": metrics.get("tokens_per_second")}
+    finally:
+        if local:
+            ray.shutdown()
+
+
+def _quant_tag(cfg: JobConfig) -> str:
+    q = cfg.quantization
+    return {4: f"bnb-4bit-{q.quant_type}{'-dq' if q.double_quant else ''}", 8: "bnb-8bit", 16: "16bit"}[q.bits]
+
+
+def _finish(uri, run_id, status: str) -> None:
+    if uri and run_id:
+        tracking.client(uri).set_terminated(run_id, status)
+
+
+def _root_cause(e: BaseException) -> str:
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return f"{type(e).__name__}: {e}"
+
+
+def _check_writable(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise EnvironmentProblem(f"scaling.storage_path {path} is not writable ({e})",
+                                 "choose a folder you can write to, or a cloud URI") from None

@@ -1,0 +1,181 @@
+"""The loop each Ray Train worker runs: load 4-bit base + LoRA, train, evaluate, checkpoint, report.
+
+Our own loop rather than HF Trainer: resuming must restore the exact step, optimizer, scheduler, RNG
+and data position (ray #46814 is HF training restarting at epoch 1 after a restore), and every
+metric Ray Tune or MLflow sees is computed here in plain sight.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from qlora import checkpoint, distributed, evaluation, modeling
+from qlora.config import JobConfig
+from qlora.data import collate, prepare
+from qlora.errors import TrainingFailure
+from qlora.model_source import resolve
+from qlora.tracking import MetricsSink
+
+
+def make_optimizer(cfg: JobConfig, params):
+    t = cfg.train
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.learning_rate, momentum=0.9, weight_decay=t.weight_decay)
+    import bitsandbytes as bnb  # CUDA optimizers; the config refuses them without scaling.use_gpu
+    cls = {"paged_adamw_32bit": bnb.optim.PagedAdamW32bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+           "adamw_8bit": bnb.optim.AdamW8bit}[t.optimizer]
+    return cls(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+
+
+def make_scheduler(cfg: JobConfig, optimizer, total_steps: int):
+    from transformers import get_scheduler
+    warmup = cfg.train.warmup_steps or math.ceil(cfg.train.warmup_ratio * total_steps)
+    return get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+class BatchPlan:
+    """Deterministic micro-batches: micro-batch k of the run is a pure function of k.
+
+    Epoch e shuffles with seed + e; each rank takes its shard. Resuming at step s only needs s.
+    """
+
+    def __init__(self, n_examples: int, cfg: JobConfig, ctx: distributed.Context):
+        self.n, self.cfg, self.ctx = n_examples, cfg, ctx
+        self.per_epoch = math.ceil(len(distributed.shard(list(range(n_examples)), ctx)) / cfg.train.batch_size)
+        steps_per_epoch = max(1, self.per_epoch // cfg.train.gradient_accumulation)
+        self.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+        self._epoch, self._order = None, None
+
+    def micro_batch(self, k: int) -> tuple[int, list[int]]:
+        epoch, b = divmod(k, self.per_epoch)
+        if epoch != self._epoch:
+            order = list(range(self.n))
+            random.Random(self.cfg.train.seed + epoch).shuffle(order)
+            self._epoch, self._order = epoch, distributed.shard(order, self.ctx)
+        bs = self.cfg.train.batch_size
+        return epoch, self._order[b * bs:(b + 1) * bs]
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def log(ctx: distributed.Context, message: str) -> None:
+    if ctx.is_writer:
+        print(f"[qlora] {message}", flush=True)
+
+
+def train_loop_per_worker(payload: dict) -> None:
+    import ray.train
+
+    cfg = JobConfig.from_json(payload["config"])  # validated again on this side of the Ray boundary
+    ctx = distributed.context(cfg.scaling.use_gpu)
+    torch.manual_seed(cfg.train.seed)
+    source = resolve(cfg.model.name, cfg.model.gguf_file, cfg.model.revision)
+    tokenizer = modeling.load_tokenizer(source, cfg)
+    data = prepare(cfg.data, tokenizer)
+    base = modeling.load_base_model(cfg, source, ctx.device)
+    torch.manual_seed(cfg.train.seed)  # identical LoRA init on every rank
+    model = modeling.attach_lora(base, cfg.lora)
+    ddp = distributed.wrap(model, ctx)
+    optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    plan = BatchPlan(len(data.train), cfg, ctx)
+    scheduler = make_scheduler(cfg, optimizer, plan.total_steps)
+    sink = MetricsSink(payload.get("tracking_uri"), payload.get("mlflow_run_id")) if ctx.is_writer else None
+
+    step, before = 0, None
+    resumed = ray.train.get_checkpoint()
+    if resumed:
+        with resumed.as_directory() as d:
+            step, before = restore(Path(d), model, optimizer, scheduler)
+        log(ctx, f"resumed from checkpoint at step {step}")
+    if before is None:
+        before = evaluation.evaluate(model, data.eval, tokenizer, cfg, ctx)
+        log(ctx, f"before training: {before}")
+
+    def report(metrics: dict, save: bool, final: bool = False):
+        if sink:
+            sink.log(metrics, step)
+        ckpt = None
+        with tempfile.TemporaryDirectory() as tmp:
+            if save and ctx.is_writer:
+                folder = checkpoint.save(Path(tmp) / "checkpoint", model, cfg, optimizer, scheduler,
+                                         {"step": step, "before": before, "final": final})
+                ckpt = ray.train.Checkpoint.from_directory(str(folder))
+            ray.train.report(metrics, checkpoint=ckpt)
+
+    tokens, window_loss, window_steps, t0 = 0, 0.0, 0, time.perf_counter()
+    train_start = time.perf_counter()
+    accum = cfg.train.gradient_accumulation
+    while step < plan.total_steps:
+        ddp.train()
+        step_loss = 0.0
+        for micro in range(accum):
+            epoch, idx = plan.micro_batch(step * accum + micro)
+            batch = evaluation.to_tensors(collate([data.train[i] for i in idx], tokenizer.pad_token_id), ctx.device)
+            sync = micro == accum - 1
+            with (ddp.no_sync() if not sync and ctx.world_size > 1 else contextlib.nullcontext()):
+                out = ddp(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                loss_sum, n = evaluation.token_losses(out.logits, batch["labels"])
+                loss = loss_sum / n.clamp(min=1)
+                (loss / accum).backward()
+            step_loss += loss.item() / accum
+            tokens += int(batch["attention_mask"].sum())
+        if not math.isfinite(step_loss):
+            raise TrainingFailure(f"loss became {step_loss} at step {step + 1}; the last good checkpoint is kept "
+                                  "(lower train.learning_rate or train.max_grad_norm)")
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                   cfg.train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window_loss, window_steps = window_loss + step_loss, window_steps + 1
+        last = step == plan.total_steps
+        do_eval = last or (cfg.train.eval_every and step % cfg.train.eval_every == 0)
+        do_save = last or (cfg.train.save_every and step % cfg.train.save_every == 0)
+        if not (last or do_eval or do_save or step % cfg.train.log_every == 0):
+            continue
+        elapsed = time.perf_counter() - t0
+        loss_avg, tok_all = distributed.all_sum([window_loss / window_steps, tokens], ctx)
+        metrics = {"step": step, "epoch": epoch, "loss": loss_avg / ctx.world_size,
+                   "learning_rate": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                   "tokens_per_second": tok_all / elapsed, "peak_memory_gib": peak_memory_gib(ctx.device)}
+        if do_eval:
+            metrics.update(evaluation.evaluate(model, data.eval, tokenizer, cfg, ctx))
+        if last:
+            metrics["train_seconds"] = time.perf_counter() - train_start
+            metrics.update({f"before_{k}": v for k, v in before.items()})
+        log(ctx, f"step {step}/{plan.total_steps} " + " ".join(
+            f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+        report(metrics, save=do_save, final=last)
+        tokens, window_loss, window_steps, t0 = 0, 0.0, 0, time.perf_counter()
+    if sink:
+        sink.flush()
+
+
+def restore(folder: Path, model, optimizer, scheduler) -> tuple[int, dict]:
+    """Load adapter weights and trainer state from a checkpoint folder; returns (step, metrics before)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    state = checkpoint.load_trainer_state(folder)
+    weights = load_file(str(folder / "adapter" / "adapter_model.safetensors"), device=str(next(
+        p.device for p in model.parameters() if p.requires_grad)))
+    set_peft_model_state_dict(model, weights)
+    optimizer.load_state_dict(state["optimizer"])
+    if state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    checkpoint.restore_rng(state["rng"])
+    return state["state"]["step"], state["state"].get("before")
+

@@ -1,0 +1,47 @@
+"""Shared fixtures: real tokenizers from ../shared/data, the real SmolLM2 (converted once), tiny random
+models for mechanics."""
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def smollm_dir() -> Path:
+    """The packaged SmolLM2-135M-Instruct GGUF, converted to safetensors (cached across runs)."""
+    from qlora.model_source import resolve
+    return Path(resolve("smollm2-135m").path)
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer(smollm_dir):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(smollm_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm_dir) -> Path:
+    """A 2-layer random Llama with SmolLM2's tokenizer: real text pipeline, trains in seconds."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    tok = AutoTokenizer.from_pretrained(smollm_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def people_data() -> Path:
+    return ROOT / "data" / "people_json.jsonl"

@@ -1,0 +1,76 @@
+"""Model sources (packaged GGUF, folders, hub ids) and the LoRA trainable-parameter check."""
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlora import modeling
+from qlora.config import JobConfig, LoraSection, QuantizationSection
+from qlora.errors import ConfigError
+from qlora.model_source import ModelSource, resolve
+
+
+def test_packaged_gguf_is_converted_once_to_safetensors(smollm_dir):
+    assert (smollm_dir / "config.json").is_file() and list(smollm_dir.glob("*.safetensors"))
+    t = time.perf_counter()
+    assert Path(resolve("smollm2-135m").path) == smollm_dir  # cache hit: keyed by the file's hash
+    assert time.perf_counter() - t < 5
+
+
+def test_model_name_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve(str(tmp_path / "missing.gguf"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no config.json"):
+        resolve(str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="not an existing path"):
+        resolve("./nowhere")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(ConfigError, match="could not be read"):
+        resolve(str(bad))
+    assert resolve("meta-llama/Llama-3.1-8B") == ModelSource("meta-llama/Llama-3.1-8B", False, "hub:meta-llama/Llama-3.1-8B")
+
+
+def test_compute_dtype_follows_hardware():
+    q = QuantizationSection()
+    assert modeling.compute_dtype(q, torch.device("cpu")) == torch.float32
+    assert modeling.compute_dtype(QuantizationSection(compute_dtype="bfloat16"), torch.device("cpu")) == torch.bfloat16
+
+
+def _cfg(model_dir, **lora):
+    return JobConfig.model_validate({"model": {"name": str(model_dir)}, "data": {"path": "x"}, "lora": lora})
+
+
+@pytest.mark.parametrize("lora, per_layer", [
+    ({"target_modules": "all-linear"}, None),
+    ({"target_modules": ["q_proj", "v_proj"], "r": 4}, (64 + 64) + (64 + 32)),
+    ({"target_modules": ["q_proj"], "layers_to_transform": [1], "r": 2}, None),
+])
+def test_lora_count_matches_independent_computation_on_4bit_model(tiny_model_dir, lora, per_layer):
+    cfg = _cfg(tiny_model_dir, **lora)
+    source = ModelSource(str(tiny_model_dir), True, "tiny")
+    base = modeling.load_base_model(cfg, source, torch.device("cpu"))
+    assert type(base.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    model = modeling.attach_lora(base, cfg.lora)
+    count = modeling.lora_param_count(model)
+    assert count == modeling.trainable_summary(model)["trainable_params"] > 0
+    if per_layer:
+        assert count == 2 * cfg.lora.r * per_layer  # 2 layers
+    if cfg.lora.layers_to_transform:
+        assert count == cfg.lora.r * (64 + 64)
+
+
+def test_lora_on_nothing_fails_loudly(tiny_model_dir):
+    source = ModelSource(str(tiny_model_dir), True, "tiny")
+    with pytest.raises(ConfigError, match="matches no module"):
+        modeling.meta_lora_model(_cfg(tiny_model_dir, target_modules=["nonexistent"]), source)
+    with pytest.raises(ConfigError, match="adapts nothing|matches no module"):
+        modeling.meta_lora_model(_cfg(tiny_model_dir, target_modules=["q_proj"], layers_to_transform=[7]), source)
+
+
+def test_verify_rejects_a_count_mismatch(tiny_model_dir):
+    model = modeling.meta_lora_model(_cfg(tiny_model_dir), ModelSource(str(tiny_model_dir), True, "tiny"))
+    with pytest.raises(ConfigError, match="peft made"):
+        modeling.verify_lora_params(model, modeling.lora_param_count(model) + 1, LoraSection())
