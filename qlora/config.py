@@ -155,7 +155,7 @@ class JobConfig(Section):
 
     @classmethod
     def from_json(cls, text: str) -> "JobConfig":
-        return _validate(cls, json.loads(text))
+        return validate(cls, json.loads(text))
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def load_config(path: Union[str, Path, None], overrides: list[str] = (), model: 
                               "write sections like `model:`, `data:`, `train:` at the top level")
     for item in overrides:
         apply_override(raw, item)
-    return _validate(model, raw)
+    return validate(model, raw)
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -199,7 +199,7 @@ def apply_override(raw: dict, item: str) -> None:
         node[parts[-1]] = value
 
 
-def _validate(model: type[BaseModel], raw: Any):
+def validate(model: type[BaseModel], raw: Any):
     try:
         return model.model_validate(raw)
     except ValidationError as e:
