@@ -9,7 +9,6 @@ Folders are written under a temporary name and renamed, so a crash never leaves 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -20,6 +19,7 @@ import torch
 import yaml
 
 from qlora.config import JobConfig
+from qlora.files import file_sha256
 
 MANIFEST = "manifest.json"
 
@@ -52,7 +52,7 @@ def save(folder: Path, model, cfg: JobConfig, optimizer=None, scheduler=None, st
 
 
 def write_manifest(folder: Path) -> None:
-    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
     (folder / MANIFEST).write_text(json.dumps(files, indent=1))
 
@@ -66,7 +66,7 @@ def verify(folder: Path) -> None:
         raise CorruptCheckpoint(f"{folder}: no readable {MANIFEST} ({e})") from None
     for name, meta in files.items():
         p = folder / name
-        if not p.is_file() or p.stat().st_size != meta["bytes"] or _sha256(p) != meta["sha256"]:
+        if not p.is_file() or p.stat().st_size != meta["bytes"] or file_sha256(p) != meta["sha256"]:
             raise CorruptCheckpoint(f"{folder}: {name} is missing or does not match its manifest entry")
 
 
@@ -86,10 +86,3 @@ def restore_rng(state: dict) -> None:
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

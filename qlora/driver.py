@@ -90,62 +90,92 @@ def connect_ray(address: str | None) -> bool:
     return started_here
 
 
-def train(cfg: JobConfig) -> dict:
+def storage_root(cfg: JobConfig) -> str:
+    storage = cfg.scaling.storage_path
+    if "://" in storage:
+        return storage
+    path = Path(storage).resolve()
+    _check_writable(path)
+    return str(path)
+
+
+def tracking_target(cfg: JobConfig) -> str | None:
+    """The MLflow URI this job logs to (checked reachable), or None when tracking is off."""
+    if not cfg.tracking.enabled:
+        return None
+    uri = tracking.tracking_uri(cfg.tracking.uri)
+    tracking.check_reachable(uri)
+    return uri
+
+
+def start_mlflow_run(job: Prepared, uri: str, name: str, extra_tags: dict | None = None) -> str:
     import ray
+    cfg = job.cfg
+    tags = {"base_model": job.source.description, "quantization": _quant_tag(cfg), "data_hash": job.data.data_hash,
+            "lora_trainable_params": str(job.lora_params), "ray_job_id": ray.get_runtime_context().get_job_id(),
+            **(extra_tags or {})}
+    if os.environ.get("RAY_JOB_SUBMISSION_ID"):
+        tags["ray_submission_id"] = os.environ["RAY_JOB_SUBMISSION_ID"]
+    return tracking.start_run(uri, cfg.tracking.experiment, name, flatten(cfg), tags)
+
+
+def fit(cfg: JobConfig, payload: dict, name: str, storage: str, callbacks=()):
+    """One Ray Train run of `scaling.num_workers` workers; returns Ray's Result or raises TrainingFailure."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from qlora.worker import train_loop_per_worker
 
+    resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=payload,
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=storage, callbacks=list(callbacks),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures)),
+    )
+    try:
+        return trainer.fit()
+    except Exception as e:  # Ray wraps the worker's exception (TrainingFailed / WorkerGroupError)
+        _finish(payload.get("tracking_uri"), payload.get("mlflow_run_id"), "FAILED")
+        raise TrainingFailure(f"training failed: {_root_cause(e)}") from None
+
+
+def finish(result, uri: str | None, run_id: str | None) -> dict:
+    """Log the final adapter and config to MLflow, close the run, and summarise the result."""
+    metrics = result.metrics or {}
+    ckpt_dir = Path(result.checkpoint.path)
+    adapter = ckpt_dir / "adapter"
+    before = {k.removeprefix("before_"): v for k, v in metrics.items() if k.startswith("before_")}
+    after = {k: metrics[k] for k in before if k in metrics}
+    if uri and run_id:
+        c = tracking.client(uri)
+        c.log_artifacts(run_id, str(adapter), "adapter")
+        c.log_artifact(run_id, str(ckpt_dir / "config.yaml"))
+        c.set_tag(run_id, "adapter_path", str(adapter))
+        _finish(uri, run_id, "FINISHED")
+    return {"adapter": str(adapter), "checkpoint": str(ckpt_dir), "mlflow_run_id": run_id, "tracking_uri": uri,
+            "metrics_before": before, "metrics_after": after, "train_seconds": metrics.get("train_seconds"),
+            "steps": metrics.get("step"), "tokens_per_second": metrics.get("tokens_per_second")}
+
+
+def train(cfg: JobConfig) -> dict:
+    import ray
+
     job = prepare_job(cfg)
     name = run_name(cfg)
-    storage = cfg.scaling.storage_path
-    if "://" not in storage:
-        storage = str(Path(storage).resolve())
-        _check_writable(Path(storage))
-    uri = run_id = None
-    if cfg.tracking.enabled:
-        uri = tracking.tracking_uri(cfg.tracking.uri)
-        tracking.check_reachable(uri)
+    storage = storage_root(cfg)
+    uri = tracking_target(cfg)
     local = connect_ray(cfg.scaling.ray_address)
     try:
-        if uri:
-            tags = {"base_model": job.source.description, "quantization": _quant_tag(cfg), "data_hash": job.data.data_hash,
-                    "lora_trainable_params": str(job.lora_params), "ray_job_id": ray.get_runtime_context().get_job_id()}
-            if os.environ.get("RAY_JOB_SUBMISSION_ID"):
-                tags["ray_submission_id"] = os.environ["RAY_JOB_SUBMISSION_ID"]
-            run_id = tracking.start_run(uri, cfg.tracking.experiment, name, flatten(cfg), tags)
+        run_id = start_mlflow_run(job, uri, name) if uri else None
         payload = {"config": worker_config(cfg, local).to_json(), "tracking_uri": uri, "mlflow_run_id": run_id}
-        resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
-        trainer = TorchTrainer(
-            train_loop_per_worker, train_loop_config=payload,
-            scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                         resources_per_worker=resources),
-            run_config=RunConfig(name=name, storage_path=storage,
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
-                                 failure_config=FailureConfig(max_failures=cfg.scaling.max_failures)),
-        )
         started = time.time()
-        try:
-            result = trainer.fit()
-        except Exception as e:  # Ray wraps the worker's exception (TrainingFailed / WorkerGroupError)
-            _finish(uri, run_id, "FAILED")
-            raise TrainingFailure(f"training failed: {_root_cause(e)}") from None
-        wall = time.time() - started
-        metrics = result.metrics or {}
-        ckpt_dir = Path(result.checkpoint.path)
-        adapter = ckpt_dir / "adapter"
-        before = {k.removeprefix("before_"): v for k, v in metrics.items() if k.startswith("before_")}
-        after = {k: metrics[k] for k in before if k in metrics}
-        if uri:
-            c = tracking.client(uri)
-            c.log_artifacts(run_id, str(adapter), "adapter")
-            c.log_artifact(run_id, str(ckpt_dir / "config.yaml"))
-            _finish(uri, run_id, "FINISHED")
-        return {"adapter": str(adapter), "checkpoint": str(ckpt_dir), "mlflow_run_id": run_id, "tracking_uri": uri,
-                "metrics_before": before, "metrics_after": after,
-                "train_seconds": metrics.get("train_seconds"), "job_seconds": round(wall, 1),
-                "steps": metrics.get("step"), "tokens_per_second": metrics.get("tokens_per_second")}
+        summary = finish(fit(cfg, payload, name, storage), uri, run_id)
+        print(f"\nadapter: {summary['adapter']}\nMLflow run: {run_id} ({uri})\n"
+              f"held-out before: {summary['metrics_before']}\nheld-out after:  {summary['metrics_after']}", flush=True)
+        return {**summary, "job_seconds": round(time.time() - started, 1)}
     finally:
         if local:
             ray.shutdown()

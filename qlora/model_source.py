@@ -6,7 +6,6 @@ GGUF-loaded model.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qlora.errors import ConfigError
+from qlora.files import file_sha256
 
 # Short name -> (pip package that ships the file, file name inside it, install hint).
 PACKAGED_MODELS = {
@@ -86,14 +86,6 @@ def _looks_like_hub_id(name: str) -> bool:
 def _hub_file(repo: str, filename: str, revision: str | None) -> Path:
     from huggingface_hub import hf_hub_download
     return Path(hf_hub_download(repo, filename, revision=revision))
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _from_gguf(gguf: Path, description: str) -> ModelSource:

@@ -98,8 +98,12 @@ def train_loop_per_worker(payload: dict) -> None:
     resumed = ray.train.get_checkpoint()
     if resumed:
         with resumed.as_directory() as d:
-            step, before = restore(Path(d), model, optimizer, scheduler)
+            saved = restore(Path(d), model, optimizer, scheduler)
+        step, before = saved["step"], saved.get("before")
         log(ctx, f"resumed from checkpoint at step {step}")
+        if saved.get("final"):  # the run had finished: report its result again, train nothing
+            ray.train.report(saved["metrics"])
+            return
     if before is None:
         before = evaluation.evaluate(model, data.eval, tokenizer, cfg, ctx)
         log(ctx, f"before training: {before}")
@@ -111,7 +115,7 @@ def train_loop_per_worker(payload: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             if save and ctx.is_writer:
                 folder = checkpoint.save(Path(tmp) / "checkpoint", model, cfg, optimizer, scheduler,
-                                         {"step": step, "before": before, "final": final})
+                                         {"step": step, "before": before, "final": final, "metrics": metrics})
                 ckpt = ray.train.Checkpoint.from_directory(str(folder))
             ray.train.report(metrics, checkpoint=ckpt)
 
@@ -165,8 +169,9 @@ def train_loop_per_worker(payload: dict) -> None:
         sink.flush()
 
 
-def restore(folder: Path, model, optimizer, scheduler) -> tuple[int, dict]:
-    """Load adapter weights and trainer state from a checkpoint folder; returns (step, metrics before)."""
+def restore(folder: Path, model, optimizer, scheduler) -> dict:
+    """Load adapter weights and trainer state from a checkpoint folder; returns the saved loop state
+    (step, metrics before training, and for the final checkpoint its metrics)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
     state = checkpoint.load_trainer_state(folder)
@@ -177,5 +182,5 @@ def restore(folder: Path, model, optimizer, scheduler) -> tuple[int, dict]:
     if state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
     checkpoint.restore_rng(state["rng"])
-    return state["state"]["step"], state["state"].get("before")
+    return state["state"]
 

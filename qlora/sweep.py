@@ -1,0 +1,197 @@
+"""The Tune driver: each trial is a full Ray Train run (TorchTrainer inside a Tune function trainable).
+
+Workers report eval loss at every log step through TuneReportCallback, so ASHA can stop bad trials
+mid-run. MLflow gets one parent run per sweep and one child run per trial (never one per worker).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from qlora import driver, tracking
+from qlora.config import JobConfig, flatten
+from qlora.errors import ConfigError
+from qlora.search_space import SearchSpace, apply_params
+
+STATE_FILE = "qlora_sweep.json"
+
+
+def trial_config(base: JobConfig, params: dict, space: SearchSpace) -> JobConfig:
+    cfg = apply_params(base, params, space.tied)
+    # Every report must carry the metric, or ASHA has nothing to compare.
+    train = cfg.train.model_copy(update={"eval_every": cfg.train.log_every})
+    return cfg.model_copy(update={"train": train})
+
+
+def run_trial(config: dict, base_json: str, space_json: str, uri, parent_run_id, storage: str, sweep_name: str,
+              local: bool) -> None:
+    """Tune trainable: one trial = one TorchTrainer run, reporting to Tune through a callback."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    space = SearchSpace.model_validate_json(space_json)
+    cfg = trial_config(JobConfig.from_json(base_json), config["params"], space)
+    trial_id = tune.get_context().get_trial_id()
+    name = f"{sweep_name}-trial-{trial_id}"
+    job = driver.prepare_job(cfg)
+    run_id = None
+    if uri:
+        existing = _child_runs(uri, cfg.tracking.experiment, parent_run_id, trial_id)
+        run_id = existing[0].info.run_id if existing else driver.start_mlflow_run(
+            job, uri, name, {"mlflow.parentRunId": parent_run_id, "trial_id": trial_id})
+    payload = {"config": driver.worker_config(cfg, local).to_json(), "tracking_uri": uri, "mlflow_run_id": run_id}
+    driver.finish(driver.fit(cfg, payload, name, storage, callbacks=[TuneReportCallback()]), uri, run_id)
+
+
+def _child_runs(uri: str, experiment: str, parent: str, trial_id: str | None = None):
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    query = f"tags.`mlflow.parentRunId` = '{parent}'" + (f" and tags.trial_id = '{trial_id}'" if trial_id else "")
+    return c.search_runs([exp.experiment_id], filter_string=query)
+
+
+def sweep(cfg: JobConfig, space: SearchSpace, name: str, resume: bool = False) -> dict:
+    # Save Tune's experiment state on every loop: a trial that finished is never run again after a
+    # driver crash (the state is a few KB; trials take minutes).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    import ray
+    from ray import tune
+
+    space.check_against(cfg)
+    driver.prepare_job(cfg)  # model, data and LoRA checks before the cluster is touched
+    storage = driver.storage_root(cfg)
+    uri = driver.tracking_target(cfg)
+    sweep_dir = Path(storage) / name
+    state_path = sweep_dir / STATE_FILE
+    if resume and not state_path.is_file():
+        raise ConfigError(f"--resume: no sweep named {name} in {storage}", "drop --resume to start it, or use "
+                          "the same --config, --space and tracking.run_name as the interrupted sweep")
+    if not resume and state_path.is_file():
+        raise ConfigError(f"a sweep named {name} already exists in {storage}",
+                          "pass --resume to continue it, or set tracking.run_name to start a new one")
+    local = driver.connect_ray(cfg.scaling.ray_address)
+    try:
+        if resume:
+            parent = json.loads(state_path.read_text())["mlflow_parent_run_id"]
+        else:
+            parent = tracking.start_run(uri, cfg.tracking.experiment, name, {**flatten(cfg), **{
+                f"space.{k}": v.model_dump(exclude_none=True) for k, v in space.params.items()}},
+                {"sweep": "true"}) if uri else None
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            state_path.write_text(json.dumps({"mlflow_parent_run_id": parent}))
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, base_json=cfg.to_json(), space_json=space.model_dump_json(), uri=uri,
+                                 parent_run_id=parent, storage=storage, sweep_name=name, local=local),
+            {"CPU": 0.01})  # the trial function only waits on its TorchTrainer; 0 CPUs is refused
+        if resume:
+            tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
+                                       restart_errored=True)
+        else:
+            tuner = tune.Tuner(trainable, param_space={"params": {k: d.to_tune() for k, d in space.params.items()}},
+                               tune_config=_tune_config(space), run_config=tune.RunConfig(name=name, storage_path=storage))
+        grid = tuner.fit()
+        return summarize(grid, cfg, space, uri, parent, name)
+    finally:
+        if local:
+            ray.shutdown()
+
+
+def _tune_config(space: SearchSpace):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    scheduler = None
+    if space.scheduler.type == "asha":
+        scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=space.scheduler.grace_period,
+                                  reduction_factor=space.scheduler.reduction_factor, max_t=10_000)
+    search_alg = None
+    if space.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+        search_alg = OptunaSearch()
+    return tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=space.num_samples, scheduler=scheduler,
+                           search_alg=search_alg, max_concurrent_trials=space.max_concurrent_trials,
+                           time_budget_s=space.time_budget_s)
+
+
+def summarize(grid, cfg: JobConfig, space: SearchSpace, uri, parent, name: str) -> dict:
+    """Table of trials, best config as YAML, MLflow parent artifacts; returns the final JSON facts."""
+    import pandas as pd
+    rows, curves = [], {}
+    for r in grid:
+        params = dict(r.config["params"])
+        params.update({t: params[tie.source] * tie.multiply for t, tie in space.tied.items() if tie.source in params})
+        m = r.metrics or {}
+        trial_id = m.get("trial_id") or Path(r.path).name
+        finished = "train_seconds" in m  # only the last step's report carries it
+        status = "error" if r.error else ("finished" if finished else "stopped early")
+        rows.append({"trial": trial_id, **params, space.metric: m.get(space.metric), "steps": m.get("step"),
+                     "status": status})
+        if r.metrics_dataframe is not None and "step" in r.metrics_dataframe:
+            curves[trial_id] = r.metrics_dataframe
+    table = pd.DataFrame(rows)
+    done = table[table.status == "finished"].dropna(subset=[space.metric])
+    if done.empty:
+        raise ConfigError("no trial of the sweep finished", "see the trial errors above; widen the time budget")
+    best = done.sort_values(space.metric, ascending=space.mode == "min").iloc[0]
+    best_params = {k: best[k] for k in space.params}
+    best_cfg = trial_config(cfg, {k: _plain(v) for k, v in best_params.items()}, space)
+    print(table.to_string(index=False))
+    print("\n# best config (python -m ray_jobs.train --config best.yaml)\n" + yaml.safe_dump(best_cfg.model_dump(), sort_keys=False))
+    best_adapter = None
+    if uri and parent:
+        best_adapter = _log_parent(uri, parent, cfg, table, curves, space, best["trial"], best_cfg)
+    return {"trials": len(table), "stopped_early": int((table.status == "stopped early").sum()),
+            "best": {"params": {k: _plain(v) for k, v in best_params.items()}, space.metric: float(best[space.metric]),
+                     "trial": best["trial"]},
+            "best_adapter": best_adapter, "mlflow_parent_run_id": parent, "sweep": name}
+
+
+def _plain(v):
+    return v.item() if hasattr(v, "item") else v
+
+
+def _log_parent(uri, parent, cfg, table, curves, space, best_trial, best_cfg) -> str | None:
+    import tempfile
+    c = tracking.client(uri)
+    children = {r.data.tags.get("trial_id"): r for r in _child_runs(uri, cfg.tracking.experiment, parent)}
+    for row in table.itertuples():
+        child = children.get(row.trial)
+        if child is not None and row.status == "stopped early" and child.info.status == "RUNNING":
+            c.set_tag(child.info.run_id, "stopped_early", "true")
+            c.set_terminated(child.info.run_id, "KILLED")
+    with tempfile.TemporaryDirectory() as tmp:
+        table.to_csv(Path(tmp) / "trials.csv", index=False)
+        _plots(Path(tmp), table, curves, space)
+        (Path(tmp) / "best_config.yaml").write_text(yaml.safe_dump(best_cfg.model_dump(), sort_keys=False))
+        c.log_artifacts(parent, tmp)
+    best_run = children.get(best_trial)
+    adapter = best_run.data.tags.get("adapter_path") if best_run else None
+    if adapter and os.path.isdir(adapter):
+        c.log_artifacts(parent, adapter, "best_adapter")
+    c.log_metric(parent, f"best_{space.metric}", float(table.loc[table.trial == best_trial, space.metric].iloc[0]))
+    c.set_terminated(parent, "FINISHED")
+    return adapter
+
+
+def _plots(folder: Path, table, curves: dict, space: SearchSpace) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    for path in space.params:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for status, group in table.groupby("status"):
+            ax.scatter(group[path], group[space.metric], label=status)
+        if path.endswith("learning_rate"):
+            ax.set_xscale("log")
+        ax.set_xlabel(path), ax.set_ylabel(space.metric), ax.legend()
+        fig.tight_layout(), fig.savefig(folder / f"{space.metric}_vs_{path}.png"), plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for trial, df in curves.items():
+        if space.metric in df:
+            ax.plot(df["step"], df[space.metric], marker="o", label=trial)
+    ax.set_xlabel("step"), ax.set_ylabel(space.metric), ax.legend(fontsize=6)
+    fig.tight_layout(), fig.savefig(folder / "curves.png"), plt.close(fig)

@@ -1,0 +1,142 @@
+"""Search-space schema, and a real Ray Tune sweep (Ray Train inside Tune, ASHA, MLflow parent/child runs)
+that is killed mid-way and resumed."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qlora.config import load_config
+from qlora.errors import ConfigError
+from qlora.search_space import SearchSpace, apply_params
+from qlora.tracking import client
+
+from conftest import ROOT
+
+SPACES = sorted((ROOT / "tune_spaces").rglob("*.yaml"))
+
+
+def test_every_shipped_space_loads_and_fits_the_config():
+    assert len(SPACES) >= 2
+    base = load_config(ROOT / "configs" / "quickstart.yaml")
+    for path in SPACES:
+        space = load_config(path, model=SearchSpace)
+        space.check_against(base)
+        assert path.read_text().startswith(f"# python -m ray_jobs.sweep --config configs/"), path
+
+
+def test_rank_lr_datasize_space_ties_alpha_to_rank():
+    space = load_config(ROOT / "tune_spaces" / "rank_lr_datasize.yaml", model=SearchSpace)
+    assert space.params["lora.r"].choice == [8, 16, 32, 64]
+    assert space.params["train.learning_rate"].loguniform == (1e-5, 5e-4)
+    cfg = apply_params(load_config(ROOT / "configs" / "quickstart.yaml"), {"lora.r": 32}, space.tied)
+    assert cfg.lora.r == 32 and cfg.lora.alpha == 64
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"lora.rank": {"choice": [8]}}, "'lora.rank' is not a config path"),
+    ({"lora": {"choice": [8]}}, "'lora' is not a config path"),
+    ({"lora.r": {"choice": [0, 8]}}, "lora.r=0 is not a valid value"),
+    ({"data.fraction": {"uniform": [0.5, 1.5]}}, "data.fraction=1.5 is not a valid value"),
+])
+def test_bad_space_paths_and_values_are_named(tmp_path, params, message):
+    base = load_config(ROOT / "configs" / "quickstart.yaml")
+    with pytest.raises(ConfigError, match=message):
+        SearchSpace.model_validate({"params": params}).check_against(base)
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"params": {"lora.r": {"choice": [8], "grid": [8]}}}, "exactly one"),
+    ({"params": {"train.learning_rate": {"loguniform": [0, 1]}}}, "low > 0"),
+    ({"search": "optuna", "params": {"lora.r": {"grid": [8]}}}, "cannot take grid"),
+    ({"params": {"lora.r": {"choice": [8]}}, "metrik": "x"}, "unknown key 'metrik'"),
+])
+def test_bad_space_schema(tmp_path, space, message):
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(space))
+    with pytest.raises(ConfigError, match=message):
+        load_config(p, model=SearchSpace)
+
+
+def _sweep_cmd(tmp_path, resume=False):
+    return [sys.executable, "-m", "ray_jobs.sweep", "--config", str(tmp_path / "job.yaml"),
+            "--space", str(tmp_path / "space.yaml")] + (["--resume"] if resume else [])
+
+
+def test_sweep_asha_stops_bad_trials_and_resume_reruns_nothing_finished(tmp_path, tiny_model_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump({
+        "model": {"name": str(tiny_model_dir)},
+        "data": {"path": str(ROOT / "data" / "people_json.jsonl"), "max_samples": 48, "eval_max_samples": 8,
+                 "max_length": 128},
+        "train": {"max_steps": 6, "batch_size": 4, "log_every": 2},
+        "evaluation": {"generate": False},
+        "scaling": {"num_workers": 1, "storage_path": str(tmp_path / "runs")},
+        "tracking": {"uri": uri, "experiment": "sweep", "run_name": "lr-sweep"}}))
+    # One good learning rate and three that learn nothing: ASHA must stop some of the latter early.
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({
+        "search": "grid", "num_samples": 1, "max_concurrent_trials": 1,
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        "params": {"train.learning_rate": {"grid": [1e-2, 1e-7, 1e-7, 1e-7]}}}))
+    c = client(uri)
+
+    def children():
+        exp = c.get_experiment_by_name("sweep")
+        return [] if exp is None else c.search_runs([exp.experiment_id], "tags.`mlflow.parentRunId` != ''")
+
+    # Start the sweep, and kill the driver (with the local cluster it started) part-way.
+    proc = subprocess.Popen(_sweep_cmd(tmp_path), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    # Kill once the third trial has started: by then the first finished, ASHA stopped the second after
+    # its first report (worse than the first trial's), and Tune has recorded both as done.
+    while time.time() < deadline and not (any(r.info.status == "FINISHED" for r in children())
+                                          and len(children()) >= 3):
+        assert proc.poll() is None, "sweep ended before it could be interrupted"
+        time.sleep(2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished_before = {r.data.tags["trial_id"]: r.info.end_time for r in children() if r.info.status == "FINISHED"}
+    assert finished_before
+
+    done = subprocess.run(_sweep_cmd(tmp_path, resume=True), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["trials"] == 4 and result["stopped_early"] >= 1
+    assert result["best"]["params"] == {"train.learning_rate": 1e-2}
+    assert Path(result["best_adapter"], "adapter_model.safetensors").is_file()
+
+    runs = children()
+    by_trial = {}
+    for r in runs:
+        by_trial.setdefault(r.data.tags["trial_id"], []).append(r)
+    assert len(by_trial) == 4 and all(len(v) == 1 for v in by_trial.values())  # one child per trial
+    for trial, end in finished_before.items():  # finished trials were not run again
+        assert by_trial[trial][0].info.end_time == end
+    assert {r.info.status for r in runs} <= {"FINISHED", "KILLED"}
+    assert any(r.data.tags.get("stopped_early") == "true" for r in runs)
+    parent = c.get_run(result["mlflow_parent_run_id"])
+    names = {a.path for a in c.list_artifacts(parent.info.run_id)}
+    assert {"trials.csv", "curves.png", "eval_loss_vs_train.learning_rate.png", "best_config.yaml",
+            "best_adapter"} <= names
+    best_cfg = load_config(Path(c.download_artifacts(parent.info.run_id, "best_config.yaml", str(tmp_path))))
+    assert best_cfg.train.learning_rate == 1e-2
+
+
+def test_search_algorithms_and_scheduler_are_built_from_the_space():
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from qlora.sweep import _tune_config
+    space = SearchSpace.model_validate({"search": "optuna", "num_samples": 6, "max_concurrent_trials": 2,
+                                        "time_budget_s": 60, "params": {"lora.r": {"choice": [8, 16]}}})
+    tc = _tune_config(space)
+    assert isinstance(tc.search_alg, OptunaSearch) and isinstance(tc.scheduler, ASHAScheduler)
+    assert (tc.num_samples, tc.max_concurrent_trials, tc.time_budget_s, tc.metric) == (6, 2, 60, "eval_loss")
+    none = _tune_config(SearchSpace.model_validate({"scheduler": {"type": "none"}, "params": {"lora.r": {"randint": [4, 9]}}}))
+    assert none.scheduler is None and none.search_alg is None
