@@ -15,11 +15,11 @@ from qlora.errors import ConfigError
 
 from conftest import ROOT
 
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml")) + sorted((ROOT / "benchmarks").rglob("*.yaml"))
 
 
 def test_every_shipped_config_loads_and_names_its_command():
-    assert len(CONFIGS) >= 1
+    assert len(CONFIGS) >= 2
     for path in CONFIGS:
         cfg = load_config(path)
         assert isinstance(cfg, JobConfig)
