@@ -160,7 +160,9 @@ def _log_parent(uri, parent, cfg, table, curves, space, best_trial, best_cfg) ->
     children = {r.data.tags.get("trial_id"): r for r in _child_runs(uri, cfg.tracking.experiment, parent)}
     for row in table.itertuples():
         child = children.get(row.trial)
-        if child is not None and row.status == "stopped early" and child.info.status == "RUNNING":
+        # A trial that ASHA stops is cut off mid-fit: its run is left RUNNING, or FAILED when the
+        # interruption surfaced as an exception inside TorchTrainer.fit.
+        if child is not None and row.status == "stopped early" and child.info.status in ("RUNNING", "FAILED"):
             c.set_tag(child.info.run_id, "stopped_early", "true")
             c.set_terminated(child.info.run_id, "KILLED")
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,6 +10,7 @@ import contextlib
 import math
 import random
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -73,7 +74,9 @@ def peak_memory_gib(device: torch.device) -> float:
 
 def log(ctx: distributed.Context, message: str) -> None:
     if ctx.is_writer:
-        print(f"[qlora] {message}", flush=True)
+        # Not print(): Ray Train patches it to both log and echo, which shows every line twice.
+        sys.stdout.write(f"[qlora] {message}\n")
+        sys.stdout.flush()
 
 
 def train_loop_per_worker(payload: dict) -> None:
