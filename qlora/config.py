@@ -185,18 +185,24 @@ def apply_override(raw: dict, item: str) -> None:
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r} is not key=value", "write it like --set lora.r=32")
-    parts = key.strip().split(".")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    set_path(raw, key.strip(), parsed, f"override {item!r}")
+
+
+def set_path(raw: dict, key: str, value: Any, context: str = "") -> None:
+    """raw[a][b][c] = value for key `a.b.c`, creating sections on the way (overrides, sweep params)."""
+    parts = key.split(".")
     node = raw
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {item!r}: {'.'.join(parts[:i + 1])} is a value, not a section",
+            raise ConfigError(f"{context + ': ' if context else ''}{'.'.join(parts[:i + 1])} is a value, not a section",
                               "override a key inside a section, e.g. --set train.learning_rate=1e-4")
         node = child
-    try:
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
-        node[parts[-1]] = value
+    node[parts[-1]] = value
 
 
 def validate(model: type[BaseModel], raw: Any):

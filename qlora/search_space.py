@@ -10,7 +10,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, Field, model_validator
 
-from qlora.config import JobConfig, Section, validate
+from qlora.config import JobConfig, Section, set_path, validate
 from qlora.errors import ConfigError
 
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint", "qloguniform")
@@ -53,9 +53,9 @@ class Distribution(Section):
 
     def to_tune(self):
         from ray import tune
-        return {"choice": tune.choice, "grid": tune.grid_search, "uniform": lambda a: tune.uniform(*a),
-                "loguniform": lambda a: tune.loguniform(*a), "randint": lambda a: tune.randint(*a),
-                "qloguniform": lambda a: tune.qloguniform(*a)}[self.kind](list(self.args) if self.kind in ("choice", "grid") else self.args)
+        if self.kind in ("choice", "grid"):
+            return (tune.choice if self.kind == "choice" else tune.grid_search)(list(self.args))
+        return getattr(tune, self.kind)(*self.args)  # tune.uniform / loguniform / randint / qloguniform
 
 
 class Tie(Section):
@@ -114,18 +114,15 @@ def config_path_exists(path: str, model: type[BaseModel] = JobConfig) -> bool:
     return not (isinstance(model, type) and issubclass(model, BaseModel))
 
 
+def with_tied(params: dict[str, Any], tied: dict[str, Tie]) -> dict[str, Any]:
+    """Sampled values plus the values tied to them (e.g. lora.alpha = 2 x lora.r)."""
+    return {**params, **{target: params[tie.source] * tie.multiply
+                         for target, tie in tied.items() if tie.source in params}}
+
+
 def apply_params(base: JobConfig, params: dict[str, Any], tied: dict[str, Tie]) -> JobConfig:
     """The trial's config: base + sampled values + tied values, validated like any config."""
     raw = base.model_dump()
-    values = dict(params)
-    for target, tie in tied.items():
-        if tie.source in values:
-            values[target] = values[tie.source] * tie.multiply
-    for path, value in values.items():
-        *parents, leaf = path.split(".")
-        node = raw
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    for path, value in with_tied(params, tied).items():
+        set_path(raw, path, value)
     return validate(JobConfig, raw)
-

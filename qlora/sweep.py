@@ -14,7 +14,7 @@ import yaml
 from qlora import driver, tracking
 from qlora.config import JobConfig, flatten
 from qlora.errors import ConfigError
-from qlora.search_space import SearchSpace, apply_params
+from qlora.search_space import SearchSpace, apply_params, with_tied
 
 STATE_FILE = "qlora_sweep.json"
 
@@ -122,8 +122,7 @@ def summarize(grid, cfg: JobConfig, space: SearchSpace, uri, parent, name: str) 
     import pandas as pd
     rows, curves = [], {}
     for r in grid:
-        params = dict(r.config["params"])
-        params.update({t: params[tie.source] * tie.multiply for t, tie in space.tied.items() if tie.source in params})
+        params = with_tied(r.config["params"], space.tied)
         m = r.metrics or {}
         trial_id = m.get("trial_id") or Path(r.path).name
         finished = "train_seconds" in m  # only the last step's report carries it
