@@ -13,10 +13,21 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def config_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML job config, e.g. configs/quickstart.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value by its dotted path, e.g. --set lora.r=32 (repeatable)")
+    return p
+
+
+def adapter_parser(description: str) -> argparse.ArgumentParser:
+    """Jobs on a saved adapter: the config defaults to the one the adapter was trained with."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--adapter", required=True, metavar="REF",
+                   help="a checkpoint folder from ray_jobs.train, runs:/RUN_ID/adapter_model or models:/NAME/VERSION")
+    p.add_argument("--config", help="job config to use instead of the adapter's own (e.g. other eval data)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set tracking.uri=http://127.0.0.1:5000 (repeatable)")
     return p
 
 

@@ -119,7 +119,9 @@ class ScalingSection(Section):
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Extra Ray resources.")
     ray_address: Optional[str] = Field(None, description="Ray cluster address; unset: start a local cluster "
                                        "(or join the one `ray job submit` runs in).")
-    storage_path: str = Field("runs", description="Where Ray Train keeps checkpoints: a local path or a cloud URI.")
+    storage_path: str = Field("runs", description="Where Ray Train keeps checkpoints: a cloud URI or shared "
+                              "folder on multi-node clusters; a relative path is under $QLORA_HOME (default: the "
+                              "current folder, or ~/qlora_runs inside a `ray job submit` job).")
     max_failures: int = Field(0, ge=0, description="Worker-group restarts Ray Train may do.")
 
 
@@ -128,7 +130,10 @@ class TrackingSection(Section):
     uri: Optional[str] = Field(None, description="MLflow tracking URI; unset: $MLFLOW_TRACKING_URI, else a "
                                "sqlite store in the project folder (mlflow.db, artifacts in mlruns/).")
     experiment: str = "qlora"
-    run_name: Optional[str] = None
+    run_name: Optional[str] = Field(None, description="Also the Ray Train run folder: rerunning with the same "
+                                    "name resumes from its latest checkpoint in scaling.storage_path.")
+    register_as: Optional[str] = Field(None, description="Register the final adapter in the MLflow Model "
+                                       "Registry under this name (load it later as models:/NAME/VERSION).")
 
 
 class JobConfig(Section):

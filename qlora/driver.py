@@ -10,10 +10,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora import modeling, tracking
+from qlora import adapters, modeling, tracking
 from qlora.config import JobConfig, flatten
 from qlora.data import IGNORE, PreparedData, prepare
 from qlora.errors import EnvironmentProblem, TrainingFailure
+from qlora.files import output_home
 from qlora.model_source import ModelSource, resolve
 
 
@@ -94,7 +95,7 @@ def storage_root(cfg: JobConfig) -> str:
     storage = cfg.scaling.storage_path
     if "://" in storage:
         return storage
-    path = Path(storage).resolve()
+    path = output_home() / Path(storage).expanduser()  # an absolute path stays as it is
     _check_writable(path)
     return str(path)
 
@@ -142,22 +143,31 @@ def fit(cfg: JobConfig, payload: dict, name: str, storage: str, callbacks=()):
         raise TrainingFailure(f"training failed: {_root_cause(e)}") from None
 
 
-def finish(result, uri: str | None, run_id: str | None) -> dict:
-    """Log the final adapter and config to MLflow, close the run, and summarise the result."""
+def finish(result, job: Prepared, uri: str | None, run_id: str | None) -> dict:
+    """Log the final adapter to MLflow as a model (registered if asked), close the run, summarise."""
     metrics = result.metrics or {}
     ckpt_dir = Path(result.checkpoint.path)
-    adapter = ckpt_dir / "adapter"
     before = {k.removeprefix("before_"): v for k, v in metrics.items() if k.startswith("before_")}
     after = {k: metrics[k] for k in before if k in metrics}
+    logged = {}
     if uri and run_id:
+        logged = adapters.log_to_mlflow(uri, run_id, ckpt_dir, model_metadata(job), job.cfg.tracking.register_as)
         c = tracking.client(uri)
-        c.log_artifacts(run_id, str(adapter), "adapter")
         c.log_artifact(run_id, str(ckpt_dir / "config.yaml"))
-        c.set_tag(run_id, "adapter_path", str(adapter))
+        c.set_tag(run_id, "checkpoint_path", str(ckpt_dir))
         _finish(uri, run_id, "FINISHED")
-    return {"adapter": str(adapter), "checkpoint": str(ckpt_dir), "mlflow_run_id": run_id, "tracking_uri": uri,
-            "metrics_before": before, "metrics_after": after, "train_seconds": metrics.get("train_seconds"),
-            "steps": metrics.get("step"), "tokens_per_second": metrics.get("tokens_per_second")}
+    return {"adapter": str(ckpt_dir / adapters.ADAPTER_DIR), "checkpoint": str(ckpt_dir), "mlflow_run_id": run_id,
+            "tracking_uri": uri, **logged, "metrics_before": before, "metrics_after": after,
+            "train_seconds": metrics.get("train_seconds"), "steps": metrics.get("step"),
+            "tokens_per_second": metrics.get("tokens_per_second")}
+
+
+def model_metadata(job: Prepared) -> dict:
+    """What an adapter is worthless without: its exact base model, quantization and training data."""
+    m = job.cfg.model
+    return {"base_model": m.name, "base_model_source": job.source.description, "base_model_gguf_file": m.gguf_file or "",
+            "base_model_revision": m.revision or "", "quantization": _quant_tag(job.cfg),
+            "lora_r": str(job.cfg.lora.r), "lora_alpha": str(job.cfg.lora.alpha), "data_hash": job.data.data_hash}
 
 
 def train(cfg: JobConfig) -> dict:
@@ -172,7 +182,7 @@ def train(cfg: JobConfig) -> dict:
         run_id = start_mlflow_run(job, uri, name) if uri else None
         payload = {"config": worker_config(cfg, local).to_json(), "tracking_uri": uri, "mlflow_run_id": run_id}
         started = time.time()
-        summary = finish(fit(cfg, payload, name, storage), uri, run_id)
+        summary = finish(fit(cfg, payload, name, storage), job, uri, run_id)
         print(f"\nadapter: {summary['adapter']}\nMLflow run: {run_id} ({uri})\n"
               f"held-out before: {summary['metrics_before']}\nheld-out after:  {summary['metrics_after']}", flush=True)
         return {**summary, "job_seconds": round(time.time() - started, 1)}

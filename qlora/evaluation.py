@@ -52,13 +52,18 @@ def generate(model, prompts: list[list[int]], tokenizer, max_new_tokens: int, de
     return [tokenizer.decode(row[t["input_ids"].shape[1]:], skip_special_tokens=True).strip() for row in out]
 
 
+def answers(model, examples: list[dict], tokenizer, cfg, device: torch.device) -> list[str]:
+    """Greedy answers to the examples' prompts; `cfg` is the evaluation section."""
+    out: list[str] = []
+    for batch in batched(examples, cfg.batch_size):
+        out += generate(model, [e["prompt_ids"] for e in batch], tokenizer, cfg.max_new_tokens, device)
+    return out
+
+
 def exact_match(model, examples: list[dict], tokenizer, cfg, ctx) -> dict:
     """Fraction of held-out prompts whose greedy answer equals the reference answer exactly."""
     chosen = distributed.shard_exact(examples[:cfg.num_generate], ctx)
-    hits = 0
-    for batch in batched(chosen, cfg.batch_size):
-        answers = generate(model, [e["prompt_ids"] for e in batch], tokenizer, cfg.max_new_tokens, ctx.device)
-        hits += sum(a == e["reference"] for a, e in zip(answers, batch))
+    hits = sum(a == e["reference"] for a, e in zip(answers(model, chosen, tokenizer, cfg, ctx.device), chosen))
     hits, n = distributed.all_sum([hits, len(chosen)], ctx)
     return {"exact_match": hits / max(n, 1)}
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from qlora import driver, tracking
+from qlora import adapters, driver, tracking
 from qlora.config import JobConfig, flatten
 from qlora.errors import ConfigError
 from qlora.search_space import SearchSpace, apply_params, with_tied
@@ -23,7 +23,9 @@ def trial_config(base: JobConfig, params: dict, space: SearchSpace) -> JobConfig
     cfg = apply_params(base, params, space.tied)
     # Every report must carry the metric, or ASHA has nothing to compare.
     train = cfg.train.model_copy(update={"eval_every": cfg.train.log_every})
-    return cfg.model_copy(update={"train": train})
+    # Only the sweep's best adapter is registered (by the parent run), not every trial's.
+    trk = cfg.tracking.model_copy(update={"register_as": None})
+    return cfg.model_copy(update={"train": train, "tracking": trk})
 
 
 def run_trial(config: dict, base_json: str, space_json: str, uri, parent_run_id, storage: str, sweep_name: str,
@@ -43,7 +45,7 @@ def run_trial(config: dict, base_json: str, space_json: str, uri, parent_run_id,
         run_id = existing[0].info.run_id if existing else driver.start_mlflow_run(
             job, uri, name, {"mlflow.parentRunId": parent_run_id, "trial_id": trial_id})
     payload = {"config": driver.worker_config(cfg, local).to_json(), "tracking_uri": uri, "mlflow_run_id": run_id}
-    driver.finish(driver.fit(cfg, payload, name, storage, callbacks=[TuneReportCallback()]), uri, run_id)
+    driver.finish(driver.fit(cfg, payload, name, storage, callbacks=[TuneReportCallback()]), job, uri, run_id)
 
 
 def _child_runs(uri: str, experiment: str, parent: str, trial_id: str | None = None):
@@ -170,9 +172,12 @@ def _log_parent(uri, parent, cfg, table, curves, space, best_trial, best_cfg) ->
         (Path(tmp) / "best_config.yaml").write_text(yaml.safe_dump(best_cfg.model_dump(), sort_keys=False))
         c.log_artifacts(parent, tmp)
     best_run = children.get(best_trial)
-    adapter = best_run.data.tags.get("adapter_path") if best_run else None
-    if adapter and os.path.isdir(adapter):
-        c.log_artifacts(parent, adapter, "best_adapter")
+    ckpt = best_run.data.tags.get("checkpoint_path") if best_run else None
+    adapter = None
+    if ckpt and os.path.isdir(ckpt):
+        adapter = str(Path(ckpt) / adapters.ADAPTER_DIR)
+        meta = {k: best_run.data.tags[k] for k in ("base_model", "quantization", "data_hash") if k in best_run.data.tags}
+        adapters.log_to_mlflow(uri, parent, Path(ckpt), {**meta, "best_trial": best_trial}, cfg.tracking.register_as)
     c.log_metric(parent, f"best_{space.metric}", float(table.loc[table.trial == best_trial, space.metric].iloc[0]))
     c.set_terminated(parent, "FINISHED")
     return adapter

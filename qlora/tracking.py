@@ -12,13 +12,17 @@ from pathlib import Path
 from typing import Optional
 
 from qlora.errors import EnvironmentProblem
+from qlora.files import output_home
 
 SECRET_WORDS = ("token", "password", "secret", "key")
 
 
 def tracking_uri(configured: Optional[str]) -> str:
-    """Config, else $MLFLOW_TRACKING_URI, else a sqlite store in the current (project) folder."""
-    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    """Config, else $MLFLOW_TRACKING_URI, else a sqlite store in the output home (see files.output_home)."""
+    if configured or os.environ.get("MLFLOW_TRACKING_URI"):
+        return configured or os.environ["MLFLOW_TRACKING_URI"]
+    output_home().mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{output_home() / 'mlflow.db'}"
 
 
 def check_reachable(uri: str) -> None:

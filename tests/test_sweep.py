@@ -77,7 +77,7 @@ def test_sweep_asha_stops_bad_trials_and_resume_reruns_nothing_finished(tmp_path
         "train": {"max_steps": 6, "batch_size": 4, "log_every": 2},
         "evaluation": {"generate": False},
         "scaling": {"num_workers": 1, "storage_path": str(tmp_path / "runs")},
-        "tracking": {"uri": uri, "experiment": "sweep", "run_name": "lr-sweep"}}))
+        "tracking": {"uri": uri, "experiment": "sweep", "run_name": "lr-sweep", "register_as": "sweep-best"}}))
     # One good learning rate and three that learn nothing: ASHA must stop some of the latter early.
     (tmp_path / "space.yaml").write_text(yaml.safe_dump({
         "search": "grid", "num_samples": 1, "max_concurrent_trials": 1,
@@ -125,7 +125,10 @@ def test_sweep_asha_stops_bad_trials_and_resume_reruns_nothing_finished(tmp_path
     parent = c.get_run(result["mlflow_parent_run_id"])
     names = {a.path for a in c.list_artifacts(parent.info.run_id)}
     assert {"trials.csv", "curves.png", "eval_loss_vs_train.learning_rate.png", "best_config.yaml",
-            "best_adapter"} <= names
+            "adapter_model"} <= names
+    # Only the best trial's adapter is registered, from the parent run.
+    versions = c.search_model_versions("name = 'sweep-best'")
+    assert [v.run_id for v in versions] == [parent.info.run_id]
     best_cfg = load_config(Path(c.download_artifacts(parent.info.run_id, "best_config.yaml", str(tmp_path))))
     assert best_cfg.train.learning_rate == 1e-2
 

@@ -1,0 +1,212 @@
+"""Jobs on a saved adapter: evaluate, generate, export (adapter folder, or merged 16-bit model).
+
+Checks run in the job driver first (adapter found and intact, config valid, data readable, MLflow
+reachable); the model work then runs as one Ray task with one training worker's resources, so on a
+cluster it lands on a GPU node, not on the head. The adapter travels to the task as bytes (it is
+megabytes), so the task needs no shared file system.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from qlora import adapters, checkpoint, driver, tracking
+from qlora.config import JobConfig, load_config
+from qlora.errors import ConfigError, TrainingFailure, UserError
+
+
+def load_job(ref: str, config_path: str | None, overrides: list[str]) -> tuple[Path, JobConfig]:
+    """The adapter folder and the config to use: --config if given, else the adapter's own, plus --set."""
+    given = load_config(config_path, overrides) if config_path else None
+    uri = given.tracking.uri if given else _override_value(overrides, "tracking.uri")
+    folder = adapters.resolve(ref, uri)
+    return folder, given or adapters.read_config(folder, overrides)
+
+
+def _override_value(overrides: list[str], key: str) -> str | None:
+    values = [o.split("=", 1)[1] for o in overrides if o.startswith(key + "=")]
+    return values[-1] if values else None
+
+
+def on_worker(cfg: JobConfig, fn, *args):
+    """Run fn(*args) as one Ray task sized like one training worker; user errors come back as they are."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    local = driver.connect_ray(cfg.scaling.ray_address)
+    task = ray.remote(num_cpus=cfg.scaling.cpus_per_worker, num_gpus=1 if cfg.scaling.use_gpu else 0,
+                      resources=cfg.scaling.resources_per_worker or None, max_retries=0)(fn)
+    try:
+        return ray.get(task.remote(driver.worker_config(cfg, local).to_json(), *args))
+    except RayTaskError as e:
+        if isinstance(e.cause, UserError):
+            raise e.cause from None
+        raise TrainingFailure(f"{fn.__name__} failed: {type(e.cause).__name__}: {e.cause}") from None
+    finally:
+        if local:
+            ray.shutdown()
+
+
+# ---- evaluate ---------------------------------------------------------------------------------------
+
+def evaluate(ref: str, cfg: JobConfig, folder: Path, out: str | None) -> dict:
+    job = driver.prepare_job(cfg)  # data and model checks before Ray
+    uri = driver.tracking_target(cfg)
+    started = time.time()
+    result = on_worker(cfg, _evaluate_task, adapters.pack(folder))
+    metrics, predictions = result["metrics"], result["predictions"]
+    print("held-out metrics: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+    for p in predictions[:3]:
+        print(f"  prompt: {p['prompt'][-120:]!r}\n  answer: {p['answer']!r}\n  reference: {p['reference']!r}")
+    run_id = None
+    with tempfile.TemporaryDirectory() as tmp:
+        folder_out = Path(out) if out else Path(tmp)
+        folder_out.mkdir(parents=True, exist_ok=True)
+        (folder_out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        with open(folder_out / "predictions.jsonl", "w") as f:
+            f.writelines(json.dumps(p) + "\n" for p in predictions)
+        if uri:
+            trained_on = adapters.read_config(folder).data.path
+            run_id = tracking.start_run(uri, cfg.tracking.experiment, f"eval-{Path(ref).name or ref}", {}, {
+                "evaluated_adapter": ref, "data_hash": job.data.data_hash, "eval_data": cfg.data.eval_path or cfg.data.path,
+                "adapter_trained_on": trained_on})
+            c = tracking.client(uri)
+            tracking.MetricsSink(uri, run_id).log(metrics, 0)
+            c.log_artifacts(run_id, str(folder_out))
+            c.set_terminated(run_id, "FINISHED")
+    return {"metrics": metrics, "eval_records": len(job.data.eval), "mlflow_run_id": run_id,
+            "out": str(Path(out).resolve()) if out else None, "seconds": round(time.time() - started, 1)}
+
+
+def _evaluate_task(cfg_json: str, files: dict) -> dict:
+    from qlora import distributed, evaluation
+    from qlora.data import prepare
+    cfg = JobConfig.from_json(cfg_json)
+    ctx = distributed.context(cfg.scaling.use_gpu)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, tokenizer = adapters.load_for_inference(cfg, adapters.unpack(files, Path(tmp)), ctx.device)
+    data = prepare(cfg.data, tokenizer)
+    metrics = evaluation.eval_loss(model, data.eval, tokenizer.pad_token_id, cfg.evaluation.batch_size, ctx)
+    chosen = data.eval[:cfg.evaluation.num_generate] if cfg.evaluation.generate else []
+    answers = evaluation.answers(model, chosen, tokenizer, cfg.evaluation, ctx.device)
+    if chosen:
+        metrics["exact_match"] = sum(a == e["reference"] for a, e in zip(answers, chosen)) / len(chosen)
+    predictions = [{"prompt": tokenizer.decode(e["prompt_ids"]), "answer": a, "reference": e["reference"],
+                    "correct": a == e["reference"]} for a, e in zip(answers, chosen)]
+    return {"metrics": metrics, "predictions": predictions}
+
+
+# ---- generate ---------------------------------------------------------------------------------------
+
+def generate(cfg: JobConfig, folder: Path, prompts: list[str], max_new_tokens: int | None) -> dict:
+    if not prompts:
+        raise ConfigError("no prompts to generate for", "pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    driver.prepare_job(cfg)
+    completions = on_worker(cfg, _generate_task, adapters.pack(folder), prompts,
+                            max_new_tokens or cfg.evaluation.max_new_tokens)
+    for p, c in zip(prompts, completions):
+        print(f"> {p}\n{c}\n", flush=True)
+    return {"completions": completions}
+
+
+def _generate_task(cfg_json: str, files: dict, prompts: list[str], max_new_tokens: int) -> list[str]:
+    from qlora import distributed
+    cfg = JobConfig.from_json(cfg_json)
+    ctx = distributed.context(cfg.scaling.use_gpu)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, tokenizer = adapters.load_for_inference(cfg, adapters.unpack(files, Path(tmp)), ctx.device)
+    return adapters.complete(model, tokenizer, cfg, prompts, max_new_tokens)
+
+
+def read_prompts(path: str) -> list[str]:
+    """One prompt per line, or JSON lines with a "prompt" field."""
+    try:
+        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    except OSError as e:
+        raise ConfigError(f"--prompts-file {path} cannot be read ({e.strerror})", "give an existing text file") from None
+    if lines and lines[0].lstrip().startswith("{"):
+        try:
+            return [json.loads(line)["prompt"] for line in lines]
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"--prompts-file {path}: a JSON line has no \"prompt\" field ({e})",
+                              "write one {\"prompt\": ...} object per line, or plain text lines") from None
+    return lines
+
+
+# ---- export -----------------------------------------------------------------------------------------
+
+MERGE_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.05}  # max |logit difference| allowed
+
+
+def export(ref: str, cfg: JobConfig, folder: Path, out: str, merge: bool, dtype: str) -> dict:
+    target = Path(out).expanduser().resolve()
+    if target.exists() and any(target.iterdir()):
+        raise ConfigError(f"--out {target} exists and is not empty", "choose a new folder (nothing is overwritten)")
+    if not merge:
+        return _export_adapter(ref, cfg, folder, target)
+    driver.prepare_job(cfg)
+    result = on_worker(cfg, _merge_task, adapters.pack(folder), str(target), dtype)
+    print(f"merged {dtype} model written to {target}; max |logit difference| against base + adapter: "
+          f"{result['max_logit_diff']:.2e}", flush=True)
+    return {"out": str(target), "format": "merged", "dtype": dtype, **result}
+
+
+def _export_adapter(ref: str, cfg: JobConfig, folder: Path, target: Path) -> dict:
+    """The adapter files, the config it was trained with, a manifest and a model card: ready for peft/vLLM."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(folder / adapters.ADAPTER_DIR, tmp / adapters.ADAPTER_DIR)
+    shutil.copy2(folder / adapters.CONFIG_FILE, tmp / adapters.CONFIG_FILE)
+    (tmp / "README.md").write_text(
+        f"# LoRA adapter\n\nFrom `{ref}`. Base model: `{cfg.model.name}`"
+        f"{f' (GGUF file {cfg.model.gguf_file})' if cfg.model.gguf_file else ''}, trained on a "
+        f"{cfg.quantization.bits}-bit base, LoRA r={cfg.lora.r} alpha={cfg.lora.alpha}.\n\n"
+        "```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, \"adapter\")\n```\n"
+        "`config.yaml` is the full training config; `manifest.json` lists sizes and sha256 of every file.\n")
+    checkpoint.write_manifest(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        target.rmdir()  # empty, checked above
+    tmp.rename(target)
+    print(f"adapter exported to {target}", flush=True)
+    return {"out": str(target), "format": "adapter", "files": sorted(p.name for p in target.iterdir())}
+
+
+def _merge_task(cfg_json: str, files: dict, out: str, dtype_name: str) -> dict:
+    """Fold LoRA into a 16-bit copy of the base (bitsandbytes layers cannot hold merged weights exactly),
+    and check the merged model's logits against base + adapter on a probe input."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qlora import distributed, modeling
+    from qlora.model_source import resolve
+    cfg = JobConfig.from_json(cfg_json)
+    ctx = distributed.context(cfg.scaling.use_gpu)
+    dtype = getattr(torch, dtype_name)
+    source = resolve(cfg.model.name, cfg.model.gguf_file, cfg.model.revision)
+    tokenizer = modeling.load_tokenizer(source, cfg)
+    base = AutoModelForCausalLM.from_pretrained(
+        source.path, revision=None if source.is_local else cfg.model.revision, dtype=dtype, use_safetensors=True,
+        trust_remote_code=cfg.model.trust_remote_code, device_map={"": ctx.device})
+    with tempfile.TemporaryDirectory() as tmp:
+        model = PeftModel.from_pretrained(base, str(adapters.unpack(files, Path(tmp)) / adapters.ADAPTER_DIR))
+    probe = torch.tensor([tokenizer.encode("The quick brown fox jumps over the lazy dog.")], device=ctx.device)
+    with torch.no_grad():
+        expected = model(input_ids=probe).logits.float()
+        merged = model.merge_and_unload()
+        diff = (merged(input_ids=probe).logits.float() - expected).abs().max().item()
+    if diff > MERGE_TOLERANCE[dtype_name]:
+        raise TrainingFailure(f"merged model disagrees with base + adapter (max |logit diff| {diff:.3g})")
+    target = Path(out)
+    tmp_out = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp_out, ignore_errors=True)
+    merged.save_pretrained(tmp_out, safe_serialization=True)
+    tokenizer.save_pretrained(tmp_out)
+    if target.exists():
+        target.rmdir()
+    tmp_out.rename(target)
+    return {"max_logit_diff": diff, "bytes": sum(p.stat().st_size for p in target.rglob("*") if p.is_file())}

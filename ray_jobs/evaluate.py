@@ -1,0 +1,24 @@
+"""Evaluate a saved adapter on held-out data: loss, perplexity, exact match; predictions.jsonl + metrics.json.
+
+    python -m ray_jobs.evaluate --adapter models:/NAME/VERSION [--config configs/X.yaml] [--set ...] [--out DIR]
+"""
+import sys
+
+from qlora.cli import adapter_parser, run
+
+
+def main(argv=None) -> int:
+    parser = adapter_parser(__doc__)
+    parser.add_argument("--out", help="also write metrics.json and predictions.jsonl here")
+    args = parser.parse_args(argv)
+
+    def job():
+        from qlora import adapter_jobs
+        folder, cfg = adapter_jobs.load_job(args.adapter, args.config, args.overrides)
+        return adapter_jobs.evaluate(args.adapter, cfg, folder, args.out)
+
+    return run(job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Export a saved adapter: the adapter folder (for peft / vLLM), or --merge into a 16-bit model.
+
+    python -m ray_jobs.export --adapter models:/NAME/VERSION --out exported/NAME [--merge --dtype bfloat16]
+"""
+import sys
+
+from qlora.cli import adapter_parser, run
+
+
+def main(argv=None) -> int:
+    parser = adapter_parser(__doc__)
+    parser.add_argument("--out", required=True, help="a new (or empty) folder to write")
+    parser.add_argument("--merge", action="store_true",
+                        help="fold LoRA into the base weights and write a standalone safetensors model")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                        help="weights dtype of the merged model")
+    args = parser.parse_args(argv)
+
+    def job():
+        from qlora import adapter_jobs
+        folder, cfg = adapter_jobs.load_job(args.adapter, args.config, args.overrides)
+        return adapter_jobs.export(args.adapter, cfg, folder, args.out, args.merge, args.dtype)
+
+    return run(job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

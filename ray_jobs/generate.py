@@ -1,0 +1,27 @@
+"""Generate answers with a saved adapter on its quantized base model.
+
+    python -m ray_jobs.generate --adapter models:/NAME/VERSION --prompt "..." [--prompt ...] [--prompts-file F]
+"""
+import sys
+
+from qlora.cli import adapter_parser, run
+
+
+def main(argv=None) -> int:
+    parser = adapter_parser(__doc__)
+    parser.add_argument("--prompt", action="append", default=[], help="a user message (repeatable)")
+    parser.add_argument("--prompts-file", help="one prompt per line, or JSON lines with a \"prompt\" field")
+    parser.add_argument("--max-new-tokens", type=int, help="default: evaluation.max_new_tokens of the config")
+    args = parser.parse_args(argv)
+
+    def job():
+        from qlora import adapter_jobs
+        prompts = args.prompt + (adapter_jobs.read_prompts(args.prompts_file) if args.prompts_file else [])
+        folder, cfg = adapter_jobs.load_job(args.adapter, args.config, args.overrides)
+        return adapter_jobs.generate(cfg, folder, prompts, args.max_new_tokens)
+
+    return run(job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
