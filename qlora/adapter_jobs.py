@@ -40,7 +40,7 @@ def on_worker(cfg: JobConfig, fn, *args):
     task = ray.remote(num_cpus=cfg.scaling.cpus_per_worker, num_gpus=1 if cfg.scaling.use_gpu else 0,
                       resources=cfg.scaling.resources_per_worker or None, max_retries=0)(fn)
     try:
-        return ray.get(task.remote(driver.worker_config(cfg, local).to_json(), *args))
+        return ray.get(task.remote(driver.worker_config(cfg).to_json(), *args))
     except RayTaskError as e:
         if isinstance(e.cause, UserError):
             raise e.cause from None

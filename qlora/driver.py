@@ -6,6 +6,7 @@ or MLflow are touched, so bad input fails in seconds with exit code 2 and leaves
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from qlora import adapters, modeling, tracking
 from qlora.config import JobConfig, flatten
 from qlora.data import IGNORE, PreparedData, prepare
 from qlora.errors import EnvironmentProblem, TrainingFailure
-from qlora.files import output_home
+from qlora.files import output_home, ray_submission_id
 from qlora.model_source import ModelSource, resolve
 
 
@@ -64,11 +65,10 @@ def run_name(cfg: JobConfig) -> str:
     return f"{model}-r{cfg.lora.r}-lr{cfg.train.learning_rate:g}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def worker_config(cfg: JobConfig, local_cluster: bool) -> JobConfig:
-    """Paths as workers see them: absolute on a cluster we started here (same machine); left relative
-    under `ray job submit`, where every worker's cwd is the uploaded working dir."""
-    if not local_cluster:
-        return cfg
+def worker_config(cfg: JobConfig) -> JobConfig:
+    """Paths as workers see them: absolute. Ray Train (and Tune) move each worker's current folder to a
+    run folder, so a relative data path would miss; under `ray job submit` the absolute path is inside
+    the uploaded working dir, which Ray unpacks at that same path on every node the job uses."""
     data = cfg.data.model_copy(update={k: str(Path(v).resolve()) for k in ("path", "eval_path")
                                        if (v := getattr(cfg.data, k))})
     model = cfg.model
@@ -115,8 +115,8 @@ def start_mlflow_run(job: Prepared, uri: str, name: str, extra_tags: dict | None
     tags = {"base_model": job.source.description, "quantization": _quant_tag(cfg), "data_hash": job.data.data_hash,
             "lora_trainable_params": str(job.lora_params), "ray_job_id": ray.get_runtime_context().get_job_id(),
             **(extra_tags or {})}
-    if os.environ.get("RAY_JOB_SUBMISSION_ID"):
-        tags["ray_submission_id"] = os.environ["RAY_JOB_SUBMISSION_ID"]
+    if ray_submission_id():
+        tags["ray_submission_id"] = ray_submission_id()
     return tracking.start_run(uri, cfg.tracking.experiment, name, flatten(cfg), tags)
 
 
@@ -151,11 +151,16 @@ def finish(result, job: Prepared, uri: str | None, run_id: str | None) -> dict:
     after = {k: metrics[k] for k in before if k in metrics}
     logged = {}
     if uri and run_id:
-        logged = adapters.log_to_mlflow(uri, run_id, ckpt_dir, model_metadata(job), job.cfg.tracking.register_as)
-        c = tracking.client(uri)
-        c.log_artifact(run_id, str(ckpt_dir / "config.yaml"))
-        c.set_tag(run_id, "checkpoint_path", str(ckpt_dir))
-        _finish(uri, run_id, "FINISHED")
+        try:
+            logged = adapters.log_to_mlflow(uri, run_id, ckpt_dir, model_metadata(job), job.cfg.tracking.register_as)
+            c = tracking.client(uri)
+            c.log_artifact(run_id, str(ckpt_dir / "config.yaml"))
+            c.set_tag(run_id, "checkpoint_path", str(ckpt_dir))
+            _finish(uri, run_id, "FINISHED")
+        except Exception as e:  # the adapter is safe in storage; losing the tracking server must not lose it
+            print(f"[qlora] WARNING: MLflow at {uri} failed while logging the adapter ({type(e).__name__}: {e}). "
+                  f"The adapter is saved in storage: {ckpt_dir}", file=sys.stderr, flush=True)
+            logged = {"mlflow_error": f"{type(e).__name__}: {e}"}
     return {"adapter": str(ckpt_dir / adapters.ADAPTER_DIR), "checkpoint": str(ckpt_dir), "mlflow_run_id": run_id,
             "tracking_uri": uri, **logged, "metrics_before": before, "metrics_after": after,
             "train_seconds": metrics.get("train_seconds"), "steps": metrics.get("step"),
@@ -180,7 +185,7 @@ def train(cfg: JobConfig) -> dict:
     local = connect_ray(cfg.scaling.ray_address)
     try:
         run_id = start_mlflow_run(job, uri, name) if uri else None
-        payload = {"config": worker_config(cfg, local).to_json(), "tracking_uri": uri, "mlflow_run_id": run_id}
+        payload = {"config": worker_config(cfg).to_json(), "tracking_uri": uri, "mlflow_run_id": run_id}
         started = time.time()
         summary = finish(fit(cfg, payload, name, storage), job, uri, run_id)
         print(f"\nadapter: {summary['adapter']}\nMLflow run: {run_id} ({uri})\n"

@@ -1,5 +1,6 @@
 """File helpers shared by model caching, checkpoint manifests and output locations."""
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -20,6 +21,13 @@ def output_home() -> Path:
     """
     if os.environ.get("QLORA_HOME"):
         return Path(os.environ["QLORA_HOME"]).expanduser().resolve()
-    if os.environ.get("RAY_JOB_SUBMISSION_ID"):
+    if ray_submission_id():
         return Path.home() / "qlora_runs"
     return Path.cwd()
+
+
+def ray_submission_id() -> str | None:
+    """The `ray job submit` submission id when this process is a submitted job's entrypoint."""
+    # The job supervisor hands the entrypoint its job config (runtime env + metadata) in this variable.
+    config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    return config.get("metadata", {}).get("job_submission_id")

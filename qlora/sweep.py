@@ -28,8 +28,8 @@ def trial_config(base: JobConfig, params: dict, space: SearchSpace) -> JobConfig
     return cfg.model_copy(update={"train": train, "tracking": trk})
 
 
-def run_trial(config: dict, base_json: str, space_json: str, uri, parent_run_id, storage: str, sweep_name: str,
-              local: bool) -> None:
+def run_trial(config: dict, base_json: str, space_json: str, uri, parent_run_id, storage: str,
+              sweep_name: str) -> None:
     """Tune trainable: one trial = one TorchTrainer run, reporting to Tune through a callback."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -44,7 +44,7 @@ def run_trial(config: dict, base_json: str, space_json: str, uri, parent_run_id,
         existing = _child_runs(uri, cfg.tracking.experiment, parent_run_id, trial_id)
         run_id = existing[0].info.run_id if existing else driver.start_mlflow_run(
             job, uri, name, {"mlflow.parentRunId": parent_run_id, "trial_id": trial_id})
-    payload = {"config": driver.worker_config(cfg, local).to_json(), "tracking_uri": uri, "mlflow_run_id": run_id}
+    payload = {"config": cfg.to_json(), "tracking_uri": uri, "mlflow_run_id": run_id}
     driver.finish(driver.fit(cfg, payload, name, storage, callbacks=[TuneReportCallback()]), job, uri, run_id)
 
 
@@ -87,8 +87,9 @@ def sweep(cfg: JobConfig, space: SearchSpace, name: str, resume: bool = False) -
             sweep_dir.mkdir(parents=True, exist_ok=True)
             state_path.write_text(json.dumps({"mlflow_parent_run_id": parent}))
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, base_json=cfg.to_json(), space_json=space.model_dump_json(), uri=uri,
-                                 parent_run_id=parent, storage=storage, sweep_name=name, local=local),
+            tune.with_parameters(run_trial, base_json=driver.worker_config(cfg).to_json(),  # Tune moves trials' cwd
+                                 space_json=space.model_dump_json(), uri=uri, parent_run_id=parent, storage=storage,
+                                 sweep_name=name),
             {"CPU": 0.01})  # the trial function only waits on its TorchTrainer; 0 CPUs is refused
         if resume:
             tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,

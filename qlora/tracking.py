@@ -74,6 +74,9 @@ class MetricsSink:
 
     def __init__(self, uri: Optional[str], run_id: Optional[str]):
         self.uri, self.run_id, self.pending = uri, run_id, []
+        # A dead server must cost a training step seconds, not MLflow's default minutes of retries.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self._client = client(uri) if uri and run_id else None
 
     def log(self, metrics: dict, step: int) -> None:

@@ -59,23 +59,10 @@ def check_mlflow(tmp_path: Path, result: dict) -> None:
     assert run.data.params["lora.r"] == "16" and run.data.tags["quantization"] == "bnb-4bit-nf4-dq"
     assert len(run.data.tags["data_hash"]) == 16
     assert len(c.get_metric_history(run.info.run_id, "loss")) >= 3
-    assert {a.path for a in c.list_artifacts(run.info.run_id, "adapter")} >= {
-        "adapter/adapter_config.json", "adapter/adapter_model.safetensors"}
+    assert {a.path for a in c.list_artifacts(run.info.run_id, "adapter_model/artifacts/adapter")} >= {
+        "adapter_model/artifacts/adapter/adapter_config.json", "adapter_model/artifacts/adapter/adapter_model.safetensors"}
     assert "config.yaml" in {a.path for a in c.list_artifacts(run.info.run_id)}
-
-
-def test_two_workers_train_tiny_model_and_everything_is_saved(tmp_path, tiny_model_dir):
-    result = run_job(tmp_path, str(tiny_model_dir), ["--set", "train.learning_rate=1e-2"])
-    before, after = result["metrics_before"], result["metrics_after"]
-    assert after["eval_loss"] < before["eval_loss"] - 0.2, (before, after)  # random tiny model: mechanics only
-    ckpt = Path(result["checkpoint"])
-    checkpoint.verify(ckpt)
-    assert {p.name for p in ckpt.iterdir()} >= {"adapter", "trainer_state.pt", "config.yaml", "manifest.json"}
-    assert load_config(ckpt / "config.yaml").lora.r == 16
-    # Two checkpoints were reported (steps 3 and 6); Ray keeps both.
-    assert len([p for p in ckpt.parent.glob("checkpoint_*") if p.is_dir()]) == 2
-    assert reload_eval_loss(result, tiny_model_dir) == pytest.approx(after["eval_loss"], rel=1e-4)
-    check_mlflow(tmp_path, result)
+    checkpoint.verify(Path(result["checkpoint"]))
 
 
 def test_real_smollm2_learns_on_two_workers(tmp_path, smollm_dir):
@@ -84,3 +71,4 @@ def test_real_smollm2_learns_on_two_workers(tmp_path, smollm_dir):
     assert after["eval_loss"] < 0.7 * before["eval_loss"], (before, after)
     assert after["exact_match"] >= before["exact_match"]
     assert reload_eval_loss(result, smollm_dir) == pytest.approx(after["eval_loss"], rel=1e-3)
+    check_mlflow(tmp_path, result)

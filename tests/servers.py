@@ -1,0 +1,97 @@
+"""Real servers for tests: a `ray start --head` cluster with token auth and an `mlflow server`, both on
+loopback, started as users start them and stopped by PID."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+BIN = Path(sys.executable).parent  # the venv's ray / mlflow commands
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_env(**extra: str) -> dict:
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **extra}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@dataclass
+class RayHead:
+    dashboard: str  # http://127.0.0.1:PORT, what `ray job submit --address` takes
+    temp_dir: Path
+
+    def stop(self) -> None:
+        """Kill this cluster's processes only (`ray stop` would stop every cluster of this user)."""
+        mine = [p for p in psutil.process_iter(["cmdline"]) if str(self.temp_dir) in " ".join(p.info["cmdline"] or [])]
+        for p in mine:
+            p.send_signal(signal.SIGTERM)
+        _, alive = psutil.wait_procs(mine, timeout=15)
+        for p in alive:
+            p.kill()
+
+
+def start_ray_head(num_cpus: int = 2) -> RayHead:
+    # Short temp dir: Ray's unix socket paths under it must stay below 108 characters.
+    temp_dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
+    dash = free_port()
+    cmd = [str(BIN / "ray"), "start", "--head", f"--port={free_port()}", "--dashboard-host=127.0.0.1",
+           f"--dashboard-port={dash}", f"--ray-client-server-port={free_port()}",
+           f"--dashboard-agent-listen-port={free_port()}", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
+           "--disable-usage-stats"]
+    subprocess.run(cmd, env=server_env(), check=True, capture_output=True, timeout=120)
+    head = RayHead(f"http://127.0.0.1:{dash}", temp_dir)
+    _wait_http(head.dashboard + "/api/version", 60)
+    return head
+
+
+@dataclass
+class MlflowServer:
+    uri: str
+    proc: subprocess.Popen
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)  # the server and its gunicorn/uvicorn workers
+        self.proc.wait(timeout=30)
+
+
+def start_mlflow_server(folder: Path, port: int | None = None) -> MlflowServer:
+    port = port or free_port()
+    folder.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts")],
+        env=server_env(), stdout=open(folder / "server.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    server = MlflowServer(f"http://127.0.0.1:{port}", proc)
+    _wait_http(server.uri + "/health", 120)
+    return server
+
+
+def _wait_http(url: str, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except urllib.error.HTTPError:  # answered (e.g. 401 without the auth token): it is up
+            return
+        except Exception as e:
+            if time.time() > deadline:
+                raise TimeoutError(f"{url} did not answer within {timeout} s ({e})") from None
+            time.sleep(1)

@@ -1,0 +1,102 @@
+"""`ray job submit` against a real `ray start --head` cluster (token auth on) with a real `mlflow server`:
+train, then evaluate the registered adapter by models:/NAME/VERSION; a bad config ends FAILED with its
+message in `ray job logs`."""
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qlora import checkpoint
+from qlora.tracking import client
+
+from conftest import ROOT
+from servers import BIN, server_env, start_mlflow_server, start_ray_head
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    mlflow_server = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
+    try:
+        head = start_ray_head(num_cpus=2)
+    except Exception:
+        mlflow_server.stop()
+        raise
+    yield head, mlflow_server
+    head.stop()
+    mlflow_server.stop()
+
+
+def submit(head, submission_id: str, *entrypoint: str, timeout=600) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", head.dashboard, "--submission-id", submission_id,
+           "--working-dir", ".", "--runtime-env", "runtime_env.yaml", "--", "python", "-m", *entrypoint]
+    return subprocess.run(cmd, cwd=ROOT, env=server_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def job_cli(head, *args: str) -> str:
+    proc = subprocess.run([str(BIN / "ray"), "job", *args, "--address", head.dashboard], env=server_env(),
+                          capture_output=True, text=True, timeout=60)
+    return proc.stdout + proc.stderr
+
+
+def last_json(text: str) -> dict:
+    return json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
+
+
+def test_runtime_env_file_is_valid_for_ray():
+    from ray.runtime_env import RuntimeEnv
+    env = RuntimeEnv(**yaml.safe_load((ROOT / "runtime_env.yaml").read_text()))
+    assert {".venv/", "runs/", "mlruns/", "mlflow.db"} <= set(env["excludes"])
+    assert (ROOT / "runtime_env.yaml").read_text().startswith("# ray job submit --address http://127.0.0.1:8265")
+
+
+def test_submitted_train_job_logs_registers_and_evaluates(servers, tiny_model_dir, tmp_path):
+    head, mlflow_server = servers
+    sets = [f"model.name={tiny_model_dir}", "train.max_steps=4", "train.log_every=2", "train.save_every=2", "train.learning_rate=1e-2", "data.max_samples=64",
+            "data.eval_max_samples=8", "evaluation.num_generate=4", "evaluation.max_new_tokens=8",
+            f"scaling.storage_path={tmp_path / 'runs'}", f"tracking.uri={mlflow_server.uri}",
+            "tracking.experiment=submitted", "tracking.register_as=people-extractor"]
+    train = submit(head, "qlora-train-1", "ray_jobs.train", "--config", "configs/quickstart.yaml",
+                   *[a for s in sets for a in ("--set", s)])
+    assert train.returncode == 0, train.stdout[-4000:] + train.stderr[-2000:]
+    assert "qlora-train-1' succeeded" in job_cli(head, "status", "qlora-train-1")
+    result = last_json(train.stdout)  # logs streamed back, ending with the job's JSON line
+    assert result["registered_uri"] == "models:/people-extractor/1"
+
+    c = client(mlflow_server.uri)
+    run = c.get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["ray_submission_id"] == "qlora-train-1" and run.data.tags["ray_job_id"]
+    assert len(c.get_metric_history(run.info.run_id, "loss")) >= 2
+    assert len(c.search_runs([run.info.experiment_id])) == 1  # one run for the job, not one per worker
+    files = {a.path for a in c.list_artifacts(run.info.run_id, "adapter_model")}
+    assert {"adapter_model/MLmodel", "adapter_model/artifacts"} <= files
+    ckpt = Path(result["checkpoint"])  # in scaling.storage_path on the cluster, verified by its manifest
+    checkpoint.verify(ckpt)
+    assert {p.name for p in ckpt.iterdir()} >= {"adapter", "trainer_state.pt", "config.yaml", "manifest.json"}
+    assert len([p for p in ckpt.parent.glob("checkpoint_*") if p.is_dir()]) == 2  # steps 2 and 4, both kept
+    version = c.get_model_version("people-extractor", "1")
+    assert version.run_id == run.info.run_id and version.tags["data_hash"] == run.data.tags["data_hash"]
+
+    # The registered version, by name, on the cluster: loads on its base model and generates.
+    ev = submit(head, "qlora-eval-1", "ray_jobs.evaluate", "--adapter", "models:/people-extractor/1",
+                "--set", f"tracking.uri={mlflow_server.uri}")
+    assert ev.returncode == 0, ev.stdout[-4000:] + ev.stderr[-2000:]
+    metrics = last_json(ev.stdout)["metrics"]
+    assert metrics["eval_loss"] == pytest.approx(result["metrics_after"]["eval_loss"], rel=1e-4)
+    assert metrics["exact_match"] == result["metrics_after"]["exact_match"]
+    eval_run = c.get_run(last_json(ev.stdout)["mlflow_run_id"])
+    assert eval_run.data.tags["evaluated_adapter"] == "models:/people-extractor/1"
+    predictions = c.download_artifacts(eval_run.info.run_id, "predictions.jsonl", str(tmp_path))
+    lines = open(predictions).read().splitlines()
+    assert len(lines) == 4 and all("answer" in json.loads(line) for line in lines)
+
+
+def test_failing_submission_ends_failed_with_the_message(servers):
+    head, _ = servers
+    bad = submit(head, "qlora-bad-1", "ray_jobs.train", "--config", "configs/quickstart.yaml", "--set", "lora.r=0")
+    assert bad.returncode != 0
+    assert "qlora-bad-1' failed" in job_cli(head, "status", "qlora-bad-1")
+    logs = job_cli(head, "logs", "qlora-bad-1")
+    assert "lora.r: Input should be greater than 0" in logs and "exit_code" in logs
