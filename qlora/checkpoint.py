@@ -70,6 +70,26 @@ def verify(folder: Path) -> None:
             raise CorruptCheckpoint(f"{folder}: {name} is missing or does not match its manifest entry")
 
 
+def latest_intact(folder: Path, warn) -> Path:
+    """`folder` if it verifies, else the newest older sibling checkpoint that does (warning with `warn`).
+
+    Ray hands the worker its latest registered checkpoint; a file truncated or changed since (a full disk,
+    a partial copy) must cost the steps since the previous checkpoint, not the run.
+    """
+    candidates = [folder] + sorted((p for p in folder.parent.glob("checkpoint_*")
+                                    if p.is_dir() and p.name < folder.name), reverse=True)
+    for candidate in candidates:
+        try:
+            verify(candidate)
+        except CorruptCheckpoint as e:
+            warn(f"WARNING: skipping corrupt checkpoint: {e}")
+            continue
+        if candidate != folder:
+            warn(f"WARNING: resuming from the previous intact checkpoint {candidate.name}")
+        return candidate
+    raise CorruptCheckpoint(f"no intact checkpoint in {folder.parent} (the newest, {folder.name}, is corrupt)")
+
+
 def load_trainer_state(folder: Path) -> dict:
     verify(folder)
     return torch.load(Path(folder) / "trainer_state.pt", weights_only=False)

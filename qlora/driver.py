@@ -19,6 +19,9 @@ from qlora.files import output_home, ray_submission_id
 from qlora.model_source import ModelSource, resolve
 
 
+RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
+
+
 @dataclass
 class Prepared:
     cfg: JobConfig
@@ -109,11 +112,19 @@ def tracking_target(cfg: JobConfig) -> str | None:
     return uri
 
 
+def has_checkpoints(storage: str, name: str) -> bool:
+    """Whether Ray Train already keeps checkpoints of a run named `name` in `storage` (local or cloud)."""
+    import pyarrow.fs
+    fs, path = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else Path(storage).as_uri())
+    return fs.get_file_info(f"{path}/{name}/{RAY_TRAIN_SNAPSHOT}").type != pyarrow.fs.FileType.NotFound
+
+
 def start_mlflow_run(job: Prepared, uri: str, name: str, extra_tags: dict | None = None) -> str:
     import ray
     cfg = job.cfg
     tags = {"base_model": job.source.description, "quantization": _quant_tag(cfg), "data_hash": job.data.data_hash,
             "lora_trainable_params": str(job.lora_params), "ray_job_id": ray.get_runtime_context().get_job_id(),
+            tracking.RUN_NAME_TAG: name,
             **(extra_tags or {})}
     if ray_submission_id():
         tags["ray_submission_id"] = ray_submission_id()
@@ -184,10 +195,19 @@ def train(cfg: JobConfig) -> dict:
     uri = tracking_target(cfg)
     local = connect_ray(cfg.scaling.ray_address)
     try:
-        run_id = start_mlflow_run(job, uri, name) if uri else None
+        run_id, log_result = None, True
+        if has_checkpoints(storage, name):  # Ray Train restores the run's checkpoint state by itself
+            print(f"[qlora] run {name} has checkpoints in {storage}; resuming from the latest", flush=True)
+            previous = tracking.find_run(uri, cfg.tracking.experiment, name) if uri else None
+            if previous is not None:
+                run_id, log_result = previous.info.run_id, previous.info.status != "FINISHED"
+                tracking.client(uri).update_run(run_id, status="RUNNING" if log_result else "FINISHED")
+        if uri and run_id is None:
+            run_id = start_mlflow_run(job, uri, name)
         payload = {"config": worker_config(cfg).to_json(), "tracking_uri": uri, "mlflow_run_id": run_id}
         started = time.time()
-        summary = finish(fit(cfg, payload, name, storage), job, uri, run_id)
+        # A run that had finished re-reports its result; its adapter is logged (and registered) once only.
+        summary = finish(fit(cfg, payload, name, storage), job, uri if log_result else None, run_id)
         print(f"\nadapter: {summary['adapter']}\nMLflow run: {run_id} ({uri})\n"
               f"held-out before: {summary['metrics_before']}\nheld-out after:  {summary['metrics_after']}", flush=True)
         return {**summary, "job_seconds": round(time.time() - started, 1)}

@@ -15,6 +15,7 @@ from qlora.errors import EnvironmentProblem
 from qlora.files import output_home
 
 SECRET_WORDS = ("token", "password", "secret", "key")
+RUN_NAME_TAG = "qlora_run_name"  # the job's run name, which is also its Ray Train run folder
 
 
 def tracking_uri(configured: Optional[str]) -> str:
@@ -62,6 +63,17 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict
     for i in range(0, len(safe), 100):
         c.log_batch(run.info.run_id, params=safe[i:i + 100])
     return run.info.run_id
+
+
+def find_run(uri: str, experiment: str, run_name: str):
+    """The newest MLflow run of a job with this run name, or None."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = c.search_runs([exp.experiment_id], f"tags.{RUN_NAME_TAG} = '{run_name}'", order_by=["start_time DESC"],
+                         max_results=1)
+    return runs[0] if runs else None
 
 
 def _looks_secret(key: str) -> bool:

@@ -101,7 +101,11 @@ def train_loop_per_worker(payload: dict) -> None:
     resumed = ray.train.get_checkpoint()
     if resumed:
         with resumed.as_directory() as d:
-            saved = restore(Path(d), model, optimizer, scheduler)
+            try:
+                folder = checkpoint.latest_intact(Path(d), lambda m: log(ctx, m))
+            except checkpoint.CorruptCheckpoint as e:
+                raise TrainingFailure(f"{e}; start a new run (another tracking.run_name)") from None
+            saved = restore(folder, model, optimizer, scheduler)
         step, before = saved["step"], saved.get("before")
         log(ctx, f"resumed from checkpoint at step {step}")
         if saved.get("final"):  # the run had finished: report its result again, train nothing

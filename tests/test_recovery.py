@@ -1,6 +1,10 @@
-"""A Ray Train worker killed mid-run: Ray restarts the worker group, the loop resumes from the latest
-checkpoint at its exact step, and the final adapter equals that of an uninterrupted run."""
+"""Failures mid-run, one after another on the same run: a Ray Train worker killed (Ray restarts the worker
+group, the loop resumes at the latest checkpoint's exact step), then the job driver killed with its
+cluster and the newest checkpoint corrupted (the same command resumes from the previous intact one, in
+the same MLflow run). The final adapter equals that of an uninterrupted run."""
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -10,6 +14,8 @@ import psutil
 import torch
 import yaml
 from safetensors.torch import load_file
+
+from qlora.tracking import client
 
 from conftest import ROOT
 
@@ -22,17 +28,27 @@ def job_cmd(tmp_path: Path, model: Path, name: str) -> list[str]:
                      "seed": 7},
            "evaluation": {"generate": False},
            "scaling": {"num_workers": 1, "storage_path": str(tmp_path / name), "max_failures": 2},
-           "tracking": {"enabled": False, "run_name": name}}
+           "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": name, "run_name": name}}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return [sys.executable, "-m", "ray_jobs.train", "--config", str(path)]
 
 
 def registered_checkpoints(run_dir: Path) -> list:
+    """(step, folder) of the checkpoints Ray Train has registered for the run, oldest first."""
     try:
-        return json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"]
+        results = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"]
     except (OSError, ValueError, KeyError):
         return []
+    return [(r["metrics"]["step"], run_dir / r["checkpoint_dir_name"]) for r in results]
+
+
+def wait_for(condition, proc, what: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the run ended before {what}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
 
 
 def train_worker_pids() -> list[int]:
@@ -43,29 +59,46 @@ def train_worker_pids() -> list[int]:
     return pids
 
 
-def test_killed_worker_resumes_at_exact_step_with_identical_result(tmp_path, tiny_model_dir):
+def resumed_steps(log: str) -> list[int]:
+    return [int(line.rsplit(" ", 1)[-1]) for line in log.splitlines() if "resumed from checkpoint at step" in line]
+
+
+def test_killed_worker_then_killed_driver_and_corrupt_checkpoint_resume_to_identical_result(tmp_path, tiny_model_dir):
     plain = subprocess.run(job_cmd(tmp_path, tiny_model_dir, "plain"), cwd=ROOT, capture_output=True, text=True,
                            timeout=600)
     assert plain.returncode == 0, plain.stderr[-3000:]
     expected = json.loads(plain.stdout.strip().splitlines()[-1])
 
-    proc = subprocess.Popen(job_cmd(tmp_path, tiny_model_dir, "killed"), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    cmd = job_cmd(tmp_path, tiny_model_dir, "killed")
+    log_path = tmp_path / "first.log"
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     run_dir = tmp_path / "killed" / "killed"
-    deadline = time.time() + 300
-    # Kill once Ray has registered a checkpoint (its snapshot lists it), not merely when the folder appears.
-    while time.time() < deadline and not registered_checkpoints(run_dir):
-        assert proc.poll() is None, "the run ended before a worker could be killed"
-        time.sleep(0.2)
+    # 1. Kill the worker once Ray has registered a checkpoint (its snapshot lists it), not merely written one.
+    wait_for(lambda: registered_checkpoints(run_dir), proc, "a checkpoint")
     victims = train_worker_pids()
     assert victims, "no Ray Train worker process found"
     for pid in victims:
         psutil.Process(pid).kill()
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-3000:]
-    result = json.loads(out.strip().splitlines()[-1])
-    resumed_at = [int(line.rsplit(" ", 1)[-1]) for line in out.splitlines() if "resumed from checkpoint at step" in line]
-    assert resumed_at and resumed_at[0] % 5 == 0 and 5 <= resumed_at[0] < 40  # the latest checkpoint, not step 0
+    # 2. Once the restarted group has resumed and checkpointed twice more, kill the driver and its cluster.
+    wait_for(lambda: resumed_steps(log_path.read_text()) and len(registered_checkpoints(run_dir)) == 2
+             and registered_checkpoints(run_dir)[0][0] > resumed_steps(log_path.read_text())[0], proc,
+             "two checkpoints after the worker restart")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first_log = log_path.read_text()
+    resumed_at = resumed_steps(first_log)[0]
+    assert resumed_at % 5 == 0 and 5 <= resumed_at < 40  # the latest checkpoint, not step 0
+    # 3. Truncate the newest checkpoint's adapter: the resumed run must notice and take the previous one.
+    (previous_step, _), (newest_step, newest) = registered_checkpoints(run_dir)
+    weights = newest / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    out = again.stdout + again.stderr
+    assert f"skipping corrupt checkpoint: {newest}" in out and "resuming from the previous intact checkpoint" in out
+    assert resumed_steps(out) == [previous_step]
+    result = json.loads(again.stdout.strip().splitlines()[-1])
     assert result["steps"] == expected["steps"] == 40
 
     a = load_file(str(Path(expected["adapter"]) / "adapter_model.safetensors"))
@@ -73,5 +106,10 @@ def test_killed_worker_resumes_at_exact_step_with_identical_result(tmp_path, tin
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
-    assert result["metrics_after"]["eval_loss"] == expected["metrics_after"]["eval_loss"] or abs(
-        result["metrics_after"]["eval_loss"] - expected["metrics_after"]["eval_loss"]) < 1e-5
+    assert abs(result["metrics_after"]["eval_loss"] - expected["metrics_after"]["eval_loss"]) < 1e-5
+
+    # One MLflow run for the job across both submissions, finished, with its loss history continued.
+    c = client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = c.search_runs([c.get_experiment_by_name("killed").experiment_id])
+    assert [r.info.run_id for r in runs] == [result["mlflow_run_id"]] and runs[0].info.status == "FINISHED"
+    assert max(m.step for m in c.get_metric_history(result["mlflow_run_id"], "loss")) == 40
