@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from qlora import adapters, checkpoint, driver, tracking
+from qlora import adapters, checkpoint, driver, preflight, tracking
 from qlora.config import JobConfig, load_config
 from qlora.errors import ConfigError, TrainingFailure, UserError
 
@@ -36,6 +36,8 @@ def on_worker(cfg: JobConfig, fn, *args):
     import ray
     from ray.exceptions import RayTaskError
 
+    preflight.check_compute(cfg)
+    preflight.check_ray_address(cfg.scaling.ray_address)
     local = driver.connect_ray(cfg.scaling.ray_address)
     task = ray.remote(num_cpus=cfg.scaling.cpus_per_worker, num_gpus=1 if cfg.scaling.use_gpu else 0,
                       resources=cfg.scaling.resources_per_worker or None, max_retries=0)(fn)

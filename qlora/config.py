@@ -32,6 +32,8 @@ class ModelSection(Section):
     gguf_file: Optional[str] = Field(None, description="GGUF file inside `name` (a folder or hub repo).")
     revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit).")
     trust_remote_code: bool = Field(False, description="Run model code from the hub repo. Off unless set.")
+    allow_pickle: bool = Field(False, description="Load pickle weights (*.bin / *.pt) from a local folder that has "
+                               "no safetensors. Unpickling can run arbitrary code: off unless set; logged loudly.")
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
 
 
@@ -43,6 +45,13 @@ class QuantizationSection(Section):
         "auto", description="Matmul dtype. auto: bfloat16 on GPUs that support it, float16 on older GPUs, "
         "float32 on CPU (bf16 without native support is ~18x slower there).",
     )
+
+    @model_validator(mode="after")
+    def _four_bit_options(self):
+        if self.bits != 4 and self.quant_type != "nf4":
+            raise ValueError(f"quantization.quant_type={self.quant_type} is a 4-bit option but quantization.bits is "
+                             f"{self.bits}: set quantization.bits=4, or remove quant_type")
+        return self
 
 
 class LoraSection(Section):
@@ -102,6 +111,9 @@ class TrainSection(Section):
     def _one_warmup(self):
         if self.warmup_steps and self.warmup_ratio:
             raise ValueError("train.warmup_steps and train.warmup_ratio are both set: keep one")
+        if self.max_steps is not None and self.warmup_steps >= self.max_steps:
+            raise ValueError(f"train.warmup_steps={self.warmup_steps} is not below train.max_steps={self.max_steps}, "
+                             "so the learning rate never leaves warmup: lower warmup_steps, or use warmup_ratio")
         return self
 
 
@@ -115,6 +127,10 @@ class EvaluationSection(Section):
 class ScalingSection(Section):
     num_workers: int = Field(1, gt=0, description="Ray Train workers (DDP ranks).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
+    accelerator_type: Optional[str] = Field(
+        None, min_length=1, description="Ray accelerator type the workers must run on, e.g. A10G, A100, H100, L4 "
+        "(case-sensitive, as in ray.util.accelerators; passed to ray.train.ScalingConfig(accelerator_type=...), "
+        "which places each worker on a node with resource accelerator_type:<type>). Unset: any node.")
     cpus_per_worker: float = Field(1.0, gt=0)
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Extra Ray resources.")
     ray_address: Optional[str] = Field(None, description="Ray cluster address; unset: start a local cluster "
@@ -134,6 +150,41 @@ class TrackingSection(Section):
                                     "name resumes from its latest checkpoint in scaling.storage_path.")
     register_as: Optional[str] = Field(None, description="Register the final adapter in the MLflow Model "
                                        "Registry under this name (load it later as models:/NAME/VERSION).")
+
+    @model_validator(mode="after")
+    def _no_secret_in_uri(self):
+        # The config is printed by --dry-run, saved with every checkpoint and logged as MLflow params.
+        if self.uri and redact_uri(self.uri) != self.uri:
+            raise ValueError(f"tracking.uri {redact_uri(self.uri)} carries a password or token, which would be "
+                             "saved with the config and logged to MLflow: remove it from the URI and set "
+                             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) "
+                             "in the environment")
+        return self
+
+
+def redact_uri(uri: str) -> str:
+    """`uri` with any password and secret-looking query values replaced by ***."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+    try:
+        parts = urlsplit(uri)
+        password = parts.password
+    except ValueError:
+        return uri
+    netloc = parts.netloc
+    if password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rsplit('@', 1)[1]}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(_secret_name(k) for k, _ in pairs):
+            query = urlencode([(k, "***" if _secret_name(k) else v) for k, v in pairs], safe="*")
+    if (netloc, query) == (parts.netloc, parts.query):
+        return uri
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _secret_name(name: str) -> bool:
+    return any(w in name.lower() for w in ("token", "password", "passwd", "secret", "key", "auth", "credential"))
 
 
 class JobConfig(Section):
@@ -214,7 +265,7 @@ def validate(model: type[BaseModel], raw: Any):
     try:
         return model.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_describe(model, e), "correct the config file or the --set override") from None
+        raise ConfigError(_describe(model, e), _fix(e)) from None
     except (TypeError, ValueError) as e:  # pydantic raises these for some odd inputs (e.g. unhashable keys)
         raise ConfigError(f"config could not be read: {e}", "correct the config file") from None
 
@@ -236,6 +287,16 @@ def _describe(model: type[BaseModel], err: ValidationError) -> str:
             shown = "" if isinstance(given, dict) or given is None else f" (got {given!r})"
             lines.append(f"{loc}: {msg}{shown}" if e["loc"] else msg)
     return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _fix(err: ValidationError) -> str:
+    """Which keys to change, e.g. "in the YAML file or a --set override: rename or remove 'lora.rr'"."""
+    steps = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        verb = {"extra_forbidden": "rename or remove", "missing": "add"}.get(e["type"], "change")
+        steps.append(f"{verb} '{loc}'" if loc else "change the settings named above")
+    return "in the YAML file or a --set override: " + "; ".join(dict.fromkeys(steps))
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:

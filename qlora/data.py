@@ -133,19 +133,21 @@ def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[list[int], l
 
 # --- files and tokenizer -----------------------------------------------------------------------------
 
-def read_records(path: str) -> list[dict]:
-    """Rows of a local json/jsonl/csv/parquet file, through `datasets`."""
+def read_records(path: str, key: str = "data.path") -> list[dict]:
+    """Rows of a local json/jsonl/csv/parquet file, through `datasets`. `key` names the config key in errors."""
     import datasets
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"data file {path} does not exist", "check data.path (relative paths start at the "
+        raise DataError(f"{key}: data file {path} does not exist", f"check {key} (relative paths start at the "
                         "folder the job runs in)")
     kind = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}.get(p.suffix)
     if kind is None:
         raise DataError(f"data file {path} has an unknown extension {p.suffix!r}",
                         "use a .json, .jsonl, .csv, .tsv or .parquet file")
-    if p.stat().st_size == 0:
-        raise DataError(f"data file {path} is empty", "point data.path at a file with records")
+    size = p.stat().st_size
+    if size == 0 or (size < 1 << 20 and not p.read_bytes().strip()):
+        raise DataError(f"{key}: data file {path} is empty" + (" (only blank lines)" if size else ""),
+                        f"point {key} at a file with records")
     kwargs = {"delimiter": "\t"} if p.suffix == ".tsv" else {}
     datasets.disable_progress_bars()
     try:
@@ -155,8 +157,52 @@ def read_records(path: str) -> list[dict]:
         raise DataError(f"data file {path} could not be parsed as {kind}: {type(cause).__name__}: {cause}",
                         f"fix the file so it is valid {kind} (one record per line for .jsonl)") from None
     if len(ds) == 0:
-        raise DataError(f"data file {path} holds no records", "point data.path at a file with records")
+        raise DataError(f"{key}: data file {path} holds no records", f"point {key} at a file with records")
     return ds.to_list()
+
+
+RECORD_SHAPES = {"alpaca": "string instruction and output (input optional)",
+                 "messages": "messages: a list of {role, content} with string values",
+                 "sharegpt": "conversations: a list of {from, value} with string values",
+                 "text": "a string text"}
+
+
+def record_problem(record: dict, fmt: str) -> Optional[str]:
+    """What is wrong with one record's values for `fmt` (None if nothing): nulls and wrong types that
+    would otherwise surface as a TypeError deep inside tokenization."""
+    def not_str(key, value):
+        return f"'{key}' is null or missing" if value is None else f"'{key}' is {type(value).__name__}, not a string"
+
+    if fmt == "alpaca":
+        for key in ("instruction", "output"):
+            if not isinstance(record.get(key), str):
+                return not_str(key, record.get(key))
+        if record.get("input") is not None and not isinstance(record["input"], str):
+            return not_str("input", record["input"])
+        return None
+    if fmt == "text":
+        return None if isinstance(record.get("text"), str) else not_str("text", record.get("text"))
+    column, fields = {"messages": ("messages", ("role", "content")),
+                      "sharegpt": ("conversations", ("from", "value"))}[fmt]
+    turns = record.get(column)
+    if not isinstance(turns, list) or not turns:
+        return f"'{column}' is {'null or missing' if turns is None else repr(turns)[:60]}, not a non-empty list"
+    for j, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            return f"{column}[{j}] is a {type(turn).__name__}, not an object"
+        for key in fields:
+            if not isinstance(turn.get(key), str):
+                return f"{column}[{j}]." + not_str(key, turn.get(key))
+    return None
+
+
+def check_records(records: list[dict], fmt: str, path: str) -> None:
+    bad = [(i, p) for i, r in enumerate(records) if (p := record_problem(r, fmt))]
+    if bad:
+        i, problem = bad[0]
+        more = f" (and {len(bad) - 1} more records)" if len(bad) > 1 else ""
+        raise DataError(f"data file {path}, record {i + 1}: {problem}{more}",
+                        f"fix or drop the record(s): every {fmt} record needs {RECORD_SHAPES[fmt]}")
 
 
 def check_columns(records: list[dict], fmt: str, path: str) -> None:
@@ -216,9 +262,16 @@ def prepare(cfg: DataSection, tokenizer) -> PreparedData:
     records = read_records(cfg.path)
     fmt = cfg.format if cfg.format != "auto" else detect_format(list(records[0]))
     check_columns(records, fmt, cfg.path)
+    check_records(records, fmt, cfg.path)
     if cfg.eval_path:
-        eval_records = read_records(cfg.eval_path)
+        if Path(cfg.eval_path).is_file() and Path(cfg.eval_path).samefile(cfg.path):
+            raise DataError(f"data.eval_path is the training file itself ({cfg.path}): held-out metrics would be "
+                            "measured on examples the model trains on",
+                            "point data.eval_path at a separate file, or unset it to hold out data.eval_fraction "
+                            "of data.path")
+        eval_records = read_records(cfg.eval_path, "data.eval_path")
         check_columns(eval_records, fmt, cfg.eval_path)
+        check_records(eval_records, fmt, cfg.eval_path)
         train_records = records
     else:
         if len(records) < 2:
@@ -226,6 +279,9 @@ def prepare(cfg: DataSection, tokenizer) -> PreparedData:
                             "add records or set data.eval_path")
         tr, ev = split_indices(len(records), cfg.eval_fraction, cfg.seed)
         train_records, eval_records = [records[i] for i in tr], [records[i] for i in ev]
+    if round(len(train_records) * cfg.fraction) == 0:
+        raise DataError(f"data.fraction={cfg.fraction:g} of the {len(train_records)} training records is 0 records",
+                        f"raise data.fraction to at least {1 / len(train_records):.3g}, or add records")
     train_records = [train_records[i] for i in nested_subset(len(train_records), cfg.seed, cfg.fraction, cfg.max_samples)]
     if cfg.eval_max_samples:
         eval_records = eval_records[:cfg.eval_max_samples]

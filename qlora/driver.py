@@ -11,10 +11,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora import adapters, modeling, tracking
-from qlora.config import JobConfig, flatten
+from qlora import adapters, modeling, preflight, tracking
+from qlora.config import JobConfig, flatten, redact_uri
 from qlora.data import IGNORE, PreparedData, prepare
-from qlora.errors import EnvironmentProblem, TrainingFailure
+from qlora.errors import EnvironmentProblem, TrainingFailure, UserError
 from qlora.files import output_home, ray_submission_id
 from qlora.model_source import ModelSource, resolve
 
@@ -45,6 +45,7 @@ def prepare_job(cfg: JobConfig) -> Prepared:
 def dry_run(cfg: JobConfig) -> dict:
     import yaml
     job = prepare_job(cfg)
+    preflight.check(cfg, network=False)
     print("# resolved config\n" + yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     print(f"model: {job.source.description} -> {job.source.path}")
     s = job.data.stats
@@ -151,7 +152,10 @@ def fit(cfg: JobConfig, payload: dict, name: str, storage: str, callbacks=()):
         return trainer.fit()
     except Exception as e:  # Ray wraps the worker's exception (TrainingFailed / WorkerGroupError)
         _finish(payload.get("tracking_uri"), payload.get("mlflow_run_id"), "FAILED")
-        raise TrainingFailure(f"training failed: {_root_cause(e)}") from None
+        cause = _root_cause(e)
+        if isinstance(cause, (UserError, TrainingFailure)):  # our own message: pass it on as it is
+            raise cause from None
+        raise TrainingFailure(f"training failed: {type(cause).__name__}: {cause}") from None
 
 
 def finish(result, job: Prepared, uri: str | None, run_id: str | None) -> dict:
@@ -169,11 +173,11 @@ def finish(result, job: Prepared, uri: str | None, run_id: str | None) -> dict:
             c.set_tag(run_id, "checkpoint_path", str(ckpt_dir))
             _finish(uri, run_id, "FINISHED")
         except Exception as e:  # the adapter is safe in storage; losing the tracking server must not lose it
-            print(f"[qlora] WARNING: MLflow at {uri} failed while logging the adapter ({type(e).__name__}: {e}). "
+            print(f"[qlora] WARNING: MLflow at {redact_uri(uri)} failed while logging the adapter ({type(e).__name__}: {e}). "
                   f"The adapter is saved in storage: {ckpt_dir}", file=sys.stderr, flush=True)
             logged = {"mlflow_error": f"{type(e).__name__}: {e}"}
     return {"adapter": str(ckpt_dir / adapters.ADAPTER_DIR), "checkpoint": str(ckpt_dir), "mlflow_run_id": run_id,
-            "tracking_uri": uri, **logged, "metrics_before": before, "metrics_after": after,
+            "tracking_uri": redact_uri(uri) if uri else None, **logged, "metrics_before": before, "metrics_after": after,
             "train_seconds": metrics.get("train_seconds"), "steps": metrics.get("step"),
             "tokens_per_second": metrics.get("tokens_per_second")}
 
@@ -190,6 +194,7 @@ def train(cfg: JobConfig) -> dict:
     import ray
 
     job = prepare_job(cfg)
+    preflight.check(cfg)  # compute, Ray address, storage, MLflow: seconds, and nothing is created
     name = run_name(cfg)
     storage = storage_root(cfg)
     uri = tracking_target(cfg)
@@ -208,7 +213,7 @@ def train(cfg: JobConfig) -> dict:
         started = time.time()
         # A run that had finished re-reports its result; its adapter is logged (and registered) once only.
         summary = finish(fit(cfg, payload, name, storage), job, uri if log_result else None, run_id)
-        print(f"\nadapter: {summary['adapter']}\nMLflow run: {run_id} ({uri})\n"
+        print(f"\nadapter: {summary['adapter']}\nMLflow run: {run_id} ({redact_uri(uri) if uri else None})\n"
               f"held-out before: {summary['metrics_before']}\nheld-out after:  {summary['metrics_after']}", flush=True)
         return {**summary, "job_seconds": round(time.time() - started, 1)}
     finally:
@@ -226,10 +231,15 @@ def _finish(uri, run_id, status: str) -> None:
         tracking.client(uri).set_terminated(run_id, status)
 
 
-def _root_cause(e: BaseException) -> str:
+def _root_cause(e: BaseException) -> BaseException:
+    """The exception a worker raised, unwrapped from Ray Train's WorkerGroupError and RayTaskError."""
+    failures = getattr(e, "worker_failures", None)
+    if failures:
+        e = failures[min(failures)]
+    e = getattr(e, "cause", None) or e
     while e.__cause__ is not None:
         e = e.__cause__
-    return f"{type(e).__name__}: {e}"
+    return e
 
 
 def _check_writable(path: Path) -> None:

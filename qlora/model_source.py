@@ -28,6 +28,9 @@ class ModelSource:
     path: str
     is_local: bool
     description: str  # for logs and MLflow tags: where the weights came from
+    # A local folder whose weights are only pickle files (*.bin / *.pt): loading them can run code, so
+    # modeling.check_source refuses it unless the config sets model.allow_pickle.
+    pickle_only: bool = False
 
 
 def cache_root() -> Path:
@@ -65,9 +68,14 @@ def resolve(name: str, gguf_file: str | None = None, revision: str | None = None
         if not (path / "config.json").is_file():
             raise ConfigError(f"model.name: folder {name} has no config.json",
                               "point model.name at a Hugging Face model folder (config.json + *.safetensors)")
-        if not any(path.glob("*.safetensors")):
-            raise ConfigError(f"model.name: folder {name} has no .safetensors weights",
-                              "convert the weights to safetensors (pickle-based .bin files are not loaded)")
+        check_config_json(path / "config.json")
+        weights = sorted(path.glob("*.safetensors"))
+        if not weights:
+            if any(path.glob(pattern) for pattern in PICKLE_PATTERNS):
+                return ModelSource(str(path.resolve()), True, str(path.resolve()), pickle_only=True)
+            raise ConfigError(f"model.name: folder {name} has no weights (*.safetensors)",
+                              "copy the model's *.safetensors files into the folder (save_pretrained writes them)")
+        check_safetensors_folder(path, weights)
         return ModelSource(str(path.resolve()), True, str(path.resolve()))
     if not _looks_like_hub_id(name):
         raise ConfigError(f"model.name: {name} is not an existing path, a hub id (org/name) or a packaged "
@@ -91,6 +99,7 @@ def _hub_file(repo: str, filename: str, revision: str | None) -> Path:
 def _from_gguf(gguf: Path, description: str) -> ModelSource:
     target = cache_root() / "gguf" / file_sha256(gguf)[:16]
     if not (target / "config.json").is_file():
+        check_gguf(gguf)  # a truncated download fails here in a second, not deep inside the conversion
         convert_gguf(gguf, target)
     return ModelSource(str(target), True, description)
 
@@ -119,3 +128,172 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- cheap integrity checks of local weights (headers only: no tensor is read) -----------------------
+
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+_REDOWNLOAD = "re-download or re-save the model (save_pretrained writes complete files)"
+
+
+def check_config_json(path: Path) -> None:
+    import json
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"model.name: {path} is not valid JSON ({e})",
+                          "restore config.json from the model's source (it is damaged or truncated)") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"model.name: {path} holds a {type(data).__name__}, not a model config",
+                          "restore config.json from the model's source")
+
+
+def check_safetensors_folder(folder: Path, weights: list[Path]) -> None:
+    """Every *.safetensors file is complete, and a sharded index names only files that exist."""
+    import json
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"model.name: {index} is not a valid shard index ({type(e).__name__}: {e})",
+                              _REDOWNLOAD) from None
+        missing = sorted(s for s in shards if not (folder / s).is_file())
+        if missing:
+            raise ConfigError(f"model.name: {index} names weight files that are missing: {', '.join(missing)}",
+                              "download every shard of the model into the folder") from None
+    for w in weights:
+        check_safetensors(w)
+
+
+def check_safetensors(path: Path) -> None:
+    """The 8-byte header length, the JSON header and the file size agree (what safetensors checks on load)."""
+    import json
+    import struct
+    size = path.stat().st_size
+
+    def bad(why: str):
+        return ConfigError(f"model.name: weights file {path} is damaged or truncated ({why})", _REDOWNLOAD)
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad(f"{size} bytes: shorter than the 8-byte header length")
+        n = struct.unpack("<Q", head)[0]
+        if n > size - 8 or n > 100 * 2**20:
+            raise bad(f"its header length field says {n} bytes, the file has {size}: not a safetensors file")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise bad(f"its header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, stop = info["data_offsets"]
+            end = max(end, int(stop))
+        except (TypeError, KeyError, ValueError):
+            raise bad(f"tensor {name!r} has no valid data_offsets") from None
+    if 8 + n + end != size:
+        raise bad(f"{size} bytes on disk, {8 + n + end} described by its header")
+
+
+_GGUF_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def check_gguf(path: Path) -> None:
+    """Walk a GGUF file's header (metadata and tensor table) and check the file holds every tensor.
+
+    A pure-Python reader of the documented layout (magic, version, counts, key/values, tensor infos,
+    aligned data section): milliseconds, where a full load of a truncated file takes half a minute
+    before it fails.
+    """
+    import mmap
+    import struct
+
+    size = path.stat().st_size
+
+    def bad(why: str):
+        return ConfigError(f"model: GGUF file {path} could not be read ({why})",
+                           "check the file is a complete GGUF model (re-download it)")
+
+    if size < 24:
+        raise bad(f"{size} bytes: too short for a GGUF header")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[:4] != b"GGUF":
+            raise bad(f"it does not start with the GGUF magic bytes (starts with {bytes(buf[:4])!r})")
+        order = "<"
+        version = struct.unpack_from("<I", buf, 4)[0]
+        if version not in (2, 3):
+            if struct.unpack_from(">I", buf, 4)[0] in (2, 3):
+                order = ">"
+            else:
+                raise bad(f"GGUF version {version}; versions 2 and 3 are supported")
+        pos = 8
+
+        def take(fmt: str):
+            nonlocal pos
+            width = struct.calcsize(fmt)
+            if pos + width > size:
+                raise bad(f"the header ends at byte {size}, inside its metadata: the file is truncated")
+            value = struct.unpack_from(order + fmt, buf, pos)[0]
+            pos += width
+            return value
+
+        def skip(n: int):
+            nonlocal pos
+            if pos + n > size:
+                raise bad(f"the header ends at byte {size}, inside its metadata: the file is truncated")
+            pos += n
+
+        def string() -> bytes:
+            n = take("Q")
+            start = pos
+            skip(n)
+            return bytes(buf[start:pos])
+
+        def value(vtype: int):
+            if vtype in _GGUF_SCALAR:
+                fmt = {1: "B", 2: "H", 4: "I", 8: "Q"}[_GGUF_SCALAR[vtype]]
+                return take(fmt)
+            if vtype == _GGUF_STRING:
+                return string()
+            if vtype == _GGUF_ARRAY:
+                etype, count = take("I"), take("Q")
+                if etype in _GGUF_SCALAR:
+                    skip(count * _GGUF_SCALAR[etype])
+                else:
+                    for _ in range(count):
+                        value(etype)
+                return None
+            raise bad(f"unknown metadata value type {vtype} at byte {pos}")
+
+        n_tensors, n_kv = take("Q"), take("Q")
+        alignment = 32
+        for _ in range(n_kv):
+            key = string()
+            v = value(take("I"))
+            if key == b"general.alignment" and isinstance(v, int) and v > 0:
+                alignment = v
+        tensors = []
+        for _ in range(n_tensors):
+            name = string()
+            dims = [take("Q") for _ in range(take("I"))]
+            tensors.append((name, dims, take("I"), take("Q")))
+        data_start = -(-pos // alignment) * alignment
+    from gguf.constants import GGML_QUANT_SIZES
+    need = data_start
+    for name, dims, ggml_type, offset in tensors:
+        block = GGML_QUANT_SIZES.get(ggml_type)
+        if block is None:  # a type newer than the installed gguf package: its size is unknown here
+            continue
+        n_elements = 1
+        for d in dims:
+            n_elements *= d
+        need = max(need, data_start + offset + n_elements // block[0] * block[1])
+    if size < need:
+        raise bad(f"{size} bytes on disk, but its tensors need {need}: the file is truncated")

@@ -5,7 +5,9 @@ imports on machines without it.
 """
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -36,25 +38,82 @@ def quantization_config(quant: QuantizationSection, dtype: torch.dtype):
     return None
 
 
+def check_source(source: ModelSource, cfg: JobConfig) -> None:
+    """Refuse what the config has not allowed, before any file of the model is parsed: pickle weights
+    (unpickling can run code) and Python code shipped with the model. Every loader here calls it first."""
+    if source.pickle_only:
+        if not cfg.model.allow_pickle:
+            raise ConfigError(f"model.name: {source.path} holds only pickle weights (*.bin / *.pt), and loading a "
+                              "pickle file can run arbitrary code",
+                              "convert the weights to safetensors (model.save_pretrained(folder) writes them), or "
+                              "set model.allow_pickle=true if you trust where the files came from")
+        if source.path not in _warned_pickle:
+            _warned_pickle.add(source.path)
+            print(f"[qlora] WARNING: model.allow_pickle=true: loading pickle weights from {source.path}", flush=True)
+    if source.is_local and not cfg.model.trust_remote_code:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+        config = json.loads((Path(source.path) / "config.json").read_text())
+        auto_map = config.get("auto_map") or {}
+        if "AutoConfig" in auto_map and config.get("model_type") not in CONFIG_MAPPING:
+            raise _remote_code_error(source.path, auto_map)
+
+
+_warned_pickle: set[str] = set()
+
+
+def _remote_code_error(where: str, auto_map) -> ConfigError:
+    shown = f" (config.json auto_map: {', '.join(sorted(auto_map))})" if auto_map else ""
+    return ConfigError(f"model.name: {where} needs Python code shipped with the model{shown}, and "
+                       "model.trust_remote_code is false",
+                       "read the model's .py files and set model.trust_remote_code=true only if you trust them, "
+                       "or use a model type transformers supports natively")
+
+
 def load_tokenizer(source: ModelSource, cfg: JobConfig):
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(source.path, revision=None if source.is_local else cfg.model.revision,
-                                        trust_remote_code=cfg.model.trust_remote_code)
+    check_source(source, cfg)
+    try:
+        tok = AutoTokenizer.from_pretrained(source.path, revision=None if source.is_local else cfg.model.revision,
+                                            trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError, TypeError, KeyError) as e:  # transformers' assorted "cannot load" errors
+        if "trust_remote_code" in str(e):
+            raise _remote_code_error(source.path, None) from None
+        why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        fix = ("copy the model's tokenizer files (tokenizer.json, or tokenizer_config.json with its vocabulary) "
+               "into the folder" if source.is_local else
+               "check model.name is a hub id you can reach (network, HF_TOKEN for gated models)")
+        raise ConfigError(f"model.name: the tokenizer of {source.path} could not be loaded ({type(e).__name__}: "
+                          f"{why})", fix) from None
+    if source.is_local:
+        check_vocab(tok, Path(source.path))
     if tok.pad_token is None:
         # Padding positions are masked out of attention and loss, so reusing EOS is harmless here.
         tok.pad_token = tok.eos_token
     return tok
 
 
+def check_vocab(tok, folder: Path) -> None:
+    """Every token id the tokenizer can produce must have a row in the model's embedding."""
+    config = json.loads((folder / "config.json").read_text())
+    vocab = config.get("vocab_size", (config.get("text_config") or {}).get("vocab_size"))
+    if isinstance(vocab, int) and len(tok) > vocab:
+        raise ConfigError(f"model.name: the tokenizer in {folder} has {len(tok):,} tokens but the model embeds only "
+                          f"{vocab:,} (config.json vocab_size): ids above {vocab - 1} would crash training",
+                          "use the tokenizer files that belong to this model")
+
+
 def load_base_model(cfg: JobConfig, source: ModelSource, device: torch.device):
     """The frozen base model on `device`, quantized as the config says, ready for k-bit training."""
     from transformers import AutoModelForCausalLM
+    check_source(source, cfg)
     dtype = compute_dtype(cfg.quantization, device)
     qconf = quantization_config(cfg.quantization, dtype)
     model = AutoModelForCausalLM.from_pretrained(
         source.path, revision=None if source.is_local else cfg.model.revision,
         trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation,
-        quantization_config=qconf, dtype=dtype, device_map={"": device}, use_safetensors=True,
+        quantization_config=qconf, dtype=dtype, device_map={"": device},
+        # Pickle weights only when the config allows them; otherwise transformers refuses *.bin files itself.
+        use_safetensors=None if cfg.model.allow_pickle else True,
     )
     model.config.use_cache = False
     if qconf is not None:
@@ -78,6 +137,14 @@ def attach_lora(model: nn.Module, lora: LoraSection):
     """Wrap in a peft LoRA model and verify the trainable count against an independent computation."""
     from peft import get_peft_model
     expected = expected_lora_params(model, lora)
+    if expected == 0 and lora.layers_to_transform is not None and expected_lora_params(
+            model, lora.model_copy(update={"layers_to_transform": None})):
+        layers = sorted({int(m.group(1)) for name, _ in model.named_modules() if (m := LAYER_INDEX.search(name + "."))})
+        has = f"layers 0-{layers[-1]}" if layers else "no numbered layers"
+        raise ConfigError(f"LoRA adapts nothing: lora.layers_to_transform={lora.layers_to_transform} names no layer "
+                          f"of the model (it has {has})",
+                          "use valid layer indices" + (f" (0 to {layers[-1]})" if layers else "")
+                          + ", or unset lora.layers_to_transform")
     try:
         peft_model = get_peft_model(model, lora_config(lora))
     except ValueError as e:  # peft: "Target modules ... not found in the base model"
@@ -135,8 +202,17 @@ def meta_lora_model(cfg: JobConfig, source: ModelSource):
     """The LoRA model on the meta device (no memory, no weights read): for --dry-run counts."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
-    config = AutoConfig.from_pretrained(source.path, revision=None if source.is_local else cfg.model.revision,
-                                        trust_remote_code=cfg.model.trust_remote_code)
+    check_source(source, cfg)
+    try:
+        config = AutoConfig.from_pretrained(source.path, revision=None if source.is_local else cfg.model.revision,
+                                            trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        if "trust_remote_code" in str(e):
+            raise _remote_code_error(source.path, None) from None
+        why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"model.name: the model config of {source.path} could not be used ({type(e).__name__}: "
+                          f"{why})", "point model.name at a causal LM whose config.json model_type the installed "
+                          "transformers supports") from None
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
     return attach_lora(model, cfg.lora)

@@ -6,6 +6,7 @@ typo fails before any trial starts); each value is one distribution. `tied` stat
 """
 from __future__ import annotations
 
+import difflib
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, Field, model_validator
@@ -94,8 +95,18 @@ class SearchSpace(Section):
         """Every path exists in JobConfig and every extreme value validates there. Raises ConfigError."""
         for path in [*self.params, *self.tied, *(t.source for t in self.tied.values())]:
             if not config_path_exists(path):
-                raise ConfigError(f"search space: '{path}' is not a config path",
+                hint = difflib.get_close_matches(path, config_paths(), n=1, cutoff=0.7)
+                raise ConfigError(f"search space: '{path}' is not a config path"
+                                  + (f" (did you mean '{hint[0]}'?)" if hint else ""),
                                   "use dotted JobConfig paths such as lora.r, train.learning_rate, data.fraction")
+        for target, tie in self.tied.items():
+            if target in self.params:
+                raise ConfigError(f"search space: '{target}' is both sampled (params) and tied to '{tie.source}'",
+                                  f"drop '{target}' from params or from tied")
+            if tie.source not in self.params:
+                raise ConfigError(f"search space: tied '{target}' follows '{tie.source}', which is not sampled, so "
+                                  "the tie would never apply",
+                                  f"add '{tie.source}' to params, or drop the tie of '{target}'")
         for path, dist in self.params.items():
             for value in dist.extremes():
                 try:
@@ -103,6 +114,18 @@ class SearchSpace(Section):
                 except ConfigError as e:
                     raise ConfigError(f"search space: {path}={value!r} is not a valid value ({e.problem})",
                                       "narrow the distribution to values the config accepts") from None
+
+
+def config_paths(model: type[BaseModel] = JobConfig, prefix: str = "") -> list[str]:
+    """Every dotted leaf path of the config schema (for did-you-mean hints)."""
+    out = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += config_paths(ann, f"{prefix}{name}.")
+        else:
+            out.append(prefix + name)
+    return out
 
 
 def config_path_exists(path: str, model: type[BaseModel] = JobConfig) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from qlora import adapters, driver, tracking
+from qlora import adapters, driver, preflight, tracking
 from qlora.config import JobConfig, flatten
 from qlora.errors import ConfigError
 from qlora.search_space import SearchSpace, apply_params, with_tied
@@ -66,6 +66,7 @@ def sweep(cfg: JobConfig, space: SearchSpace, name: str, resume: bool = False) -
 
     space.check_against(cfg)
     driver.prepare_job(cfg)  # model, data and LoRA checks before the cluster is touched
+    preflight.check(cfg)
     storage = driver.storage_root(cfg)
     uri = driver.tracking_target(cfg)
     sweep_dir = Path(storage) / name

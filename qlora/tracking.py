@@ -34,7 +34,8 @@ def check_reachable(uri: str) -> None:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as r:
             r.read()
     except Exception as e:
-        raise EnvironmentProblem(f"MLflow tracking server {uri} is unreachable ({e})",
+        from qlora.config import redact_uri
+        raise EnvironmentProblem(f"MLflow tracking server {redact_uri(uri)} is unreachable ({e})",
                                  "start it (mlflow server --host 127.0.0.1 --port 5000 ...) or fix tracking.uri") from None
 
 
