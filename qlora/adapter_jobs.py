@@ -40,7 +40,8 @@ def on_worker(cfg: JobConfig, fn, *args):
     preflight.check_ray_address(cfg.scaling.ray_address)
     local = driver.connect_ray(cfg.scaling.ray_address)
     task = ray.remote(num_cpus=cfg.scaling.cpus_per_worker, num_gpus=1 if cfg.scaling.use_gpu else 0,
-                      resources=cfg.scaling.resources_per_worker or None, max_retries=0)(fn)
+                      resources=cfg.scaling.resources_per_worker or None,
+                      accelerator_type=cfg.scaling.accelerator_type, max_retries=0)(fn)
     try:
         return ray.get(task.remote(driver.worker_config(cfg).to_json(), *args))
     except RayTaskError as e:

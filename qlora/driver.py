@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora import adapters, modeling, preflight, tracking
+from qlora import adapters, modeling, plan, preflight, tracking
 from qlora.config import JobConfig, flatten, redact_uri
 from qlora.data import IGNORE, PreparedData, prepare
 from qlora.errors import EnvironmentProblem, TrainingFailure, UserError
@@ -139,11 +139,9 @@ def fit(cfg: JobConfig, payload: dict, name: str, storage: str, callbacks=()):
 
     from qlora.worker import train_loop_per_worker
 
-    resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=payload,
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(**plan.scaling_kwargs(cfg.scaling)),  # the request `ray_jobs.plan` checks
         run_config=RunConfig(name=name, storage_path=storage, callbacks=list(callbacks),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=cfg.scaling.max_failures)),

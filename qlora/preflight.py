@@ -88,6 +88,13 @@ def check_compute(cfg: JobConfig) -> None:
             "starts does not have, so the workers would wait for them forever",
             "remove them, or set scaling.ray_address to a cluster whose nodes declare them "
             "(ray start --resources='{\"NAME\": N}')")
+    if s.accelerator_type:
+        # A local cluster declares no accelerator_type:<type> resource, so the workers would never start.
+        raise EnvironmentProblem(
+            f"scaling.accelerator_type={s.accelerator_type}, but the local Ray cluster this job starts declares no "
+            "accelerator type, so the workers would wait forever",
+            "drop scaling.accelerator_type for local runs, or submit to a cluster with such nodes "
+            "(check with python -m ray_jobs.plan)")
 
 
 def check_ray_address(address: str | None) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from qlora import adapters, driver, preflight, tracking
+from qlora import adapters, driver, plan, preflight, tracking
 from qlora.config import JobConfig, flatten
 from qlora.errors import ConfigError
 from qlora.search_space import SearchSpace, apply_params, with_tied
@@ -91,7 +91,7 @@ def sweep(cfg: JobConfig, space: SearchSpace, name: str, resume: bool = False) -
             tune.with_parameters(run_trial, base_json=driver.worker_config(cfg).to_json(),  # Tune moves trials' cwd
                                  space_json=space.model_dump_json(), uri=uri, parent_run_id=parent, storage=storage,
                                  sweep_name=name),
-            {"CPU": 0.01})  # the trial function only waits on its TorchTrainer; 0 CPUs is refused
+            plan.TRIAL_RESOURCES)  # the trial function only waits on its TorchTrainer; 0 CPUs is refused
         if resume:
             tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
                                        restart_errored=True)

@@ -465,6 +465,11 @@ def test_preflight_custom_resource_on_a_local_cluster(work, models):
                      "ray start --resources", network=False)
 
 
+def test_preflight_accelerator_type_on_a_local_cluster(work, models):
+    _preflight_fails(_cfg(work, models, "scaling.accelerator_type=A10G"), "declares no accelerator type",
+                     "drop scaling.accelerator_type", network=False)
+
+
 def test_preflight_unreachable_ray_address_fails_in_seconds(work, models):
     msg = _preflight_fails(_cfg(work, models, "scaling.ray_address=127.0.0.1:1"),
                            ["Ray cluster at 127.0.0.1:1 (scaling.ray_address) is unreachable", "127.0.0.1:1"],
