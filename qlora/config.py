@@ -102,6 +102,8 @@ class TrainSection(Section):
     optimizer: Literal["adamw", "sgd", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"] = Field(
         "adamw", description="paged_* and adamw_8bit are bitsandbytes CUDA optimizers (need scaling.use_gpu).")
     gradient_checkpointing: bool = False
+    auto_batch_size: bool = Field(False, description="On GPU out of memory, retry with half of batch_size and "
+                                  "twice gradient_accumulation (same global batch), down to batch_size 1.")
     seed: int = 42
     log_every: int = Field(5, gt=0, description="Report metrics every N optimizer steps.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: only before and after training).")

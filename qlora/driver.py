@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora import adapters, modeling, plan, preflight, tracking
+from qlora import adapters, memory, modeling, plan, preflight, tracking
 from qlora.config import JobConfig, flatten, redact_uri
 from qlora.data import IGNORE, PreparedData, prepare
 from qlora.errors import EnvironmentProblem, TrainingFailure, UserError
@@ -156,6 +156,27 @@ def fit(cfg: JobConfig, payload: dict, name: str, storage: str, callbacks=()):
         raise TrainingFailure(f"training failed: {type(cause).__name__}: {cause}") from None
 
 
+def fit_with_memory_retries(cfg: JobConfig, name: str, storage: str, uri: str | None, run_id: str | None):
+    """fit(); with train.auto_batch_size, a GPU out-of-memory retries with half the micro-batch and twice
+    the accumulation (same global batch) as a fresh run, until it fits or the micro-batch is 1."""
+    base_name = name
+    while True:
+        payload = {"config": worker_config(cfg).to_json(), "tracking_uri": uri, "mlflow_run_id": run_id}
+        try:
+            return fit(cfg, payload, name, storage)
+        except memory.OutOfMemory as e:
+            smaller = memory.halved(cfg) if cfg.train.auto_batch_size else None
+            if smaller is None:
+                raise
+            print(f"[qlora] {e}\n[qlora] train.auto_batch_size: retrying with train.batch_size="
+                  f"{smaller.train.batch_size}, train.gradient_accumulation={smaller.train.gradient_accumulation}",
+                  file=sys.stderr, flush=True)
+            if uri and run_id:
+                tracking.client(uri).update_run(run_id, status="RUNNING")
+                tracking.client(uri).set_tag(run_id, "auto_batch_size", str(smaller.train.batch_size))
+            cfg, name = smaller, f"{base_name}-bs{smaller.train.batch_size}"  # a fresh Ray Train run folder
+
+
 def finish(result, job: Prepared, uri: str | None, run_id: str | None) -> dict:
     """Log the final adapter to MLflow as a model (registered if asked), close the run, summarise."""
     metrics = result.metrics or {}
@@ -207,10 +228,10 @@ def train(cfg: JobConfig) -> dict:
                 tracking.client(uri).update_run(run_id, status="RUNNING" if log_result else "FINISHED")
         if uri and run_id is None:
             run_id = start_mlflow_run(job, uri, name)
-        payload = {"config": worker_config(cfg).to_json(), "tracking_uri": uri, "mlflow_run_id": run_id}
         started = time.time()
+        result = fit_with_memory_retries(cfg, name, storage, uri, run_id)
         # A run that had finished re-reports its result; its adapter is logged (and registered) once only.
-        summary = finish(fit(cfg, payload, name, storage), job, uri if log_result else None, run_id)
+        summary = finish(result, job, uri if log_result else None, run_id)
         print(f"\nadapter: {summary['adapter']}\nMLflow run: {run_id} ({redact_uri(uri) if uri else None})\n"
               f"held-out before: {summary['metrics_before']}\nheld-out after:  {summary['metrics_after']}", flush=True)
         return {**summary, "job_seconds": round(time.time() - started, 1)}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from qlora import checkpoint, distributed, evaluation, modeling
+from qlora import checkpoint, distributed, evaluation, memory, modeling
 from qlora.config import JobConfig
 from qlora.data import collate, prepare
 from qlora.errors import TrainingFailure
@@ -136,11 +136,15 @@ def train_loop_per_worker(payload: dict) -> None:
             epoch, idx = plan.micro_batch(step * accum + micro)
             batch = evaluation.to_tensors(collate([data.train[i] for i in idx], tokenizer.pad_token_id), ctx.device)
             sync = micro == accum - 1
-            with (ddp.no_sync() if not sync and ctx.world_size > 1 else contextlib.nullcontext()):
-                out = ddp(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                loss_sum, n = evaluation.token_losses(out.logits, batch["labels"])
-                loss = loss_sum / n.clamp(min=1)
-                (loss / accum).backward()
+            try:
+                with (ddp.no_sync() if not sync and ctx.world_size > 1 else contextlib.nullcontext()):
+                    out = ddp(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                    loss_sum, n = evaluation.token_losses(out.logits, batch["labels"])
+                    loss = loss_sum / n.clamp(min=1)
+                    (loss / accum).backward()
+            except torch.OutOfMemoryError:
+                out = loss_sum = loss = None  # drop the failed step's tensors before measuring
+                raise memory.OutOfMemory(memory.describe(model, cfg, ctx.device, step, batch["input_ids"].numel())) from None
             step_loss += loss.item() / accum
             tokens += int(batch["attention_mask"].sum())
         if not math.isfinite(step_loss):
