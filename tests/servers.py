@@ -65,6 +65,7 @@ def start_ray_head(num_cpus: int = 2) -> RayHead:
 class MlflowServer:
     uri: str
     proc: subprocess.Popen
+    folder: Path  # backend store and artifacts: a server restarted on it sees the same runs
 
     def stop(self) -> None:
         os.killpg(self.proc.pid, signal.SIGTERM)  # the server and its gunicorn/uvicorn workers
@@ -78,7 +79,7 @@ def start_mlflow_server(folder: Path, port: int | None = None) -> MlflowServer:
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts")],
         env=server_env(), stdout=open(folder / "server.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
-    server = MlflowServer(f"http://127.0.0.1:{port}", proc)
+    server = MlflowServer(f"http://127.0.0.1:{port}", proc, folder)
     _wait_http(server.uri + "/health", 120)
     return server
 

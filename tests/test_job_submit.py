@@ -3,16 +3,22 @@ train, then evaluate the registered adapter by models:/NAME/VERSION; a bad confi
 message in `ray job logs`."""
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from qlora import checkpoint
+from qlora import checkpoint, tracking
 from qlora.tracking import client
 
 from conftest import ROOT
 from servers import BIN, server_env, start_mlflow_server, start_ray_head
+
+
+class Servers:
+    def __init__(self, head, mlflow):
+        self.head, self.mlflow = head, mlflow
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +29,10 @@ def servers(tmp_path_factory):
     except Exception:
         mlflow_server.stop()
         raise
-    yield head, mlflow_server
-    head.stop()
-    mlflow_server.stop()
+    s = Servers(head, mlflow_server)
+    yield s
+    s.head.stop()
+    s.mlflow.stop()  # the outage test below may have replaced it
 
 
 def submit(head, submission_id: str, *entrypoint: str, timeout=600) -> subprocess.CompletedProcess:
@@ -52,7 +59,7 @@ def test_runtime_env_file_is_valid_for_ray():
 
 
 def test_submitted_train_job_logs_registers_and_evaluates(servers, tiny_model_dir, tmp_path):
-    head, mlflow_server = servers
+    head, mlflow_server = servers.head, servers.mlflow
     sets = [f"model.name={tiny_model_dir}", "train.max_steps=4", "train.log_every=2", "train.save_every=2", "train.learning_rate=1e-2", "data.max_samples=64",
             "data.eval_max_samples=8", "evaluation.num_generate=4", "evaluation.max_new_tokens=8",
             f"scaling.storage_path={tmp_path / 'runs'}", f"tracking.uri={mlflow_server.uri}",
@@ -94,7 +101,7 @@ def test_submitted_train_job_logs_registers_and_evaluates(servers, tiny_model_di
 
 
 def test_failing_submissions_end_failed_with_the_message(servers, tiny_model_dir, tmp_path):
-    head, mlflow_server = servers
+    head, mlflow_server = servers.head, servers.mlflow
     bad = submit(head, "qlora-bad-1", "ray_jobs.train", "--config", "configs/quickstart.yaml", "--set", "lora.r=0")
     assert bad.returncode != 0
     assert "qlora-bad-1' failed" in job_cli(head, "status", "qlora-bad-1")
@@ -120,3 +127,25 @@ def test_failing_submissions_end_failed_with_the_message(servers, tiny_model_dir
     c = client(mlflow_server.uri)
     runs = c.search_runs([c.get_experiment_by_name("nan").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_metrics_survive_a_tracking_server_outage(servers, capfd):
+    """Rank 0's metric stream while the MLflow server is down: training is not held up (a dead server
+    costs seconds), metrics are kept and sent once the server is back, and the log says so."""
+    uri = servers.mlflow.uri
+    c = client(uri)
+    run_id = c.create_run(c.create_experiment("outage")).info.run_id
+    sink = tracking.MetricsSink(uri, run_id)
+    sink.log({"loss": 3.0}, 1)
+    folder, port = servers.mlflow.folder, int(uri.rsplit(":", 1)[1])
+    servers.mlflow.stop()
+    started = time.time()
+    sink.log({"loss": 2.0}, 2)
+    sink.log({"loss": 1.5}, 3)
+    assert time.time() - started < 60 and len(sink.pending) == 2
+    assert "MLflow unreachable, 2 metrics buffered for retry" in capfd.readouterr().err
+    servers.mlflow = start_mlflow_server(folder, port)  # same store, same address
+    sink.log({"loss": 1.0}, 4)
+    assert sink.pending == []
+    assert [(m.step, m.value) for m in sorted(c.get_metric_history(run_id, "loss"), key=lambda m: m.step)] == [
+        (1, 3.0), (2, 2.0), (3, 1.5), (4, 1.0)]

@@ -24,7 +24,7 @@ def job_cmd(tmp_path: Path, model: Path, name: str) -> list[str]:
     cfg = {"model": {"name": str(model)},
            "data": {"path": str(ROOT / "data" / "people_json.jsonl"), "max_samples": 256, "eval_max_samples": 8,
                     "max_length": 128},
-           "train": {"max_steps": 40, "batch_size": 8, "learning_rate": 5e-3, "log_every": 5, "save_every": 5,
+           "train": {"max_steps": 20, "batch_size": 4, "learning_rate": 5e-3, "log_every": 4, "save_every": 4,
                      "seed": 7},
            "evaluation": {"generate": False},
            "scaling": {"num_workers": 1, "storage_path": str(tmp_path / name), "max_failures": 2},
@@ -87,7 +87,7 @@ def test_killed_worker_then_killed_driver_and_corrupt_checkpoint_resume_to_ident
     proc.wait()
     first_log = log_path.read_text()
     resumed_at = resumed_steps(first_log)[0]
-    assert resumed_at % 5 == 0 and 5 <= resumed_at < 40  # the latest checkpoint, not step 0
+    assert resumed_at % 4 == 0 and 4 <= resumed_at < 20  # the latest checkpoint, not step 0
     # 3. Truncate the newest checkpoint's adapter: the resumed run must notice and take the previous one.
     (previous_step, _), (newest_step, newest) = registered_checkpoints(run_dir)
     weights = newest / "adapter" / "adapter_model.safetensors"
@@ -99,7 +99,7 @@ def test_killed_worker_then_killed_driver_and_corrupt_checkpoint_resume_to_ident
     assert f"skipping corrupt checkpoint: {newest}" in out and "resuming from the previous intact checkpoint" in out
     assert resumed_steps(out) == [previous_step]
     result = json.loads(again.stdout.strip().splitlines()[-1])
-    assert result["steps"] == expected["steps"] == 40
+    assert result["steps"] == expected["steps"] == 20
 
     a = load_file(str(Path(expected["adapter"]) / "adapter_model.safetensors"))
     b = load_file(str(Path(result["adapter"]) / "adapter_model.safetensors"))
@@ -112,4 +112,4 @@ def test_killed_worker_then_killed_driver_and_corrupt_checkpoint_resume_to_ident
     c = client(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = c.search_runs([c.get_experiment_by_name("killed").experiment_id])
     assert [r.info.run_id for r in runs] == [result["mlflow_run_id"]] and runs[0].info.status == "FINISHED"
-    assert max(m.step for m in c.get_metric_history(result["mlflow_run_id"], "loss")) == 40
+    assert max(m.step for m in c.get_metric_history(result["mlflow_run_id"], "loss")) == 20

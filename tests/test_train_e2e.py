@@ -22,8 +22,8 @@ def run_job(tmp_path: Path, model: str, overrides: list[str]) -> dict:
     cfg = {"model": {"name": model},
            "data": {"path": str(ROOT / "data" / "people_json.jsonl"), "format": "alpaca", "max_samples": 64,
                     "eval_max_samples": 16, "max_length": 128, "system_prompt": "Extract data."},
-           "train": {"max_steps": 6, "batch_size": 4, "learning_rate": 2e-3, "log_every": 2, "save_every": 3},
-           "evaluation": {"num_generate": 8, "max_new_tokens": 24, "batch_size": 8},
+           "train": {"max_steps": 4, "batch_size": 4, "learning_rate": 2e-3, "log_every": 2, "save_every": 2},
+           "evaluation": {"num_generate": 4, "max_new_tokens": 24, "batch_size": 8},
            "scaling": {"num_workers": 2, "storage_path": str(tmp_path / "runs")},
            "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "e2e", "run_name": "e2e"}}
     path = tmp_path / "job.yaml"
@@ -58,7 +58,7 @@ def check_mlflow(tmp_path: Path, result: dict) -> None:
     assert run.info.status == "FINISHED"
     assert run.data.params["lora.r"] == "16" and run.data.tags["quantization"] == "bnb-4bit-nf4-dq"
     assert len(run.data.tags["data_hash"]) == 16
-    assert len(c.get_metric_history(run.info.run_id, "loss")) >= 3
+    assert len(c.get_metric_history(run.info.run_id, "loss")) >= 2
     assert {a.path for a in c.list_artifacts(run.info.run_id, "adapter_model/artifacts/adapter")} >= {
         "adapter_model/artifacts/adapter/adapter_config.json", "adapter_model/artifacts/adapter/adapter_model.safetensors"}
     assert "config.yaml" in {a.path for a in c.list_artifacts(run.info.run_id)}
