@@ -85,6 +85,12 @@ def test_killed_worker_then_killed_driver_and_corrupt_checkpoint_resume_to_ident
              "two checkpoints after the worker restart")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    # The local cluster the driver started outlives it for a moment (its processes are not in the
+    # driver's group) and could still register a checkpoint: stop the Train controller and workers first.
+    for p in psutil.process_iter(["cmdline"]):
+        if any(k in " ".join(p.info["cmdline"] or []) for k in ("RayTrainWorker", "TrainController")):
+            p.kill()
+    time.sleep(2)
     first_log = log_path.read_text()
     resumed_at = resumed_steps(first_log)[0]
     assert resumed_at % 4 == 0 and 4 <= resumed_at < 20  # the latest checkpoint, not step 0
