@@ -102,6 +102,14 @@ class TrainSection(Section):
     optimizer: Literal["adamw", "sgd", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"] = Field(
         "adamw", description="paged_* and adamw_8bit are bitsandbytes CUDA optimizers (need scaling.use_gpu).")
     gradient_checkpointing: bool = False
+    checkpointed_fraction: float = Field(1.0, gt=0, le=1, description="With gradient_checkpointing: recompute "
+                                         "activations in this fraction of the decoder layers (spread evenly); the "
+                                         "others keep theirs. Lower is faster and takes more memory.")
+    kernels: Literal["none", "liger"] = Field("none", description="liger: Liger's Triton kernels for RMSNorm, "
+                                              "SwiGLU and RoPE (GPU only; pip install liger-kernel).")
+    fused_cross_entropy: bool = Field(False, description="Compute the loss from the last hidden states in chunks, "
+                                      "never holding all [tokens x vocab] logits (Liger's fused kernel with "
+                                      "kernels=liger on GPU, chunked torch otherwise). Saves GBs for large vocabularies.")
     auto_batch_size: bool = Field(False, description="On GPU out of memory, retry with half of batch_size and "
                                   "twice gradient_accumulation (same global batch), down to batch_size 1.")
     seed: int = 42
@@ -113,6 +121,9 @@ class TrainSection(Section):
     def _one_warmup(self):
         if self.warmup_steps and self.warmup_ratio:
             raise ValueError("train.warmup_steps and train.warmup_ratio are both set: keep one")
+        if self.checkpointed_fraction < 1 and not self.gradient_checkpointing:
+            raise ValueError(f"train.checkpointed_fraction={self.checkpointed_fraction} has no effect without "
+                             "train.gradient_checkpointing: set train.gradient_checkpointing=true, or remove it")
         if self.max_steps is not None and self.warmup_steps >= self.max_steps:
             raise ValueError(f"train.warmup_steps={self.warmup_steps} is not below train.max_steps={self.max_steps}, "
                              "so the learning rate never leaves warmup: lower warmup_steps, or use warmup_ratio")
@@ -204,6 +215,9 @@ class JobConfig(Section):
         if self.train.optimizer in GPU_ONLY_OPTIMIZERS and not self.scaling.use_gpu:
             raise ValueError(f"train.optimizer={self.train.optimizer} is a bitsandbytes CUDA optimizer and "
                              "scaling.use_gpu is false: use train.optimizer=adamw, or set scaling.use_gpu=true")
+        if self.train.kernels == "liger" and not self.scaling.use_gpu:
+            raise ValueError("train.kernels=liger runs Triton GPU kernels and scaling.use_gpu is false: use "
+                             "train.kernels=none on CPU, or set scaling.use_gpu=true")
         if self.quantization.bits != 16 and self.quantization.compute_dtype == "float16" and not self.scaling.use_gpu:
             raise ValueError("quantization.compute_dtype=float16 needs a GPU: use auto or float32 on CPU")
         return self

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from qlora import checkpoint, distributed, evaluation, memory, modeling
+from qlora import checkpoint, distributed, evaluation, kernels, memory, modeling, speed
 from qlora.config import JobConfig
 from qlora.data import collate, prepare
 from qlora.errors import TrainingFailure
@@ -89,8 +89,17 @@ def train_loop_per_worker(payload: dict) -> None:
     tokenizer = modeling.load_tokenizer(source, cfg)
     data = prepare(cfg.data, tokenizer)
     base = modeling.load_base_model(cfg, source, ctx.device)
+    if cfg.train.kernels == "liger":
+        kernels.apply_liger(base)
+    if cfg.train.gradient_checkpointing and cfg.train.checkpointed_fraction < 1:
+        kept = kernels.select_checkpointed_layers(base, cfg.train.checkpointed_fraction)
+        log(ctx, f"activation checkpointing in {len(kept)} decoder layers: {kept}")
     torch.manual_seed(cfg.train.seed)  # identical LoRA init on every rank
     model = modeling.attach_lora(base, cfg.lora)
+    hidden = kernels.HiddenStates(model) if cfg.train.fused_cross_entropy else None
+    dtype = modeling.compute_dtype(cfg.quantization, ctx.device)
+    flops = speed.FlopCounter(speed.base_param_count(model), base.config,
+                              torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else None)
     ddp = distributed.wrap(model, ctx)
     optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     plan = BatchPlan(len(data.train), cfg, ctx)
@@ -138,15 +147,16 @@ def train_loop_per_worker(payload: dict) -> None:
             sync = micro == accum - 1
             try:
                 with (ddp.no_sync() if not sync and ctx.world_size > 1 else contextlib.nullcontext()):
-                    out = ddp(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                    loss_sum, n = evaluation.token_losses(out.logits, batch["labels"])
+                    with kernels.autocast(ctx.device, dtype):
+                        loss_sum, n = kernels.causal_lm_loss(ddp, batch, cfg.train, hidden)
                     loss = loss_sum / n.clamp(min=1)
                     (loss / accum).backward()
             except torch.OutOfMemoryError:
-                out = loss_sum = loss = None  # drop the failed step's tensors before measuring
+                loss_sum = loss = None  # drop the failed step's tensors before measuring
                 raise memory.OutOfMemory(memory.describe(model, cfg, ctx.device, step, batch["input_ids"].numel())) from None
             step_loss += loss.item() / accum
             tokens += int(batch["attention_mask"].sum())
+            flops.add(batch["attention_mask"].sum(1).tolist())
         if not math.isfinite(step_loss):
             raise TrainingFailure(f"loss became {step_loss} at step {step + 1}; the last good checkpoint is kept "
                                   "(lower train.learning_rate or train.max_grad_norm)")
@@ -163,10 +173,13 @@ def train_loop_per_worker(payload: dict) -> None:
         if not (last or do_eval or do_save or step % cfg.train.log_every == 0):
             continue
         elapsed = time.perf_counter() - t0
-        loss_avg, tok_all = distributed.all_sum([window_loss / window_steps, tokens], ctx)
+        mfu = flops.mfu(elapsed)
+        loss_avg, tok_all, mfu_all = distributed.all_sum([window_loss / window_steps, tokens, mfu or 0.0], ctx)
         metrics = {"step": step, "epoch": epoch, "loss": loss_avg / ctx.world_size,
                    "learning_rate": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                    "tokens_per_second": tok_all / elapsed, "peak_memory_gib": peak_memory_gib(ctx.device)}
+        if mfu is not None:  # GPUs only: a CPU has no meaningful tensor-core peak
+            metrics["mfu"] = mfu_all / ctx.world_size
         if do_eval:
             metrics.update(evaluation.evaluate(model, data.eval, tokenizer, cfg, ctx))
         if last:
@@ -176,6 +189,7 @@ def train_loop_per_worker(payload: dict) -> None:
             f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
         report(metrics, save=do_save, final=last)
         tokens, window_loss, window_steps, t0 = 0, 0.0, 0, time.perf_counter()
+        flops.reset()
     if sink:
         sink.flush()
 

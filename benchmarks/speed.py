@@ -1,0 +1,143 @@
+"""Our training step, lever by lever, on one GPU: tokens/s, peak memory, MFU and the loss after N steps.
+
+Loads the random-weight model once (the one ../shared/gpu/peer_baseline.py saved, so both measure the same
+weights) through qlora.modeling, then runs each variant from the same LoRA initialisation, optimizer state
+and batches. A variant adds its lever to the ones before it (Liger's patches cannot be undone), in the order
+given. The step is the worker's own: kernels.autocast + kernels.causal_lm_loss + backward + clip + AdamW.
+
+    python3 benchmarks/speed.py --model /tmp/rand-llama-8b --bs 4 --seq 2048 \\
+        --variants fp32-residual,autocast,fused-ce,liger,selective:0.5,bs:8 --out results.jsonl
+
+MFU: useful FLOPs (4N per token + 12 L h s^2 per row, qlora/speed.py) over time over the GPU's peak.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from qlora import kernels, modeling, speed
+from qlora.config import JobConfig
+from qlora.model_source import ModelSource
+
+# CUDA on the GPU host; CPU only to check this script itself on a tiny model before spending GPU time.
+DEVICE = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+CUDA = DEVICE.type == "cuda"
+
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def build(path: str, bs: int, seq: int, gc: bool):
+    cfg = JobConfig.model_validate({
+        "model": {"name": path}, "data": {"path": "unused.jsonl", "max_length": seq},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+        "train": {"batch_size": bs, "gradient_checkpointing": gc, "learning_rate": 2e-4},
+        "scaling": {"use_gpu": torch.cuda.is_available()}})
+    device = DEVICE
+    t = time.time()
+    base = modeling.load_base_model(cfg, ModelSource(path, True, "benchmark"), device)
+    load_s = time.time() - t
+    torch.manual_seed(0)
+    model = modeling.attach_lora(base, cfg.lora)
+    return cfg, base, model, load_s
+
+
+def batches(vocab: int, bs: int, seq: int, n: int, device):
+    g = torch.Generator(device="cpu").manual_seed(1234)
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (bs, seq), generator=g).to(device)
+        yield {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def run_variant(cfg, model, hidden, use_autocast: bool, init: dict, args, flops: speed.FlopCounter) -> dict:
+    from peft import set_peft_model_state_dict
+    set_peft_model_state_dict(model, init)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.train.learning_rate)
+    device = DEVICE
+    torch.manual_seed(0)  # LoRA dropout masks
+    if CUDA:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    model.train()
+    times, losses = [], []
+    dtype = torch.bfloat16 if use_autocast else torch.float32
+    for i, b in enumerate(batches(model.config.vocab_size, args.bs, args.seq, args.warmup + args.steps, device)):
+        sync()
+        t = time.perf_counter()
+        with kernels.autocast(device, dtype):
+            loss_sum, n = kernels.causal_lm_loss(model, b, cfg.train, hidden)
+        loss = loss_sum / n
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())  # synchronizes
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t)
+    step_s = sorted(times)[len(times) // 2]
+    flops.reset()
+    flops.add([args.seq] * args.bs)
+    mfu = flops.mfu(step_s)
+    return {"step_s": round(step_s, 4), "tok_s": round(args.bs * args.seq / step_s),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if CUDA else None,
+            "mfu": round(mfu, 4) if mfu is not None else None,
+            "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4)}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True, help="folder of a saved (random-weight) HF causal LM")
+    p.add_argument("--bs", type=int, default=4)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--variants", default="fp32-residual,autocast,fused-ce,liger,selective:0.5")
+    p.add_argument("--out", default="speed.jsonl")
+    args = p.parse_args()
+    cfg, base, model, load_s = build(args.model, args.bs, args.seq, gc=True)
+    from peft import get_peft_model_state_dict
+    init = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+    flops = speed.FlopCounter(speed.base_param_count(model), base.config,
+                              torch.cuda.get_device_name(0) if CUDA else None)
+    hidden, use_autocast, applied = None, False, []
+    for variant in args.variants.split(","):
+        name, _, value = variant.partition(":")
+        if name == "autocast":
+            use_autocast = True
+        elif name == "fused-ce":
+            hidden = kernels.HiddenStates(model)
+        elif name == "liger":
+            kernels.apply_liger(base)
+            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"kernels": "liger"})})
+        elif name == "selective":
+            # re-enable every layer first, then keep the fraction asked for
+            from transformers.modeling_layers import GradientCheckpointingLayer
+            for m in base.modules():
+                if isinstance(m, GradientCheckpointingLayer):
+                    m.gradient_checkpointing = True
+            kernels.select_checkpointed_layers(base, float(value))
+        elif name == "bs":  # a larger micro-batch for the variants from here on
+            args.bs = int(value)
+        elif name != "fp32-residual":
+            raise SystemExit(f"unknown variant {variant}")
+        applied.append(variant)
+        try:
+            result = run_variant(cfg, model, hidden, use_autocast, init, args, flops)
+        except torch.OutOfMemoryError:
+            result = {"oom": True}
+            torch.cuda.empty_cache()
+        row = {"variant": "+".join(applied), "model": args.model, "bs": args.bs, "seq": args.seq,
+               "load_s": round(load_s, 1), **result}
+        print(json.dumps(row), flush=True)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

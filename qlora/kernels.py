@@ -1,0 +1,134 @@
+"""Speed levers of the training step, each behind a config switch with a safe default.
+
+- `train.kernels=liger`: Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) patched into the loaded model.
+- `train.fused_cross_entropy`: the loss is computed from the last hidden states chunk by chunk, so the
+  [tokens x vocab] logits (4 GB in fp32 for 8k tokens of a 128k vocabulary) never exist at once. Liger's
+  fused linear cross-entropy kernel on GPU with kernels=liger; a chunked torch version (which recomputes
+  each chunk's logits in the backward pass) otherwise, so the same path runs and is tested on CPU.
+- `train.checkpointed_fraction`: selective activation checkpointing, recompute only some decoder layers.
+- bf16 autocast on GPUs, as HF Trainer does: without it the fp32 residual stream that
+  prepare_model_for_kbit_training leaves makes LoRA, attention and the head run in fp32.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from qlora.config import TrainSection
+from qlora.data import IGNORE
+from qlora.errors import ConfigError
+from qlora.evaluation import token_losses
+
+CHUNK_TOKENS = 4096  # rows of hidden states per chunk of the torch fused loss: [4096 x vocab] logits at a time
+
+
+def apply_liger(model) -> None:
+    """Patch Liger's RMSNorm, SwiGLU and RoPE kernels into this model instance (not its loss: see below)."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError as e:
+        raise ConfigError(f"train.kernels=liger needs the liger-kernel package ({e})",
+                          "pip install liger-kernel on the GPU nodes, or set train.kernels=none") from None
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    model_type = model.config.model_type
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise ConfigError(f"train.kernels=liger has no kernels for model type {model_type!r}",
+                          f"set train.kernels=none (Liger supports: {', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))})")
+    # Our loss is computed outside the model (fused_cross_entropy), so the model's forward stays HF's own.
+    _apply_liger_kernel_to_instance(model, rope=True, rms_norm=True, swiglu=True,
+                                    fused_linear_cross_entropy=False, cross_entropy=False)
+
+
+def select_checkpointed_layers(model, fraction: float) -> list[int]:
+    """Keep activation checkpointing on an evenly spread `fraction` of the decoder layers, off on the rest.
+    Returns the indices that still recompute. Needs gradient checkpointing enabled first."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    keep = round(fraction * len(layers))
+    chosen = {round(i * len(layers) / keep) for i in range(keep)} if keep else set()
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i in chosen
+    return sorted(chosen)
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """bf16 autocast on CUDA; nothing elsewhere (fp32 on CPU; fp16 would need a gradient scaler)."""
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class HiddenStates:
+    """Captures the input of the output head during the forward pass and hands the head a single position,
+    so the model computes one row of logits instead of all of them. Works through DDP and peft wrappers,
+    whatever the architecture, as long as the head is a plain linear layer applied last."""
+
+    def __init__(self, model):
+        config = getattr(model, "config", None)
+        for attr in ("final_logit_softcapping", "logit_scale"):
+            if getattr(config, attr, None):
+                raise ConfigError(f"train.fused_cross_entropy: this model transforms its logits ({attr}), which the "
+                                  "fused loss would skip", "set train.fused_cross_entropy=false for this model")
+        self.head = model.get_output_embeddings()
+        self.value, self.active = None, False
+        self.head.register_forward_pre_hook(self._capture)
+
+    def _capture(self, module, args):
+        if not self.active:  # evaluation and generation use the model's own logits
+            return None
+        self.value = args[0]
+        return (args[0][:, -1:],)
+
+    def take(self) -> torch.Tensor:
+        value, self.value = self.value, None
+        return value
+
+
+def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                                 chunk: int = CHUNK_TOKENS) -> torch.Tensor:
+    """Summed cross-entropy of `hidden @ weight.T` against `labels` (IGNORE skipped), chunk by chunk;
+    each chunk's logits are recomputed in the backward pass instead of kept."""
+    def piece(h, y):
+        logits = F.linear(h, weight).float()
+        return F.cross_entropy(logits, y, ignore_index=IGNORE, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, hidden.shape[0], chunk):
+        h, y = hidden[i:i + chunk], labels[i:i + chunk]
+        if (y != IGNORE).any():
+            total = total + (checkpoint(piece, h, y, use_reentrant=False) if torch.is_grad_enabled() else piece(h, y))
+    return total
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                               liger: bool) -> torch.Tensor:
+    if liger and hidden.is_cuda:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+        # A Triton kernel sees no autocast: give it the matmul dtype autocast would have used.
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else weight.dtype
+        loss = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum")
+        return loss(weight.to(dtype), hidden.to(dtype), labels)
+    return chunked_linear_cross_entropy(hidden, weight, labels)
+
+
+def causal_lm_loss(model, batch: dict, train: TrainSection, hidden: Optional[HiddenStates] = None):
+    """(summed next-token loss, count of labelled tokens) of one micro-batch: position t predicts label t+1.
+    With `hidden` (train.fused_cross_entropy) the loss comes from the captured hidden states."""
+    if hidden is None:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return token_losses(out.logits, batch["labels"])
+    hidden.active = True
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        hidden.active = False
+    labels = batch["labels"][:, 1:]
+    count = (labels != IGNORE).sum()
+    h = hidden.take()[:, :-1]
+    loss = fused_linear_cross_entropy(h.reshape(-1, h.size(-1)), hidden.head.weight, labels.reshape(-1),
+                                      liger=train.kernels == "liger")
+    return loss, count

@@ -1,0 +1,61 @@
+"""Model FLOPs utilisation (MFU) of a LoRA training step, the number every run reports beside tokens/s.
+
+FLOPs counted per trained token, on the LoRA basis (the base weights get no weight gradients):
+    4 N                 forward (2N) + backward to the activations (2N); N = all base parameters
+    + 12 L h s          attention scores and values, forward + backward, for a sequence of s tokens
+Recomputation by activation checkpointing is not counted: it is overhead, not useful work.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+# Dense bf16 tensor-core peak, TFLOP/s (vendor data sheets, SXM parts unless named).
+PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
+               "A10": 125.0, "B200": 2250.0}
+
+
+def peak_flops(device_name: str) -> Optional[float]:
+    """Peak FLOP/s of a GPU by its CUDA name, or None when unknown (then no MFU is reported)."""
+    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):  # "H100 PCIe" before "H100"
+        if key.lower() in device_name.lower():
+            return PEAK_TFLOPS[key] * 1e12
+    return None
+
+
+def step_flops(n_params: int, n_layers: int, hidden: int, row_lengths: list[int]) -> float:
+    """Useful FLOPs of one forward+backward over rows of the given (unpadded) lengths."""
+    tokens = sum(row_lengths)
+    return 4.0 * n_params * tokens + 12.0 * n_layers * hidden * sum(s * s for s in row_lengths)
+
+
+class FlopCounter:
+    """Accumulates useful FLOPs between reports; `mfu(seconds)` turns them into a utilisation."""
+
+    def __init__(self, n_params: int, model_config, device_name: Optional[str]):
+        text = getattr(model_config, "text_config", None) or model_config
+        self.n_params, self.layers, self.hidden = n_params, text.num_hidden_layers, text.hidden_size
+        self.peak = peak_flops(device_name) if device_name else None
+        self.flops = 0.0
+
+    def add(self, row_lengths: list[int]) -> None:
+        self.flops += step_flops(self.n_params, self.layers, self.hidden, row_lengths)
+
+    def mfu(self, seconds: float) -> Optional[float]:
+        """Utilisation of this worker's GPU over `seconds`; None on CPU or an unknown GPU."""
+        if self.peak is None or seconds <= 0:
+            return None
+        return self.flops / seconds / self.peak
+
+    def reset(self) -> None:
+        self.flops = 0.0
+
+
+def base_param_count(model) -> int:
+    """Parameters of the frozen base as if unquantized (bitsandbytes packs two 4-bit values per byte)."""
+    total = 0
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            continue
+        state = getattr(p, "quant_state", None)
+        total += state.shape.numel() if state is not None else p.numel()
+    return total
