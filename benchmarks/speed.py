@@ -122,6 +122,8 @@ def main():
                 if isinstance(m, GradientCheckpointingLayer):
                     m.gradient_checkpointing = True
             kernels.select_checkpointed_layers(base, float(value))
+        elif name == "compile":
+            kernels.compile_layers(model)
         elif name == "bs":  # a larger micro-batch for the variants from here on
             args.bs = int(value)
         elif name != "fp32-residual":

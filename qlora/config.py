@@ -107,6 +107,8 @@ class TrainSection(Section):
                                          "others keep theirs. Lower is faster and takes more memory.")
     kernels: Literal["none", "liger"] = Field("none", description="liger: Liger's Triton kernels for RMSNorm, "
                                               "SwiGLU and RoPE (GPU only; pip install liger-kernel).")
+    compile: bool = Field(False, description="torch.compile each decoder layer (one compiled graph reused by all "
+                          "layers); the first steps pay the compile time. Measured on GPU: benchmarks/RESULTS.md.")
     fused_cross_entropy: bool = Field(False, description="Compute the loss from the last hidden states in chunks, "
                                       "never holding all [tokens x vocab] logits (Liger's fused kernel with "
                                       "kernels=liger on GPU, chunked torch otherwise). Saves GBs for large vocabularies.")

@@ -5,6 +5,7 @@
   [tokens x vocab] logits (4 GB in fp32 for 8k tokens of a 128k vocabulary) never exist at once. Liger's
   fused linear cross-entropy kernel on GPU with kernels=liger; a chunked torch version (which recomputes
   each chunk's logits in the backward pass) otherwise, so the same path runs and is tested on CPU.
+- `train.compile`: torch.compile of the decoder layers (fuses LoRA's and the norms' small ops).
 - `train.checkpointed_fraction`: selective activation checkpointing, recompute only some decoder layers.
 - bf16 autocast on GPUs, as HF Trainer does: without it the fp32 residual stream that
   prepare_model_for_kbit_training leaves makes LoRA, attention and the head run in fp32.
@@ -53,6 +54,16 @@ def select_checkpointed_layers(model, fraction: float) -> list[int]:
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i in chosen
     return sorted(chosen)
+
+
+def compile_layers(model) -> int:
+    """torch.compile every decoder layer in place ("regional" compilation: the layers share code, so the
+    graph compiled for the first is reused by the rest). Returns how many layers were compiled."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def autocast(device: torch.device, dtype: torch.dtype):

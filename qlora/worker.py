@@ -96,6 +96,8 @@ def train_loop_per_worker(payload: dict) -> None:
         log(ctx, f"activation checkpointing in {len(kept)} decoder layers: {kept}")
     torch.manual_seed(cfg.train.seed)  # identical LoRA init on every rank
     model = modeling.attach_lora(base, cfg.lora)
+    if cfg.train.compile:
+        log(ctx, f"compiling {kernels.compile_layers(model)} decoder layers (the first steps include the compile)")
     hidden = kernels.HiddenStates(model) if cfg.train.fused_cross_entropy else None
     dtype = modeling.compute_dtype(cfg.quantization, ctx.device)
     flops = speed.FlopCounter(speed.base_param_count(model), base.config,

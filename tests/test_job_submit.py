@@ -58,10 +58,12 @@ def test_runtime_env_file_is_valid_for_ray():
     assert (ROOT / "runtime_env.yaml").read_text().startswith("# ray job submit --address http://127.0.0.1:8265")
 
 
-def test_submitted_train_job_logs_registers_and_evaluates(servers, tiny_model_dir, tmp_path):
+def test_submitted_train_job_learns_logs_registers_and_evaluates(servers, smollm_dir, tmp_path):
+    """The quickstart on the real SmolLM2 (2 workers, DDP over gloo), submitted to a token-auth cluster."""
     head, mlflow_server = servers.head, servers.mlflow
-    sets = [f"model.name={tiny_model_dir}", "train.max_steps=4", "train.log_every=2", "train.save_every=2", "train.learning_rate=1e-2", "data.max_samples=64",
-            "data.eval_max_samples=8", "evaluation.num_generate=4", "evaluation.max_new_tokens=8",
+    sets = ["train.max_steps=4", "train.log_every=2", "train.save_every=2", "train.learning_rate=2e-3",
+            "data.max_samples=64", "data.system_prompt=Extract data.", "data.eval_max_samples=16",
+            "evaluation.num_generate=4", "evaluation.max_new_tokens=24",
             f"scaling.storage_path={tmp_path / 'runs'}", f"tracking.uri={mlflow_server.uri}",
             "tracking.experiment=submitted", "tracking.register_as=people-extractor"]
     train = submit(head, "qlora-train-1", "ray_jobs.train", "--config", "configs/quickstart.yaml",
@@ -70,6 +72,9 @@ def test_submitted_train_job_logs_registers_and_evaluates(servers, tiny_model_di
     assert "qlora-train-1' succeeded" in job_cli(head, "status", "qlora-train-1")
     result = last_json(train.stdout)  # logs streamed back, ending with the job's JSON line
     assert result["registered_uri"] == "models:/people-extractor/1"
+    before, after = result["metrics_before"], result["metrics_after"]
+    assert after["eval_loss"] < 0.7 * before["eval_loss"], (before, after)  # 4 steps teach the JSON format
+    assert after["exact_match"] >= before["exact_match"]
 
     c = client(mlflow_server.uri)
     run = c.get_run(result["mlflow_run_id"])
@@ -77,6 +82,8 @@ def test_submitted_train_job_logs_registers_and_evaluates(servers, tiny_model_di
     assert run.data.tags["ray_submission_id"] == "qlora-train-1" and run.data.tags["ray_job_id"]
     assert len(c.get_metric_history(run.info.run_id, "loss")) >= 2
     assert len(c.search_runs([run.info.experiment_id])) == 1  # one run for the job, not one per worker
+    assert run.data.params["lora.r"] == "16" and run.data.tags["quantization"] == "bnb-4bit-nf4-dq"
+    assert "config.yaml" in {a.path for a in c.list_artifacts(run.info.run_id)}
     files = {a.path for a in c.list_artifacts(run.info.run_id, "adapter_model")}
     assert {"adapter_model/MLmodel", "adapter_model/artifacts"} <= files
     ckpt = Path(result["checkpoint"])  # in scaling.storage_path on the cluster, verified by its manifest
