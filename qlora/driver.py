@@ -14,7 +14,7 @@ from pathlib import Path
 from qlora import adapters, memory, modeling, plan, preflight, tracking
 from qlora.config import JobConfig, flatten, redact_uri
 from qlora.data import IGNORE, PreparedData, prepare
-from qlora.errors import EnvironmentProblem, TrainingFailure, UserError
+from qlora.errors import ConfigError, EnvironmentProblem, TrainingFailure, UserError
 from qlora.files import output_home, ray_submission_id
 from qlora.model_source import ModelSource, resolve
 
@@ -38,6 +38,10 @@ def prepare_job(cfg: JobConfig) -> Prepared:
     source = resolve(cfg.model.name, cfg.model.gguf_file, cfg.model.revision)
     tokenizer = modeling.load_tokenizer(source, cfg)
     data = prepare(cfg.data, tokenizer)
+    if data.fmt == "text" and cfg.evaluation.generate:
+        raise ConfigError(f"data.format is text{' (detected from the columns)' if cfg.data.format == 'auto' else ''}: "
+                          "a text record has no prompt/answer split, so evaluation.generate has nothing to score",
+                          "set evaluation.generate=false (the held-out loss and perplexity are the metrics)")
     lora_model = modeling.meta_lora_model(cfg, source)
     return Prepared(cfg, source, tokenizer, data, modeling.lora_param_count(lora_model))
 
