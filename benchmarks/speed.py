@@ -71,7 +71,8 @@ def run_variant(cfg, model, hidden, use_autocast: bool, init: dict, args, flops:
         sync()
         t = time.perf_counter()
         with kernels.autocast(device, dtype):
-            loss_sum, n = kernels.causal_lm_loss(model, b, cfg.train, hidden)
+            loss_sum, n = kernels.causal_lm_loss(model, {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]},
+                                                 b["labels"], hidden)
         loss = loss_sum / n
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
@@ -111,10 +112,11 @@ def main():
         if name == "autocast":
             use_autocast = True
         elif name == "fused-ce":
-            hidden = kernels.HiddenStates(model)
+            hidden = kernels.HiddenStates(model, liger="liger" in applied)
         elif name == "liger":
             kernels.apply_liger(base)
-            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"kernels": "liger"})})
+            if hidden is not None:
+                hidden.liger = True
         elif name == "selective":
             # re-enable every layer first, then keep the fraction asked for
             from transformers.modeling_layers import GradientCheckpointingLayer

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -86,6 +87,9 @@ class DataSection(Section):
     train_on_prompt: bool = Field(False, description="Also compute loss on prompt tokens.")
     system_prompt: Optional[str] = Field(None, description="System message for alpaca records rendered as chat.")
     seed: int = Field(0, description="Seed of the eval split and of subsetting.")
+    packing: bool = Field(False, description="Pack several training examples into each row of up to max_length "
+                          "tokens (train.batch_size then counts rows). Each example keeps its own positions and "
+                          "attends only to itself; the held-out loss stays unpacked.")
 
 
 class TrainSection(Section):
@@ -112,6 +116,8 @@ class TrainSection(Section):
     fused_cross_entropy: bool = Field(False, description="Compute the loss from the last hidden states in chunks, "
                                       "never holding all [tokens x vocab] logits (Liger's fused kernel with "
                                       "kernels=liger on GPU, chunked torch otherwise). Saves GBs for large vocabularies.")
+    group_by_length: bool = Field(False, description="Build micro-batches of examples of similar length (less "
+                                  "padding); still a seeded, deterministic order, so resuming stays exact.")
     auto_batch_size: bool = Field(False, description="On GPU out of memory, retry with half of batch_size and "
                                   "twice gradient_accumulation (same global batch), down to batch_size 1.")
     seed: int = 42
@@ -160,9 +166,12 @@ class TrackingSection(Section):
     enabled: bool = True
     uri: Optional[str] = Field(None, description="MLflow tracking URI; unset: $MLFLOW_TRACKING_URI, else a "
                                "sqlite store in the project folder (mlflow.db, artifacts in mlruns/).")
-    experiment: str = "qlora"
+    experiment: str = Field("qlora", description="MLflow experiment; may hold {section.key} placeholders like "
+                            "run_name.")
     run_name: Optional[str] = Field(None, description="Also the Ray Train run folder: rerunning with the same "
-                                    "name resumes from its latest checkpoint in scaling.storage_path.")
+                                    "name resumes from its latest checkpoint in scaling.storage_path. May hold "
+                                    "{section.key} placeholders filled from this config, e.g. "
+                                    "qwen-r{lora.r}-lr{train.learning_rate}-n{data.max_samples}-ep{train.epochs}.")
     register_as: Optional[str] = Field(None, description="Register the final adapter in the MLflow Model "
                                        "Registry under this name (load it later as models:/NAME/VERSION).")
 
@@ -175,6 +184,46 @@ class TrackingSection(Section):
                              "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) "
                              "in the environment")
         return self
+
+
+NAME_PLACEHOLDER = re.compile(r"\{([^{}:]*)(?::([^{}]*))?\}")
+
+
+def resolve_name_template(template: str, cfg: BaseModel, key: str) -> str:
+    """`qwen-r{lora.r}-lr{train.learning_rate}` -> `qwen-r8-lr0.0002`: each {section.key[:format]} is that config
+    value. Deterministic (no clock), because the run name is also the run folder a rerun resumes from. Raises
+    ValueError naming an unknown placeholder."""
+    values = flatten(cfg)
+
+    def fill(m: re.Match) -> str:
+        path, spec = m.group(1).strip(), m.group(2)
+        if path not in values:
+            hint = difflib.get_close_matches(path, list(values), n=1)
+            raise ValueError(f"{key}: unknown placeholder {{{path}}} in {template!r}"
+                             + (f" (did you mean {{{hint[0]}}}?)" if hint else "")
+                             + "; placeholders are config keys like {lora.r}, {train.learning_rate}, "
+                             "{data.max_samples}, {train.epochs}")
+        value = values[path]
+        if spec:
+            try:
+                return format(value, spec)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{key}: format {spec!r} does not apply to {path}={value!r} ({e})") from None
+        if value is None:
+            return "none"
+        if isinstance(value, bool):
+            return str(value).lower()
+        if isinstance(value, float):
+            return f"{value:g}"
+        if isinstance(value, (list, tuple)):
+            return "+".join(map(str, value))
+        return str(value)
+
+    resolved = NAME_PLACEHOLDER.sub(fill, template)
+    if "{" in resolved or "}" in resolved:
+        raise ValueError(f"{key}: unbalanced braces in {template!r}; write placeholders like {{lora.r}}")
+    # A run name is a folder name: keep it to one path segment of plain characters.
+    return re.sub(r"[^A-Za-z0-9._+=-]", "-", resolved) if key.endswith("run_name") else resolved
 
 
 def redact_uri(uri: str) -> str:
@@ -222,6 +271,15 @@ class JobConfig(Section):
                              "train.kernels=none on CPU, or set scaling.use_gpu=true")
         if self.quantization.bits != 16 and self.quantization.compute_dtype == "float16" and not self.scaling.use_gpu:
             raise ValueError("quantization.compute_dtype=float16 needs a GPU: use auto or float32 on CPU")
+        return self
+
+    @model_validator(mode="after")
+    def _resolve_name_templates(self):
+        # Resolved once, here, so the driver, resume lookup, sweeps and MLflow all see the same concrete name.
+        for key in ("run_name", "experiment"):
+            template = getattr(self.tracking, key)
+            if template and ("{" in template or "}" in template):
+                setattr(self.tracking, key, resolve_name_template(template, self, f"tracking.{key}"))
         return self
 
     def to_json(self) -> str:

@@ -1,7 +1,8 @@
 """Records -> token ids with loss masks.
 
-The pure core (`build_example`, `collate`, `render_segments`, `to_messages`, `nested_subset`) works on
-plain lists so it is tested with sentinel ids; `prepare` wires it to files and a real tokenizer.
+The pure core (`build_example`, `collate`, `pack_examples`, `collate_packed`, `length_grouped_order`,
+`render_segments`, `to_messages`, `nested_subset`) works on plain lists so it is tested with sentinel ids;
+`prepare` wires it to files and a real tokenizer.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ REQUIRED_COLUMNS = {"alpaca": ("instruction", "output"), "messages": ("messages"
                     "sharegpt": ("conversations",), "text": ("text",)}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system"}
+TOOL_ROLES = ("function_call", "observation", "tool", "function")  # LLaMA-Factory / glaive tool-calling turns
 # The Alpaca prompt, used when the tokenizer has no chat template.
 ALPACA_PROMPT = ("Below is an instruction that describes a task{ctx}. Write a response that appropriately "
                  "completes the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n")
@@ -95,7 +97,9 @@ def build_example(segments: Sequence[IdSegment], max_length: int, train_on_promp
         ids += seg_ids
         labels += seg_ids if (trained or train_on_prompt) else [IGNORE] * len(seg_ids)
     return {"input_ids": ids[:max_length], "labels": labels[:max_length], "length": len(ids),
-            "truncated": len(ids) > max_length}
+            "truncated": len(ids) > max_length,
+            # Trained tokens the cut removes (what truncation costs the loss, reported by --dry-run).
+            "trained_tokens_cut": sum(t != IGNORE for t in labels[max_length:])}
 
 
 def collate(examples: Sequence[dict], pad_id: int, pad_left: bool = False) -> dict:
@@ -111,6 +115,82 @@ def collate(examples: Sequence[dict], pad_id: int, pad_left: bool = False) -> di
     if not any(e.get("labels") for e in examples):
         del out["labels"]
     return out
+
+
+def pack_examples(examples: Sequence[dict], max_length: int) -> list[dict]:
+    """Pack tokenized examples into rows of at most max_length tokens (best-fit decreasing: longest
+    first, each into the fullest row it still fits; ties by position, so the result is deterministic).
+
+    A row concatenates whole examples. `position_ids` restart at 0 for every example, which is how the
+    model's attention mask keeps examples apart (transformers builds a block-diagonal causal mask from
+    restarting positions when no attention_mask is given). Each example's first label is masked: that
+    token would otherwise be predicted from the previous example's last token; unpacked, it is never
+    predicted either, so a packed row has exactly the loss terms of its examples run alone.
+    """
+    import bisect
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+    rows: list[list[int]] = []          # example indices per row
+    free: list[tuple[int, int]] = []    # (free tokens, row), sorted: the first fit is the fullest row
+    for i in order:
+        n = len(examples[i]["input_ids"])
+        if n > max_length:
+            raise ValueError(f"example {i} has {n} tokens, more than max_length={max_length}")
+        j = bisect.bisect_left(free, (n, -1))
+        if j < len(free):
+            room, row = free.pop(j)
+        else:
+            room, row = max_length, len(rows)
+            rows.append([])
+        rows[row].append(i)
+        bisect.insort(free, (room - n, row))
+    out = []
+    for members in rows:
+        members.sort()  # examples in dataset order inside a row
+        row = {"input_ids": [], "labels": [], "position_ids": [], "example_lengths": []}
+        for i in members:
+            e = examples[i]
+            n = len(e["input_ids"])
+            row["input_ids"] += e["input_ids"]
+            row["labels"] += [IGNORE] + list(e["labels"][1:])
+            row["position_ids"] += list(range(n))
+            row["example_lengths"].append(n)
+        out.append(row)
+    return out
+
+
+def collate_packed(rows: Sequence[dict], pad_id: int) -> dict:
+    """Right-pad packed rows to the longest. No attention_mask on purpose: the model must see only
+    position_ids to detect the packed examples. Padding gets its own positions from 0, so it is one more
+    separate sequence that no real token attends to; `token_mask` marks real tokens (for counting)."""
+    width = max(len(r["input_ids"]) for r in rows)
+    out = {"input_ids": [], "labels": [], "position_ids": [], "token_mask": []}
+    for r in rows:
+        n = len(r["input_ids"])
+        pad = width - n
+        out["input_ids"].append(list(r["input_ids"]) + [pad_id] * pad)
+        out["labels"].append(list(r["labels"]) + [IGNORE] * pad)
+        out["position_ids"].append(list(r["position_ids"]) + list(range(pad)))
+        out["token_mask"].append([1] * n + [0] * pad)
+    return out
+
+
+def length_grouped_order(lengths: Sequence[int], seed: int, group: int) -> list[int]:
+    """A seeded shuffle, then each run of `group` indices sorted longest first: consecutive batches cut
+    from it hold examples of similar length. With `group` a multiple of the batch size times the world
+    size, every micro-batch (on every rank) comes from one sorted run."""
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    out: list[int] = []
+    for start in range(0, len(order), group):
+        out += sorted(order[start:start + group], key=lambda i: -lengths[i])
+    return out
+
+
+def padding_efficiency(batches: Sequence[Sequence[int]]) -> float:
+    """Fraction of real (non-pad) tokens when each batch of lengths is padded to its longest."""
+    real = sum(sum(b) for b in batches)
+    total = sum(max(b) * len(b) for b in batches if b)
+    return real / max(total, 1)
 
 
 def nested_subset(n: int, seed: int, fraction: float = 1.0, max_samples: Optional[int] = None) -> list[int]:
@@ -163,7 +243,8 @@ def read_records(path: str, key: str = "data.path") -> list[dict]:
 
 RECORD_SHAPES = {"alpaca": "string instruction and output (input optional)",
                  "messages": "messages: a list of {role, content} with string values",
-                 "sharegpt": "conversations: a list of {from, value} with string values",
+                 "sharegpt": "conversations: a list of {from, value} with string values and 'from' one of "
+                             + "/".join(SHAREGPT_ROLES),
                  "text": "a string text"}
 
 
@@ -193,6 +274,13 @@ def record_problem(record: dict, fmt: str) -> Optional[str]:
         for key in fields:
             if not isinstance(turn.get(key), str):
                 return f"{column}[{j}]." + not_str(key, turn.get(key))
+        if fmt == "sharegpt" and turn["from"] not in SHAREGPT_ROLES:
+            if turn["from"] in TOOL_ROLES:
+                # Tool calls need the record's `tools` rendered into the prompt by a tool-aware template and the
+                # call/result turns placed as that template expects; guessing would train on a wrong format.
+                return (f"{column}[{j}].from is {turn['from']!r}: tool-calling data (function_call/observation "
+                        "turns, a `tools` field) is not supported")
+            return f"{column}[{j}].from is {turn['from']!r}, not one of {'/'.join(SHAREGPT_ROLES)}"
     return None
 
 
@@ -201,8 +289,10 @@ def check_records(records: list[dict], fmt: str, path: str) -> None:
     if bad:
         i, problem = bad[0]
         more = f" (and {len(bad) - 1} more records)" if len(bad) > 1 else ""
+        tools = (" (tool-calling data: keep only records whose turns are human/gpt/system, or convert them)"
+                 if "tool-calling" in problem else "")
         raise DataError(f"data file {path}, record {i + 1}: {problem}{more}",
-                        f"fix or drop the record(s): every {fmt} record needs {RECORD_SHAPES[fmt]}")
+                        f"fix or drop the record(s): every {fmt} record needs {RECORD_SHAPES[fmt]}{tools}")
 
 
 def check_columns(records: list[dict], fmt: str, path: str) -> None:
@@ -294,6 +384,11 @@ def prepare(cfg: DataSection, tokenizer) -> PreparedData:
         raise DataError(f"all {len(train)} training examples lose every answer token to truncation at "
                         f"data.max_length={cfg.max_length}", "raise data.max_length (see the token-length percentiles)")
     stats["dropped_no_labels"] = len(train) - len(kept)
+    if cfg.packing:
+        n_tokens = sum(len(e["input_ids"]) for e in kept)
+        kept = pack_examples(kept, cfg.max_length)
+        stats["packed_rows"] = len(kept)
+        stats["packed_row_fill"] = n_tokens / (len(kept) * cfg.max_length)  # real tokens / row capacity
     evals = [e for e in evals if any(t != IGNORE for t in e["labels"])]
     if not evals:
         raise DataError("no held-out example keeps an answer token after truncation",
@@ -310,6 +405,11 @@ def example_stats(examples: list[dict]) -> dict:
     def pct(q):
         return lengths[min(len(lengths) - 1, int(q * len(lengths)))]
 
+    truncated = sum(e["truncated"] for e in examples)
+    trained = n_tokens - masked
+    cut = sum(e.get("trained_tokens_cut", 0) for e in examples)
     return {"records": len(examples), "token_length_p50": pct(0.5), "token_length_p95": pct(0.95),
-            "token_length_max": lengths[-1], "truncated_fraction": sum(e["truncated"] for e in examples) / len(examples),
-            "masked_label_fraction": masked / max(1, n_tokens), "tokens": n_tokens}
+            "token_length_max": lengths[-1], "truncated_fraction": truncated / len(examples),
+            "truncated_examples": truncated, "trained_tokens_cut": cut,
+            "trained_tokens_cut_fraction": cut / max(1, trained + cut),
+            "masked_label_fraction": masked / max(1, n_tokens), "tokens": n_tokens, "trained_tokens": trained}

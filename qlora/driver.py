@@ -14,7 +14,7 @@ from pathlib import Path
 from qlora import adapters, memory, modeling, plan, preflight, tracking
 from qlora.config import JobConfig, flatten, redact_uri
 from qlora.data import IGNORE, PreparedData, prepare
-from qlora.errors import EnvironmentProblem, TrainingFailure, UserError
+from qlora.errors import ConfigError, EnvironmentProblem, TrainingFailure, UserError
 from qlora.files import output_home, ray_submission_id
 from qlora.model_source import ModelSource, resolve
 
@@ -38,6 +38,10 @@ def prepare_job(cfg: JobConfig) -> Prepared:
     source = resolve(cfg.model.name, cfg.model.gguf_file, cfg.model.revision)
     tokenizer = modeling.load_tokenizer(source, cfg)
     data = prepare(cfg.data, tokenizer)
+    if data.fmt == "text" and cfg.evaluation.generate:
+        raise ConfigError(f"data.format is text{' (detected from the columns)' if cfg.data.format == 'auto' else ''}: "
+                          "a text record has no prompt/answer split, so evaluation.generate has nothing to score",
+                          "set evaluation.generate=false (the held-out loss and perplexity are the metrics)")
     lora_model = modeling.meta_lora_model(cfg, source)
     return Prepared(cfg, source, tokenizer, data, modeling.lora_param_count(lora_model))
 
@@ -52,17 +56,46 @@ def dry_run(cfg: JobConfig) -> dict:
     print(f"data: format={job.data.fmt} train={s['records']} eval={len(job.data.eval)} "
           f"tokens p50={s['token_length_p50']} p95={s['token_length_p95']} max={s['token_length_max']} "
           f"truncated={s['truncated_fraction']:.1%} masked labels={s['masked_label_fraction']:.1%}")
+    print(f"truncation at data.max_length={cfg.data.max_length}: {s['truncated_examples']} of {s['records']} "
+          f"examples cut ({s['truncated_fraction']:.1%}); {s['trained_tokens_cut']:,} of "
+          f"{s['trained_tokens'] + s['trained_tokens_cut']:,} trained tokens lost ({s['trained_tokens_cut_fraction']:.1%})"
+          + (f"; {s['dropped_no_labels']} examples dropped (no trained token left)" if s["dropped_no_labels"] else ""))
+    fill = batch_fill(cfg, job.data.train)
+    if cfg.data.packing:
+        print(f"packing: {s['records'] - s['dropped_no_labels']} examples in {s['packed_rows']} rows of <= "
+              f"{cfg.data.max_length} tokens (rows {s['packed_row_fill']:.1%} full)")
+    print(f"packing efficiency (real tokens / batch slots, first epoch, one worker, batch_size="
+          f"{cfg.train.batch_size}{', packed rows' if cfg.data.packing else ''}"
+          f"{', group_by_length' if cfg.train.group_by_length else ''}): {fill:.1%}")
     print(f"LoRA trainable parameters: {job.lora_params:,} (matches the independent count)")
     print("one training example ([[...]] is trained on, the rest is masked out of the loss):")
     print("".join(f"[[{t}]]" if trained and not cfg.data.train_on_prompt else t for t, trained in job.data.sample_segments))
     first = job.data.train[0]
-    print(f"  tokens={len(first['input_ids'])} trained={sum(t != IGNORE for t in first['labels'])}")
+    print(f"  {'first packed row: ' if cfg.data.packing else ''}tokens={len(first['input_ids'])} "
+          f"trained={sum(t != IGNORE for t in first['labels'])}")
     return {"trainable_params": job.lora_params, "records": s["records"], "eval_records": len(job.data.eval),
             "token_length_p50": s["token_length_p50"], "token_length_p95": s["token_length_p95"],
-            "truncated_fraction": s["truncated_fraction"], "masked_label_fraction": s["masked_label_fraction"]}
+            "truncated_fraction": s["truncated_fraction"], "masked_label_fraction": s["masked_label_fraction"],
+            "truncated_examples": s["truncated_examples"], "trained_tokens": s["trained_tokens"],
+            "trained_tokens_cut": s["trained_tokens_cut"], "trained_tokens_cut_fraction": s["trained_tokens_cut_fraction"],
+            "packed_rows": s.get("packed_rows"), "packing_efficiency": fill, "run_name": run_name(cfg)}
+
+
+def batch_fill(cfg: JobConfig, train: list[dict]) -> float:
+    """Real tokens / batch slots over the first epoch's micro-batches of one worker (what the worker's
+    packing_efficiency metric will show)."""
+    import torch
+
+    from qlora.data import padding_efficiency
+    from qlora.distributed import Context
+    from qlora.worker import BatchPlan
+    lengths = [len(e["input_ids"]) for e in train]
+    plan = BatchPlan(len(train), cfg, Context(0, 1, torch.device("cpu")), lengths)
+    return padding_efficiency([[lengths[i] for i in plan.micro_batch(k)[1]] for k in range(plan.per_epoch)])
 
 
 def run_name(cfg: JobConfig) -> str:
+    """tracking.run_name (templates are already resolved by the config), else a fresh timestamped name."""
     if cfg.tracking.run_name:
         return cfg.tracking.run_name
     model = Path(cfg.model.name).stem.replace("/", "-")
@@ -198,7 +231,7 @@ def finish(result, job: Prepared, uri: str | None, run_id: str | None) -> dict:
     return {"adapter": str(ckpt_dir / adapters.ADAPTER_DIR), "checkpoint": str(ckpt_dir), "mlflow_run_id": run_id,
             "tracking_uri": redact_uri(uri) if uri else None, **logged, "metrics_before": before, "metrics_after": after,
             "train_seconds": metrics.get("train_seconds"), "steps": metrics.get("step"),
-            "tokens_per_second": metrics.get("tokens_per_second")}
+            "tokens_per_second": metrics.get("tokens_per_second"), "packing_efficiency": metrics.get("packing_efficiency")}
 
 
 def model_metadata(job: Prepared) -> dict:

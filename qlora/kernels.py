@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from qlora.config import TrainSection
 from qlora.data import IGNORE
 from qlora.errors import ConfigError
 from qlora.evaluation import token_losses
@@ -78,7 +77,8 @@ class HiddenStates:
     so the model computes one row of logits instead of all of them. Works through DDP and peft wrappers,
     whatever the architecture, as long as the head is a plain linear layer applied last."""
 
-    def __init__(self, model):
+    def __init__(self, model, liger: bool = False):
+        self.liger = liger  # Liger's fused kernel (GPU) instead of the chunked torch loss
         config = getattr(model, "config", None)
         for attr in ("final_logit_softcapping", "logit_scale"):
             if getattr(config, attr, None):
@@ -126,20 +126,19 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     return chunked_linear_cross_entropy(hidden, weight, labels)
 
 
-def causal_lm_loss(model, batch: dict, train: TrainSection, hidden: Optional[HiddenStates] = None):
+def causal_lm_loss(model, inputs: dict, labels: torch.Tensor, hidden: Optional[HiddenStates] = None):
     """(summed next-token loss, count of labelled tokens) of one micro-batch: position t predicts label t+1.
-    With `hidden` (train.fused_cross_entropy) the loss comes from the captured hidden states."""
+    `inputs` are the forward arguments (padded: attention_mask; packed: position_ids). With `hidden`
+    (train.fused_cross_entropy) the loss comes from the captured hidden states."""
     if hidden is None:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        return token_losses(out.logits, batch["labels"])
+        return token_losses(model(**inputs).logits, labels)
     hidden.active = True
     try:
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        model(**inputs)
     finally:
         hidden.active = False
-    labels = batch["labels"][:, 1:]
-    count = (labels != IGNORE).sum()
+    shifted = labels[:, 1:]
     h = hidden.take()[:, :-1]
-    loss = fused_linear_cross_entropy(h.reshape(-1, h.size(-1)), hidden.head.weight, labels.reshape(-1),
-                                      liger=train.kernels == "liger")
-    return loss, count
+    loss = fused_linear_cross_entropy(h.reshape(-1, h.size(-1)), hidden.head.weight, shifted.reshape(-1),
+                                      liger=hidden.liger)
+    return loss, (shifted != IGNORE).sum()

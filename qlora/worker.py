@@ -19,7 +19,7 @@ import torch
 
 from qlora import checkpoint, distributed, evaluation, kernels, memory, modeling, speed
 from qlora.config import JobConfig
-from qlora.data import collate, prepare
+from qlora.data import collate, collate_packed, length_grouped_order, prepare
 from qlora.errors import TrainingFailure
 from qlora.model_source import resolve
 from qlora.tracking import MetricsSink
@@ -43,14 +43,22 @@ def make_scheduler(cfg: JobConfig, optimizer, total_steps: int):
     return get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
+# train.group_by_length sorts runs of this many (global) micro-batches by length, as HF's
+# LengthGroupedSampler does with its "megabatches": batches of similar length, order still random.
+LENGTH_GROUP_BATCHES = 50
+
+
 class BatchPlan:
     """Deterministic micro-batches: micro-batch k of the run is a pure function of k.
 
-    Epoch e shuffles with seed + e; each rank takes its shard. Resuming at step s only needs s.
+    Epoch e shuffles with seed + e (with train.group_by_length: then sorts runs of batches by length);
+    each rank takes its shard. Resuming at step s only needs s.
     """
 
-    def __init__(self, n_examples: int, cfg: JobConfig, ctx: distributed.Context):
-        self.n, self.cfg, self.ctx = n_examples, cfg, ctx
+    def __init__(self, n_examples: int, cfg: JobConfig, ctx: distributed.Context, lengths: list[int] | None = None):
+        self.n, self.cfg, self.ctx, self.lengths = n_examples, cfg, ctx, lengths
+        if cfg.train.group_by_length and (lengths is None or len(lengths) != n_examples):
+            raise ValueError("train.group_by_length needs the length of every example")
         self.per_epoch = math.ceil(len(distributed.shard(list(range(n_examples)), ctx)) / cfg.train.batch_size)
         steps_per_epoch = max(1, self.per_epoch // cfg.train.gradient_accumulation)
         self.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
@@ -59,11 +67,33 @@ class BatchPlan:
     def micro_batch(self, k: int) -> tuple[int, list[int]]:
         epoch, b = divmod(k, self.per_epoch)
         if epoch != self._epoch:
-            order = list(range(self.n))
-            random.Random(self.cfg.train.seed + epoch).shuffle(order)
+            if self.cfg.train.group_by_length:
+                group = self.cfg.train.batch_size * self.ctx.world_size * LENGTH_GROUP_BATCHES
+                order = length_grouped_order(self.lengths, self.cfg.train.seed + epoch, group)
+            else:
+                order = list(range(self.n))
+                random.Random(self.cfg.train.seed + epoch).shuffle(order)
             self._epoch, self._order = epoch, distributed.shard(order, self.ctx)
         bs = self.cfg.train.batch_size
         return epoch, self._order[b * bs:(b + 1) * bs]
+
+
+def train_batch(examples: list[dict], pad_id: int, packed: bool) -> dict:
+    """A micro-batch as lists: padded examples, or packed rows (position_ids, no attention_mask)."""
+    if packed:
+        return collate_packed(examples, pad_id)
+    batch = collate(examples, pad_id)
+    batch["token_mask"] = batch["attention_mask"]
+    return batch
+
+
+def model_inputs(batch: dict) -> dict:
+    """What the forward pass gets. Packed rows: position_ids only, so transformers' masking detects the
+    packed examples and builds a block-diagonal causal mask; that detection needs attention_mask=None and
+    no KV cache (use_cache=False), see transformers.masking_utils.find_packed_sequence_indices."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -98,13 +128,13 @@ def train_loop_per_worker(payload: dict) -> None:
     model = modeling.attach_lora(base, cfg.lora)
     if cfg.train.compile:
         log(ctx, f"compiling {kernels.compile_layers(model)} decoder layers (the first steps include the compile)")
-    hidden = kernels.HiddenStates(model) if cfg.train.fused_cross_entropy else None
+    hidden = kernels.HiddenStates(model, cfg.train.kernels == "liger") if cfg.train.fused_cross_entropy else None
     dtype = modeling.compute_dtype(cfg.quantization, ctx.device)
     flops = speed.FlopCounter(speed.base_param_count(model), base.config,
                               torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else None)
     ddp = distributed.wrap(model, ctx)
     optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
-    plan = BatchPlan(len(data.train), cfg, ctx)
+    plan = BatchPlan(len(data.train), cfg, ctx, [len(e["input_ids"]) for e in data.train])
     scheduler = make_scheduler(cfg, optimizer, plan.total_steps)
     sink = MetricsSink(payload.get("tracking_uri"), payload.get("mlflow_run_id")) if ctx.is_writer else None
 
@@ -137,7 +167,7 @@ def train_loop_per_worker(payload: dict) -> None:
                 ckpt = ray.train.Checkpoint.from_directory(str(folder))
             ray.train.report(metrics, checkpoint=ckpt)
 
-    tokens, window_loss, window_steps, t0 = 0, 0.0, 0, time.perf_counter()
+    tokens, slots, window_loss, window_steps, t0 = 0, 0, 0.0, 0, time.perf_counter()
     train_start = time.perf_counter()
     accum = cfg.train.gradient_accumulation
     while step < plan.total_steps:
@@ -145,20 +175,22 @@ def train_loop_per_worker(payload: dict) -> None:
         step_loss = 0.0
         for micro in range(accum):
             epoch, idx = plan.micro_batch(step * accum + micro)
-            batch = evaluation.to_tensors(collate([data.train[i] for i in idx], tokenizer.pad_token_id), ctx.device)
+            batch = evaluation.to_tensors(train_batch([data.train[i] for i in idx], tokenizer.pad_token_id,
+                                                      cfg.data.packing), ctx.device)
             sync = micro == accum - 1
             try:
                 with (ddp.no_sync() if not sync and ctx.world_size > 1 else contextlib.nullcontext()):
                     with kernels.autocast(ctx.device, dtype):
-                        loss_sum, n = kernels.causal_lm_loss(ddp, batch, cfg.train, hidden)
+                        loss_sum, n = kernels.causal_lm_loss(ddp, model_inputs(batch), batch["labels"], hidden)
                     loss = loss_sum / n.clamp(min=1)
                     (loss / accum).backward()
             except torch.OutOfMemoryError:
                 loss_sum = loss = None  # drop the failed step's tensors before measuring
                 raise memory.OutOfMemory(memory.describe(model, cfg, ctx.device, step, batch["input_ids"].numel())) from None
             step_loss += loss.item() / accum
-            tokens += int(batch["attention_mask"].sum())
-            flops.add(batch["attention_mask"].sum(1).tolist())
+            tokens += int(batch["token_mask"].sum())
+            slots += batch["token_mask"].numel()
+            flops.add([len(data.train[i]["input_ids"]) for i in idx])  # packed or not, attention stays per example
         if not math.isfinite(step_loss):
             raise TrainingFailure(f"loss became {step_loss} at step {step + 1}; the last good checkpoint is kept "
                                   "(lower train.learning_rate or train.max_grad_norm)")
@@ -176,10 +208,13 @@ def train_loop_per_worker(payload: dict) -> None:
             continue
         elapsed = time.perf_counter() - t0
         mfu = flops.mfu(elapsed)
-        loss_avg, tok_all, mfu_all = distributed.all_sum([window_loss / window_steps, tokens, mfu or 0.0], ctx)
+        loss_avg, tok_all, slots_all, mfu_all = distributed.all_sum(
+            [window_loss / window_steps, tokens, slots, mfu or 0.0], ctx)
         metrics = {"step": step, "epoch": epoch, "loss": loss_avg / ctx.world_size,
                    "learning_rate": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                   "tokens_per_second": tok_all / elapsed, "peak_memory_gib": peak_memory_gib(ctx.device)}
+                   "tokens_per_second": tok_all / elapsed, "peak_memory_gib": peak_memory_gib(ctx.device),
+                   # Real (non-pad) tokens / batch slots: what packing or group_by_length save on padding.
+                   "packing_efficiency": tok_all / max(slots_all, 1)}
         if mfu is not None:  # GPUs only: a CPU has no meaningful tensor-core peak
             metrics["mfu"] = mfu_all / ctx.world_size
         if do_eval:
@@ -190,7 +225,7 @@ def train_loop_per_worker(payload: dict) -> None:
         log(ctx, f"step {step}/{plan.total_steps} " + " ".join(
             f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
         report(metrics, save=do_save, final=last)
-        tokens, window_loss, window_steps, t0 = 0, 0.0, 0, time.perf_counter()
+        tokens, slots, window_loss, window_steps, t0 = 0, 0, 0.0, 0, time.perf_counter()
         flops.reset()
     if sink:
         sink.flush()

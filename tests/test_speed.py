@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from qlora import kernels, speed
-from qlora.config import LoraSection, TrainSection, load_config
+from qlora.config import LoraSection, load_config
 from qlora.data import IGNORE
 from qlora.errors import ConfigError
 from qlora.modeling import attach_lora
@@ -41,7 +41,9 @@ def batch(seed=0):
 
 def loss_and_grads(model, hidden=None):
     model.zero_grad()
-    loss_sum, n = kernels.causal_lm_loss(model, batch(), TrainSection(), hidden)
+    b = batch()
+    loss_sum, n = kernels.causal_lm_loss(model, {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]},
+                                         b["labels"], hidden)
     (loss_sum / n).backward()
     return loss_sum.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
 
