@@ -54,7 +54,37 @@ def batches(vocab: int, bs: int, seq: int, n: int, device):
         yield {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def run_variant(cfg, model, hidden, use_autocast: bool, init: dict, args, flops: speed.FlopCounter) -> dict:
+def real_batches(args, packed: bool, device) -> list[dict]:
+    """Micro-batches of real instruction data (--data, alpaca format) tokenized with --tokenizer: `bs`
+    examples padded to the longest (the peer's loop), or `bs` rows of examples packed up to --seq tokens."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from qlora.config import DataSection
+    from qlora.data import Encoder, collate, collate_packed, pack_examples, read_records
+    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    records = read_records(args.data)
+    random.Random(0).shuffle(records)
+    enc = Encoder(tok, "alpaca", DataSection(path=args.data, format="alpaca", max_length=args.seq))
+    examples = [enc.encode(r) for r in records]
+    if packed:
+        rows = pack_examples(examples, args.seq)
+        groups = [collate_packed(rows[i:i + args.bs], tok.pad_token_id) for i in range(0, len(rows), args.bs)]
+    else:
+        groups = []
+        for i in range(0, len(examples), args.bs):
+            g = collate(examples[i:i + args.bs], tok.pad_token_id)
+            g["token_mask"] = g["attention_mask"]
+            groups.append(g)
+    need = args.warmup + args.steps
+    groups = (groups * (need // len(groups) + 1))[:need]
+    return [{k: torch.tensor(v, device=device) for k, v in g.items()} for g in groups]
+
+
+def run_variant(cfg, model, hidden, use_autocast: bool, init: dict, args, flops: speed.FlopCounter,
+                data: list[dict] | None = None) -> dict:
     from peft import set_peft_model_state_dict
     set_peft_model_state_dict(model, init)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -65,14 +95,17 @@ def run_variant(cfg, model, hidden, use_autocast: bool, init: dict, args, flops:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     model.train()
-    times, losses = [], []
+    times, losses, useful = [], [], []
     dtype = torch.bfloat16 if use_autocast else torch.float32
-    for i, b in enumerate(batches(model.config.vocab_size, args.bs, args.seq, args.warmup + args.steps, device)):
+    flops.reset()
+    steps = data or batches(model.config.vocab_size, args.bs, args.seq, args.warmup + args.steps, device)
+    for i, b in enumerate(steps):
+        inputs = ({"input_ids": b["input_ids"], "position_ids": b["position_ids"]} if "position_ids" in b
+                  else {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]})
         sync()
         t = time.perf_counter()
         with kernels.autocast(device, dtype):
-            loss_sum, n = kernels.causal_lm_loss(model, {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]},
-                                                 b["labels"], hidden)
+            loss_sum, n = kernels.causal_lm_loss(model, inputs, b["labels"], hidden)
         loss = loss_sum / n
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
@@ -81,11 +114,16 @@ def run_variant(cfg, model, hidden, use_autocast: bool, init: dict, args, flops:
         losses.append(loss.item())  # synchronizes
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
+            mask = b.get("token_mask", b.get("attention_mask"))
+            useful.append(int(mask.sum()))
+            rows = [{"input_ids": r, "position_ids": p.tolist()} for r, p in zip(
+                b["input_ids"], b["position_ids"])] if "position_ids" in b else None
+            flops.add([n for r in rows for n in speed.example_lengths(r)] if rows else mask.sum(1).tolist())
+    total = sum(times)
     step_s = sorted(times)[len(times) // 2]
-    flops.reset()
-    flops.add([args.seq] * args.bs)
-    mfu = flops.mfu(step_s)
-    return {"step_s": round(step_s, 4), "tok_s": round(args.bs * args.seq / step_s),
+    mfu = flops.mfu(total)
+    return {"step_s": round(step_s, 4), "tok_s": round(sum(useful) / total),
+            "slots_per_step": int(b["input_ids"].numel()), "useful_per_step": round(sum(useful) / len(useful)),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if CUDA else None,
             "mfu": round(mfu, 4) if mfu is not None else None,
             "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4)}
@@ -100,13 +138,15 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--variants", default="fp32-residual,autocast,fused-ce,liger,selective:0.5")
     p.add_argument("--out", default="speed.jsonl")
+    p.add_argument("--data", help="alpaca-format file: measure useful (non-pad) tokens/s on real data")
+    p.add_argument("--tokenizer", help="tokenizer folder for --data")
     args = p.parse_args()
     cfg, base, model, load_s = build(args.model, args.bs, args.seq, gc=True)
     from peft import get_peft_model_state_dict
     init = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
     flops = speed.FlopCounter(speed.base_param_count(model), base.config,
                               torch.cuda.get_device_name(0) if CUDA else None)
-    hidden, use_autocast, applied = None, False, []
+    hidden, use_autocast, applied, packed = None, False, [], False
     for variant in args.variants.split(","):
         name, _, value = variant.partition(":")
         if name == "autocast":
@@ -126,17 +166,20 @@ def main():
             kernels.select_checkpointed_layers(base, float(value))
         elif name == "compile":
             kernels.compile_layers(model)
+        elif name == "packed":  # real data packed into rows of --seq tokens from here on
+            packed = True
         elif name == "bs":  # a larger micro-batch for the variants from here on
             args.bs = int(value)
         elif name != "fp32-residual":
             raise SystemExit(f"unknown variant {variant}")
         applied.append(variant)
         try:
-            result = run_variant(cfg, model, hidden, use_autocast, init, args, flops)
+            data = real_batches(args, packed, DEVICE) if args.data else None
+            result = run_variant(cfg, model, hidden, use_autocast, init, args, flops, data)
         except torch.OutOfMemoryError:
             result = {"oom": True}
             torch.cuda.empty_cache()
-        row = {"variant": "+".join(applied), "model": args.model, "bs": args.bs, "seq": args.seq,
+        row = {"variant": "+".join(applied), "model": args.model, "data": args.data, "bs": args.bs, "seq": args.seq,
                "load_s": round(load_s, 1), **result}
         print(json.dumps(row), flush=True)
         with open(args.out, "a") as f:

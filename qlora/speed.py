@@ -28,6 +28,15 @@ def step_flops(n_params: int, n_layers: int, hidden: int, row_lengths: list[int]
     return 4.0 * n_params * tokens + 12.0 * n_layers * hidden * sum(s * s for s in row_lengths)
 
 
+def example_lengths(row: dict) -> list[int]:
+    """Lengths of the examples in a row: one, or several in a packed row (positions restart at 0)."""
+    positions = row.get("position_ids")
+    if positions is None:
+        return [len(row["input_ids"])]
+    starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+    return [b - a for a, b in zip(starts, starts[1:])]
+
+
 class FlopCounter:
     """Accumulates useful FLOPs between reports; `mfu(seconds)` turns them into a utilisation."""
 

@@ -190,7 +190,7 @@ def train_loop_per_worker(payload: dict) -> None:
             step_loss += loss.item() / accum
             tokens += int(batch["token_mask"].sum())
             slots += batch["token_mask"].numel()
-            flops.add([len(data.train[i]["input_ids"]) for i in idx])  # packed or not, attention stays per example
+            flops.add([n for i in idx for n in speed.example_lengths(data.train[i])])  # attention is per example
         if not math.isfinite(step_loss):
             raise TrainingFailure(f"loss became {step_loss} at step {step + 1}; the last good checkpoint is kept "
                                   "(lower train.learning_rate or train.max_grad_norm)")

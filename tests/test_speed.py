@@ -102,6 +102,8 @@ def test_mfu_formula_reproduces_the_issue_baseline():
     assert mfu == pytest.approx(0.19, abs=0.005)
     assert speed.peak_flops("NVIDIA H100 PCIe") == 756e12
     assert speed.FlopCounter(1, cfg, None).mfu(1.0) is None  # CPU: no MFU
+    assert speed.example_lengths({"input_ids": [5] * 7, "position_ids": [0, 1, 2, 0, 1, 0, 1]}) == [3, 2, 2]
+    assert speed.example_lengths({"input_ids": [5] * 4}) == [4]
 
 
 def test_base_param_count_unpacks_4bit_weights():
