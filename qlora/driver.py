@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora import adapters, memory, modeling, plan, preflight, tracking
+from qlora import adapters, classification, memory, modeling, plan, preflight, tracking
 from qlora.config import JobConfig, flatten, redact_uri
 from qlora.data import IGNORE, PreparedData, prepare
 from qlora.errors import EnvironmentProblem, TrainingFailure, UserError
@@ -38,6 +38,7 @@ def prepare_job(cfg: JobConfig) -> Prepared:
     source = resolve(cfg.model.name, cfg.model.gguf_file, cfg.model.revision)
     tokenizer = modeling.load_tokenizer(source, cfg)
     data = prepare(cfg.data, tokenizer)
+    cfg = classification.with_num_labels(cfg, data)  # labels checked against model.num_labels before Ray
     lora_model = modeling.meta_lora_model(cfg, source)
     return Prepared(cfg, source, tokenizer, data, modeling.lora_param_count(lora_model))
 
@@ -53,6 +54,15 @@ def dry_run(cfg: JobConfig) -> dict:
           f"tokens p50={s['token_length_p50']} p95={s['token_length_p95']} max={s['token_length_max']} "
           f"truncated={s['truncated_fraction']:.1%} masked labels={s['masked_label_fraction']:.1%}")
     print(f"LoRA trainable parameters: {job.lora_params:,} (matches the independent count)")
+    if cfg.model.task == "sequence_classification":
+        first = job.data.train[0]
+        print(f"classes: {job.cfg.model.num_labels}; training labels: {s['label_counts']}")
+        print(f"one training example (label {first['label']}, {len(first['input_ids'])} tokens; the head reads "
+              f"the last one):\n{job.data.sample_segments[0][0]}")
+        return {"trainable_params": job.lora_params, "records": s["records"], "eval_records": len(job.data.eval),
+                "num_labels": job.cfg.model.num_labels, "label_counts": s["label_counts"],
+                "token_length_p50": s["token_length_p50"], "token_length_p95": s["token_length_p95"],
+                "truncated_fraction": s["truncated_fraction"]}
     print("one training example ([[...]] is trained on, the rest is masked out of the loss):")
     print("".join(f"[[{t}]]" if trained and not cfg.data.train_on_prompt else t for t, trained in job.data.sample_segments))
     first = job.data.train[0]
@@ -213,6 +223,7 @@ def train(cfg: JobConfig) -> dict:
     import ray
 
     job = prepare_job(cfg)
+    cfg = job.cfg  # as resolved from the data (model.num_labels of a classifier)
     preflight.check(cfg)  # compute, Ray address, storage, MLflow: seconds, and nothing is created
     name = run_name(cfg)
     storage = storage_root(cfg)

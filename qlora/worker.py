@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from qlora import checkpoint, distributed, evaluation, memory, modeling
+from qlora import checkpoint, classification, distributed, evaluation, memory, modeling
 from qlora.config import JobConfig
 from qlora.data import collate, prepare
 from qlora.errors import TrainingFailure
@@ -88,13 +88,17 @@ def train_loop_per_worker(payload: dict) -> None:
     source = resolve(cfg.model.name, cfg.model.gguf_file, cfg.model.revision)
     tokenizer = modeling.load_tokenizer(source, cfg)
     data = prepare(cfg.data, tokenizer)
-    base = modeling.load_base_model(cfg, source, ctx.device)
+    cfg = classification.with_num_labels(cfg, data)  # saved with checkpoints, so the adapter knows its classes
+    # A classifier's new head is initialised randomly inside from_pretrained: same seed, same head on every rank.
+    torch.manual_seed(cfg.train.seed)
+    base = modeling.load_base_model(cfg, source, ctx.device, tokenizer.pad_token_id)
     torch.manual_seed(cfg.train.seed)  # identical LoRA init on every rank
-    model = modeling.attach_lora(base, cfg.lora)
+    model = modeling.attach_lora(base, cfg.lora, cfg.model.task)
     ddp = distributed.wrap(model, ctx)
     optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     plan = BatchPlan(len(data.train), cfg, ctx)
     scheduler = make_scheduler(cfg, optimizer, plan.total_steps)
+    batch_losses = classification.losses if cfg.model.task == "sequence_classification" else evaluation.token_losses
     sink = MetricsSink(payload.get("tracking_uri"), payload.get("mlflow_run_id")) if ctx.is_writer else None
 
     step, before = 0, None
@@ -139,7 +143,7 @@ def train_loop_per_worker(payload: dict) -> None:
             try:
                 with (ddp.no_sync() if not sync and ctx.world_size > 1 else contextlib.nullcontext()):
                     out = ddp(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                    loss_sum, n = evaluation.token_losses(out.logits, batch["labels"])
+                    loss_sum, n = batch_losses(out.logits, batch["labels"])
                     loss = loss_sum / n.clamp(min=1)
                     (loss / accum).backward()
             except torch.OutOfMemoryError:
