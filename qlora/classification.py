@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from pathlib import Path
 from typing import Optional, Sequence
 
 from qlora.config import DataSection, JobConfig
@@ -204,6 +205,10 @@ def prepare(cfg: DataSection, tokenizer):
     check_records(records, fmt, cfg, cfg.path)
     sources = [(cfg.path, i + 1) for i in range(len(records))]
     if cfg.eval_path:
+        if Path(cfg.eval_path).is_file() and Path(cfg.eval_path).samefile(cfg.path):
+            raise DataError(f"data.eval_path is the training file itself ({cfg.path}): held-out metrics would be "
+                            "measured on examples the model trains on",
+                            "point data.eval_path at a separate file, or unset it to hold out part of data.path")
         eval_records = read_records(cfg.eval_path, "data.eval_path")
         check_columns(eval_records, fmt, cfg, cfg.eval_path)
         check_records(eval_records, fmt, cfg, cfg.eval_path)
