@@ -3,7 +3,7 @@
 Loads the random-weight model once (the one ../shared/gpu/peer_baseline.py saved, so both measure the same
 weights) through qlora.modeling, then runs each variant from the same LoRA initialisation, optimizer state
 and batches. A variant adds its lever to the ones before it (Liger's patches cannot be undone), in the order
-given. The step is the worker's own: kernels.autocast + kernels.causal_lm_loss + backward + clip + AdamW.
+given. The step is the worker's own: kernels.autocast + kernels.forward_loss + backward + clip + AdamW.
 
     python3 benchmarks/speed.py --model /tmp/rand-llama-8b --bs 4 --seq 2048 \\
         --variants fp32-residual,autocast,fused-ce,liger,selective:0.5,bs:8 --out results.jsonl
@@ -62,10 +62,10 @@ def real_batches(args, packed: bool, device) -> list[dict]:
     from transformers import AutoTokenizer
 
     from qlora.config import DataSection
-    from qlora.data import Encoder, collate, collate_packed, pack_examples, read_records
+    from qlora.data import Encoder, collate, collate_packed, pack_examples
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     tok.pad_token = tok.pad_token or tok.eos_token
-    records = read_records(args.data)
+    records = json.loads(open(args.data).read())  # a JSON array (the GPU host has no `datasets`)
     random.Random(0).shuffle(records)
     enc = Encoder(tok, "alpaca", DataSection(path=args.data, format="alpaca", max_length=args.seq))
     examples = [enc.encode(r) for r in records]
@@ -105,7 +105,7 @@ def run_variant(cfg, model, hidden, use_autocast: bool, init: dict, args, flops:
         sync()
         t = time.perf_counter()
         with kernels.autocast(device, dtype):
-            loss_sum, n = kernels.causal_lm_loss(model, inputs, b["labels"], hidden)
+            loss_sum, n = kernels.forward_loss(model, inputs, b["labels"], hidden)
         loss = loss_sum / n
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)

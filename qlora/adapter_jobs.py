@@ -23,7 +23,11 @@ def load_job(ref: str, config_path: str | None, overrides: list[str]) -> tuple[P
     given = load_config(config_path, overrides) if config_path else None
     uri = given.tracking.uri if given else _override_value(overrides, "tracking.uri")
     folder = adapters.resolve(ref, uri)
-    return folder, given or adapters.read_config(folder, overrides)
+    own = adapters.read_config(folder, overrides if not given else [])
+    if given and given.model.task == "sequence_classification" and given.model.num_labels is None:
+        # The head's size is fixed by the adapter, not by the labels of the data evaluated now.
+        given = given.model_copy(update={"model": given.model.model_copy(update={"num_labels": own.model.num_labels})})
+    return folder, given or own
 
 
 def _override_value(overrides: list[str], key: str) -> str | None:
@@ -63,7 +67,11 @@ def evaluate(ref: str, cfg: JobConfig, folder: Path, out: str | None) -> dict:
     metrics, predictions = result["metrics"], result["predictions"]
     print("held-out metrics: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
     for p in predictions[:3]:
-        print(f"  prompt: {p['prompt'][-120:]!r}\n  answer: {p['answer']!r}\n  reference: {p['reference']!r}")
+        if "label" in p:  # a classifier
+            print(f"  record {p['record']}: label {p['label']}, predicted {p['predicted']} "
+                  f"(p={max(p['probabilities']):.3f})")
+        else:
+            print(f"  prompt: {p['prompt'][-120:]!r}\n  answer: {p['answer']!r}\n  reference: {p['reference']!r}")
     run_id = None
     with tempfile.TemporaryDirectory() as tmp:
         folder_out = Path(out) if out else Path(tmp)
@@ -92,6 +100,8 @@ def _evaluate_task(cfg_json: str, files: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model, tokenizer = adapters.load_for_inference(cfg, adapters.unpack(files, Path(tmp)), ctx.device)
     data = prepare(cfg.data, tokenizer)
+    if cfg.model.task == "sequence_classification":
+        return _classification_predictions(model, tokenizer, cfg, data.eval, ctx)
     metrics = evaluation.eval_loss(model, data.eval, tokenizer.pad_token_id, cfg.evaluation.batch_size, ctx)
     chosen = data.eval[:cfg.evaluation.num_generate] if cfg.evaluation.generate else []
     answers = evaluation.answers(model, chosen, tokenizer, cfg.evaluation, ctx.device)
@@ -102,11 +112,30 @@ def _evaluate_task(cfg_json: str, files: dict) -> dict:
     return {"metrics": metrics, "predictions": predictions}
 
 
+def _classification_predictions(model, tokenizer, cfg: JobConfig, examples: list[dict], ctx) -> dict:
+    """accuracy / log_loss / eval_loss as training computes them, and each record's prediction."""
+    from qlora import classification
+    probs = classification.probabilities(model, examples, tokenizer.pad_token_id, cfg.evaluation.batch_size, ctx.device)
+    labels = [e["label"] for e in examples]
+    m = classification.metrics_from(probs, labels)
+    metrics = {"eval_loss": m["ce"] / m["n"], "accuracy": m["hits"] / m["n"], "log_loss": m["log_loss"] / m["n"]}
+    predictions = [{"record": f"{e['source'][0]}:{e['source'][1]}", "label": y,
+                    "predicted": max(range(len(p)), key=p.__getitem__), "probabilities": p}
+                   for e, y, p in zip(examples, labels, probs)]
+    for p in predictions:
+        p["correct"] = p["label"] == p["predicted"]
+    return {"metrics": metrics, "predictions": predictions}
+
+
 # ---- generate ---------------------------------------------------------------------------------------
 
 def generate(cfg: JobConfig, folder: Path, prompts: list[str], max_new_tokens: int | None) -> dict:
     if not prompts:
         raise ConfigError("no prompts to generate for", "pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    if cfg.model.task == "sequence_classification":
+        raise ConfigError("this adapter is a sequence classifier: it predicts classes and generates no text",
+                          "use python -m ray_jobs.evaluate (metrics and predictions.jsonl) or the MLflow model's "
+                          "predict()")
     driver.prepare_job(cfg)
     completions = on_worker(cfg, _generate_task, adapters.pack(folder), prompts,
                             max_new_tokens or cfg.evaluation.max_new_tokens)
@@ -183,7 +212,6 @@ def _merge_task(cfg_json: str, files: dict, out: str, dtype_name: str) -> dict:
     and check the merged model's logits against base + adapter on a probe input."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     from qlora import distributed, modeling
     from qlora.model_source import resolve
@@ -192,9 +220,12 @@ def _merge_task(cfg_json: str, files: dict, out: str, dtype_name: str) -> dict:
     dtype = getattr(torch, dtype_name)
     source = resolve(cfg.model.name, cfg.model.gguf_file, cfg.model.revision)
     tokenizer = modeling.load_tokenizer(source, cfg)
-    base = AutoModelForCausalLM.from_pretrained(
+    cls, task_kwargs = modeling.auto_class(cfg)  # a classifier merges into its *ForSequenceClassification
+    base = cls.from_pretrained(
         source.path, revision=None if source.is_local else cfg.model.revision, dtype=dtype, use_safetensors=True,
-        trust_remote_code=cfg.model.trust_remote_code, device_map={"": ctx.device})
+        trust_remote_code=cfg.model.trust_remote_code, device_map={"": ctx.device}, **task_kwargs)
+    if task_kwargs:
+        base.config.pad_token_id = tokenizer.pad_token_id
     with tempfile.TemporaryDirectory() as tmp:
         model = PeftModel.from_pretrained(base, str(adapters.unpack(files, Path(tmp)) / adapters.ADAPTER_DIR))
     probe = torch.tensor([tokenizer.encode("The quick brown fox jumps over the lazy dog.")], device=ctx.device)

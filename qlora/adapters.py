@@ -90,7 +90,7 @@ def load_for_inference(cfg: JobConfig, folder: Path, device):
     from qlora.model_source import resolve as resolve_model
     source = resolve_model(cfg.model.name, cfg.model.gguf_file, cfg.model.revision)
     tokenizer = modeling.load_tokenizer(source, cfg)
-    base = modeling.load_base_model(cfg, source, device)
+    base = modeling.load_base_model(cfg, source, device, tokenizer.pad_token_id)
     base.config.use_cache = True
     model = PeftModel.from_pretrained(base, str(folder / ADAPTER_DIR))
     return model.eval(), tokenizer
@@ -104,6 +104,22 @@ def prompt_ids(tokenizer, cfg: JobConfig, text: str) -> list[int]:
     record = {"instruction": text, "input": "", "output": "x"}
     prompt = Encoder(tokenizer, "alpaca", cfg.data).segments(record)[0][0]
     return tokenizer.encode(prompt, add_special_tokens=False)
+
+
+def classify(model, tokenizer, cfg: JobConfig, records: list) -> list[dict]:
+    """Predicted class and class probabilities of a classification adapter. A record is a dict with the
+    training data's input columns (data.text_column, or prompt/response_a/response_b), or a plain text."""
+    from qlora import classification
+    records = [r if isinstance(r, dict) else {cfg.data.text_column: r} for r in records]
+    for i, r in enumerate(records):
+        problem = classification.record_problem({**r, cfg.data.label_column: 0, "winner_model_a": 1,
+                                                 "winner_model_b": 0, "winner_tie": 0}, cfg.data.format, cfg.data)
+        if problem:
+            raise ConfigError(f"input {i + 1}: {problem}", "pass the columns the adapter was trained on")
+    examples = [classification.encode_input(r, cfg.data.format, cfg.data, tokenizer) for r in records]
+    probs = classification.probabilities(model, examples, tokenizer.pad_token_id, cfg.evaluation.batch_size,
+                                         next(model.parameters()).device)
+    return [{"predicted": max(range(len(p)), key=p.__getitem__), "probabilities": p} for p in probs]
 
 
 def complete(model, tokenizer, cfg: JobConfig, prompts: list[str], max_new_tokens: int) -> list[str]:

@@ -36,6 +36,11 @@ class ModelSection(Section):
     allow_pickle: bool = Field(False, description="Load pickle weights (*.bin / *.pt) from a local folder that has "
                                "no safetensors. Unpickling can run arbitrary code: off unless set; logged loudly.")
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    task: Literal["causal_lm", "sequence_classification"] = Field(
+        "causal_lm", description="causal_lm: learn to generate the answers; sequence_classification: a linear "
+        "head on the last token predicts one of num_labels classes (data.format classification or pairwise).")
+    num_labels: Optional[int] = Field(None, ge=2, description="Classes of a sequence_classification model; unset: "
+                                      "the largest label in the data plus one.")
 
 
 class QuantizationSection(Section):
@@ -62,21 +67,48 @@ class LoraSection(Section):
     target_modules: Union[Literal["all-linear"], list[str]] = Field(
         "all-linear", description="Module name suffixes to adapt, or all-linear (every linear layer but the head).")
     layers_to_transform: Optional[list[int]] = Field(None, description="Only adapt these layer indices.")
+    skip_first_layers: int = Field(0, ge=0, description="Adapt every layer but the first N (turned into "
+                                   "layers_to_transform once the model's layer count is known).")
     bias: Literal["none", "all", "lora_only"] = "none"
 
     @model_validator(mode="after")
     def _targets_not_empty(self):
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("lora.target_modules is an empty list: name modules (e.g. [q_proj, v_proj]) or use all-linear")
+        if self.skip_first_layers and self.layers_to_transform is not None:
+            raise ValueError("lora.skip_first_layers and lora.layers_to_transform both choose layers: keep one")
         return self
+
+
+class KFoldSection(Section):
+    folds: int = Field(..., ge=2, description="Number of folds K.")
+    fold: int = Field(..., ge=0, description="The fold held out for evaluation (0 to K-1); the others train.")
+
+    @model_validator(mode="after")
+    def _fold_in_range(self):
+        if self.fold >= self.folds:
+            raise ValueError(f"data.kfold.fold={self.fold} is not below data.kfold.folds={self.folds}: "
+                             f"choose a fold from 0 to {self.folds - 1}")
+        return self
+
+
+CLASSIFICATION_FORMATS = ("classification", "pairwise")
 
 
 class DataSection(Section):
     path: str = Field(..., description="Training data: a local .json/.jsonl/.csv/.parquet file.")
-    format: Literal["auto", "alpaca", "messages", "sharegpt", "text"] = Field(
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "text", "classification", "pairwise"] = Field(
         "auto", description="alpaca: instruction/input/output; messages: [{role, content}]; sharegpt: "
-        "conversations [{from, value}]; text: one `text` field trained whole; auto: chosen from the columns.",
+        "conversations [{from, value}]; text: one `text` field trained whole; auto: chosen from the columns "
+        "(generation formats only). With model.task=sequence_classification: classification (a text column and "
+        "an integer label column) or pairwise (prompt, response_a, response_b and winner_model_a / "
+        "winner_model_b / winner_tie flags -> labels 0 / 1 / 2).",
     )
+    text_column: str = Field("text", min_length=1, description="format=classification: the column holding the text.")
+    label_column: str = Field("label", min_length=1, description="format=classification: the column holding the "
+                              "integer class (0 to num_labels-1).")
+    kfold: Optional[KFoldSection] = Field(None, description="Hold out fold `fold` of a seeded K-fold split of `path` "
+                                          "(stratified by label for classification) instead of eval_fraction.")
     eval_path: Optional[str] = Field(None, description="Held-out file; if unset, eval_fraction of `path` is held out.")
     eval_fraction: float = Field(0.1, gt=0, lt=1)
     eval_max_samples: Optional[int] = Field(None, gt=0, description="Cap the held-out set (speed).")
@@ -90,6 +122,12 @@ class DataSection(Section):
     packing: bool = Field(False, description="Pack several training examples into each row of up to max_length "
                           "tokens (train.batch_size then counts rows). Each example keeps its own positions and "
                           "attends only to itself; the held-out loss stays unpacked.")
+
+    @model_validator(mode="after")
+    def _one_held_out_set(self):
+        if self.kfold is not None and self.eval_path:
+            raise ValueError("data.kfold and data.eval_path both choose the held-out set: keep one")
+        return self
 
 
 class TrainSection(Section):
@@ -271,6 +309,22 @@ class JobConfig(Section):
                              "train.kernels=none on CPU, or set scaling.use_gpu=true")
         if self.quantization.bits != 16 and self.quantization.compute_dtype == "float16" and not self.scaling.use_gpu:
             raise ValueError("quantization.compute_dtype=float16 needs a GPU: use auto or float32 on CPU")
+        classifying = self.model.task == "sequence_classification"
+        if classifying and self.data.format not in CLASSIFICATION_FORMATS:
+            raise ValueError(f"model.task=sequence_classification needs labelled records, but data.format is "
+                             f"{self.data.format}: set data.format=classification (text + label columns) or "
+                             "data.format=pairwise (prompt, response_a, response_b, winner_* columns)")
+        if not classifying and self.data.format in CLASSIFICATION_FORMATS:
+            raise ValueError(f"data.format={self.data.format} holds class labels, which model.task=causal_lm "
+                             "cannot learn: set model.task=sequence_classification")
+        for key in ("data.packing", "train.fused_cross_entropy"):
+            section, field = key.split(".")
+            if classifying and getattr(getattr(self, section), field):
+                raise ValueError(f"{key}=true is for next-token training; a sequence classifier has one label per "
+                                 f"example: set {key}=false, or model.task=causal_lm")
+        if not classifying and self.model.num_labels is not None:
+            raise ValueError("model.num_labels is set but model.task is causal_lm: set "
+                             "model.task=sequence_classification, or remove num_labels")
         return self
 
     @model_validator(mode="after")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from qlora.config import DataSection
+from qlora.config import CLASSIFICATION_FORMATS, DataSection
 from qlora.errors import DataError
 
 IGNORE = -100
@@ -114,6 +114,8 @@ def collate(examples: Sequence[dict], pad_id: int, pad_left: bool = False) -> di
             out[key].append([fill] * pad + list(value) if pad_left else list(value) + [fill] * pad)
     if not any(e.get("labels") for e in examples):
         del out["labels"]
+    if all("label" in e for e in examples):  # sequence classification: one class per example
+        out["labels"] = [e["label"] for e in examples]
     return out
 
 
@@ -349,6 +351,9 @@ class PreparedData:
 
 def prepare(cfg: DataSection, tokenizer) -> PreparedData:
     """Read, split, subset, encode. Raises DataError for anything a user must fix."""
+    if cfg.format in CLASSIFICATION_FORMATS:
+        from qlora import classification
+        return classification.prepare(cfg, tokenizer)
     records = read_records(cfg.path)
     fmt = cfg.format if cfg.format != "auto" else detect_format(list(records[0]))
     check_columns(records, fmt, cfg.path)
@@ -367,7 +372,11 @@ def prepare(cfg: DataSection, tokenizer) -> PreparedData:
         if len(records) < 2:
             raise DataError(f"data file {cfg.path} has {len(records)} record: too few to hold some out",
                             "add records or set data.eval_path")
-        tr, ev = split_indices(len(records), cfg.eval_fraction, cfg.seed)
+        if cfg.kfold:
+            from qlora.classification import kfold_indices
+            tr, ev = kfold_indices([0] * len(records), cfg.kfold.folds, cfg.kfold.fold, cfg.seed)
+        else:
+            tr, ev = split_indices(len(records), cfg.eval_fraction, cfg.seed)
         train_records, eval_records = [records[i] for i in tr], [records[i] for i in ev]
     if round(len(train_records) * cfg.fraction) == 0:
         raise DataError(f"data.fraction={cfg.fraction:g} of the {len(train_records)} training records is 0 records",

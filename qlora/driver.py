@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora import adapters, memory, modeling, plan, preflight, tracking
+from qlora import adapters, classification, memory, modeling, plan, preflight, tracking
 from qlora.config import JobConfig, flatten, redact_uri
 from qlora.data import IGNORE, PreparedData, prepare
 from qlora.errors import ConfigError, EnvironmentProblem, TrainingFailure, UserError
@@ -42,6 +42,7 @@ def prepare_job(cfg: JobConfig) -> Prepared:
         raise ConfigError(f"data.format is text{' (detected from the columns)' if cfg.data.format == 'auto' else ''}: "
                           "a text record has no prompt/answer split, so evaluation.generate has nothing to score",
                           "set evaluation.generate=false (the held-out loss and perplexity are the metrics)")
+    cfg = classification.with_num_labels(cfg, data)  # labels checked against model.num_labels before Ray
     lora_model = modeling.meta_lora_model(cfg, source)
     return Prepared(cfg, source, tokenizer, data, modeling.lora_param_count(lora_model))
 
@@ -68,6 +69,15 @@ def dry_run(cfg: JobConfig) -> dict:
           f"{cfg.train.batch_size}{', packed rows' if cfg.data.packing else ''}"
           f"{', group_by_length' if cfg.train.group_by_length else ''}): {fill:.1%}")
     print(f"LoRA trainable parameters: {job.lora_params:,} (matches the independent count)")
+    if cfg.model.task == "sequence_classification":
+        first = job.data.train[0]
+        print(f"classes: {job.cfg.model.num_labels}; training labels: {s['label_counts']}")
+        print(f"one training example (label {first['label']}, {len(first['input_ids'])} tokens; the head reads "
+              f"the last one):\n{job.data.sample_segments[0][0]}")
+        return {"trainable_params": job.lora_params, "records": s["records"], "eval_records": len(job.data.eval),
+                "num_labels": job.cfg.model.num_labels, "label_counts": s["label_counts"],
+                "token_length_p50": s["token_length_p50"], "token_length_p95": s["token_length_p95"],
+                "truncated_fraction": s["truncated_fraction"]}
     print("one training example ([[...]] is trained on, the rest is masked out of the loss):")
     print("".join(f"[[{t}]]" if trained and not cfg.data.train_on_prompt else t for t, trained in job.data.sample_segments))
     first = job.data.train[0]
@@ -246,6 +256,7 @@ def train(cfg: JobConfig) -> dict:
     import ray
 
     job = prepare_job(cfg)
+    cfg = job.cfg  # as resolved from the data (model.num_labels of a classifier)
     preflight.check(cfg)  # compute, Ray address, storage, MLflow: seconds, and nothing is created
     name = run_name(cfg)
     storage = storage_root(cfg)

@@ -70,6 +70,9 @@ def exact_match(model, examples: list[dict], tokenizer, cfg, ctx) -> dict:
 
 def evaluate(model, examples: list[dict], tokenizer, cfg, ctx) -> dict:
     """All held-out metrics the config asks for; `cfg` is the JobConfig."""
+    if cfg.model.task == "sequence_classification":  # accuracy and log loss; nothing to generate
+        from qlora import classification
+        return classification.evaluate(model, examples, tokenizer.pad_token_id, cfg.evaluation.batch_size, ctx)
     metrics = eval_loss(model, examples, tokenizer.pad_token_id, cfg.evaluation.batch_size, ctx)
     if cfg.evaluation.generate:
         metrics.update(exact_match(model, examples, tokenizer, cfg.evaluation, ctx))

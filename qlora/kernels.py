@@ -126,12 +126,14 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     return chunked_linear_cross_entropy(hidden, weight, labels)
 
 
-def causal_lm_loss(model, inputs: dict, labels: torch.Tensor, hidden: Optional[HiddenStates] = None):
-    """(summed next-token loss, count of labelled tokens) of one micro-batch: position t predicts label t+1.
-    `inputs` are the forward arguments (padded: attention_mask; packed: position_ids). With `hidden`
-    (train.fused_cross_entropy) the loss comes from the captured hidden states."""
+def forward_loss(model, inputs: dict, labels: torch.Tensor, hidden: Optional[HiddenStates] = None,
+                 losses=token_losses):
+    """(summed loss, count of labels) of one micro-batch. `inputs` are the forward arguments (padded:
+    attention_mask; packed: position_ids). Without `hidden`: `losses(logits, labels)` (next-token loss, or a
+    classifier's). With `hidden` (train.fused_cross_entropy, causal LMs): the next-token loss from the
+    captured hidden states, position t predicting label t+1."""
     if hidden is None:
-        return token_losses(model(**inputs).logits, labels)
+        return losses(model(**inputs).logits, labels)
     hidden.active = True
     try:
         model(**inputs)

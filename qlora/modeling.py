@@ -102,20 +102,34 @@ def check_vocab(tok, folder: Path) -> None:
                           "use the tokenizer files that belong to this model")
 
 
-def load_base_model(cfg: JobConfig, source: ModelSource, device: torch.device):
-    """The frozen base model on `device`, quantized as the config says, ready for k-bit training."""
-    from transformers import AutoModelForCausalLM
+def auto_class(cfg: JobConfig):
+    """The transformers Auto class for model.task, and the extra from_pretrained/from_config kwargs."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    if cfg.model.task == "sequence_classification":
+        # num_labels is resolved from the data (classification.with_num_labels) before any model is built.
+        return AutoModelForSequenceClassification, {"num_labels": cfg.model.num_labels or 2}
+    return AutoModelForCausalLM, {}
+
+
+def load_base_model(cfg: JobConfig, source: ModelSource, device: torch.device, pad_token_id: int | None = None):
+    """The frozen base model on `device`, quantized as the config says, ready for k-bit training.
+    A sequence classifier needs the tokenizer's `pad_token_id`: it pools the last token that is not padding."""
     check_source(source, cfg)
+    cls, task_kwargs = auto_class(cfg)
+    if task_kwargs and pad_token_id is None:
+        raise ValueError("load_base_model: a sequence_classification model needs the tokenizer's pad_token_id")
     dtype = compute_dtype(cfg.quantization, device)
     qconf = quantization_config(cfg.quantization, dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        source.path, revision=None if source.is_local else cfg.model.revision,
+    model = cls.from_pretrained(
+        source.path, **task_kwargs, revision=None if source.is_local else cfg.model.revision,
         trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation,
         quantization_config=qconf, dtype=dtype, device_map={"": device},
         # Pickle weights only when the config allows them; otherwise transformers refuses *.bin files itself.
         use_safetensors=None if cfg.model.allow_pickle else True,
     )
     model.config.use_cache = False
+    if task_kwargs:
+        model.config.pad_token_id = pad_token_id
     if qconf is not None:
         from peft import prepare_model_for_kbit_training
         # Casts norms/embeddings to fp32 (stable training) and wires gradient checkpointing.
@@ -126,16 +140,42 @@ def load_base_model(cfg: JobConfig, source: ModelSource, device: torch.device):
     return model
 
 
-def lora_config(lora: LoraSection):
+def lora_config(lora: LoraSection, task: str = "causal_lm"):
     from peft import LoraConfig
+    # SEQ_CLS makes peft train and save the (new, randomly initialised) classification head in full
+    # (modules_to_save) beside the LoRA weights.
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
                       target_modules=lora.target_modules, layers_to_transform=lora.layers_to_transform,
-                      task_type="CAUSAL_LM")
+                      task_type={"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS"}[task])
 
 
-def attach_lora(model: nn.Module, lora: LoraSection):
+def layer_count(model: nn.Module) -> int:
+    return 1 + max((int(m.group(1)) for name, _ in model.named_modules() if (m := LAYER_INDEX.search(name + "."))),
+                   default=-1)
+
+
+def resolve_layers(model: nn.Module, lora: LoraSection) -> LoraSection:
+    """lora.skip_first_layers=N as layers_to_transform = N..last (it needs the model's layer count), and
+    all-linear as the names of the layers' linear modules when layers are chosen (peft refuses
+    layers_to_transform with the all-linear string)."""
+    if lora.skip_first_layers:
+        n = layer_count(model)
+        if lora.skip_first_layers >= n:
+            raise ConfigError(f"lora.skip_first_layers={lora.skip_first_layers} skips every layer: the model has {n}",
+                              f"use a value below {n}, or 0 to adapt every layer")
+        lora = lora.model_copy(update={"layers_to_transform": list(range(lora.skip_first_layers, n)),
+                                       "skip_first_layers": 0})
+    if lora.layers_to_transform is not None and lora.target_modules == "all-linear":
+        names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                        if isinstance(m, nn.Linear) and LAYER_INDEX.search(name)})
+        lora = lora.model_copy(update={"target_modules": names})
+    return lora
+
+
+def attach_lora(model: nn.Module, lora: LoraSection, task: str = "causal_lm"):
     """Wrap in a peft LoRA model and verify the trainable count against an independent computation."""
     from peft import get_peft_model
+    lora = resolve_layers(model, lora)
     expected = expected_lora_params(model, lora)
     if expected == 0 and lora.layers_to_transform is not None and expected_lora_params(
             model, lora.model_copy(update={"layers_to_transform": None})):
@@ -146,7 +186,7 @@ def attach_lora(model: nn.Module, lora: LoraSection):
                           "use valid layer indices" + (f" (0 to {layers[-1]})" if layers else "")
                           + ", or unset lora.layers_to_transform")
     try:
-        peft_model = get_peft_model(model, lora_config(lora))
+        peft_model = get_peft_model(model, lora_config(lora, task))
     except ValueError as e:  # peft: "Target modules ... not found in the base model"
         raise ConfigError(f"lora.target_modules={lora.target_modules} matches no module of the model ({e})",
                           f"use all-linear or names from: {', '.join(linear_module_names(model))}") from None
@@ -160,11 +200,12 @@ def linear_module_names(model: nn.Module) -> list[str]:
 
 
 def expected_lora_params(model: nn.Module, lora: LoraSection) -> int:
-    """r * (in + out) for every linear layer the config selects, computed without peft."""
-    head = model.get_output_embeddings()
+    """r * (in + out) for every linear layer the config selects, computed without peft. The LM head and a
+    classification head (`score` / `classifier`, trained whole by peft, not by LoRA) are never counted."""
+    heads = [model.get_output_embeddings(), getattr(model, "score", None), getattr(model, "classifier", None)]
     total = 0
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or module is head:
+        if not isinstance(module, nn.Linear) or any(module is h for h in heads):
             continue
         if lora.target_modules != "all-linear" and not any(
                 name == t or name.endswith("." + t) for t in lora.target_modules):
@@ -201,7 +242,7 @@ def trainable_summary(model: nn.Module) -> dict:
 def meta_lora_model(cfg: JobConfig, source: ModelSource):
     """The LoRA model on the meta device (no memory, no weights read): for --dry-run counts."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
     check_source(source, cfg)
     try:
         config = AutoConfig.from_pretrained(source.path, revision=None if source.is_local else cfg.model.revision,
@@ -213,6 +254,9 @@ def meta_lora_model(cfg: JobConfig, source: ModelSource):
         raise ConfigError(f"model.name: the model config of {source.path} could not be used ({type(e).__name__}: "
                           f"{why})", "point model.name at a causal LM whose config.json model_type the installed "
                           "transformers supports") from None
+    cls, task_kwargs = auto_class(cfg)
+    for key, value in task_kwargs.items():
+        setattr(config, key, value)
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
-    return attach_lora(model, cfg.lora)
+        model = cls.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    return attach_lora(model, cfg.lora, cfg.model.task)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from qlora import checkpoint, distributed, evaluation, kernels, memory, modeling, speed
+from qlora import checkpoint, classification, distributed, evaluation, kernels, memory, modeling, speed
 from qlora.config import JobConfig
 from qlora.data import collate, collate_packed, length_grouped_order, prepare
 from qlora.errors import TrainingFailure
@@ -118,14 +118,17 @@ def train_loop_per_worker(payload: dict) -> None:
     source = resolve(cfg.model.name, cfg.model.gguf_file, cfg.model.revision)
     tokenizer = modeling.load_tokenizer(source, cfg)
     data = prepare(cfg.data, tokenizer)
-    base = modeling.load_base_model(cfg, source, ctx.device)
+    cfg = classification.with_num_labels(cfg, data)  # saved with checkpoints, so the adapter knows its classes
+    # A classifier's new head is initialised randomly inside from_pretrained: same seed, same head on every rank.
+    torch.manual_seed(cfg.train.seed)
+    base = modeling.load_base_model(cfg, source, ctx.device, tokenizer.pad_token_id)
     if cfg.train.kernels == "liger":
         kernels.apply_liger(base)
     if cfg.train.gradient_checkpointing and cfg.train.checkpointed_fraction < 1:
         kept = kernels.select_checkpointed_layers(base, cfg.train.checkpointed_fraction)
         log(ctx, f"activation checkpointing in {len(kept)} decoder layers: {kept}")
     torch.manual_seed(cfg.train.seed)  # identical LoRA init on every rank
-    model = modeling.attach_lora(base, cfg.lora)
+    model = modeling.attach_lora(base, cfg.lora, cfg.model.task)
     if cfg.train.compile:
         log(ctx, f"compiling {kernels.compile_layers(model)} decoder layers (the first steps include the compile)")
     hidden = kernels.HiddenStates(model, cfg.train.kernels == "liger") if cfg.train.fused_cross_entropy else None
@@ -136,6 +139,7 @@ def train_loop_per_worker(payload: dict) -> None:
     optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     plan = BatchPlan(len(data.train), cfg, ctx, [len(e["input_ids"]) for e in data.train])
     scheduler = make_scheduler(cfg, optimizer, plan.total_steps)
+    batch_losses = classification.losses if cfg.model.task == "sequence_classification" else evaluation.token_losses
     sink = MetricsSink(payload.get("tracking_uri"), payload.get("mlflow_run_id")) if ctx.is_writer else None
 
     step, before = 0, None
@@ -181,7 +185,8 @@ def train_loop_per_worker(payload: dict) -> None:
             try:
                 with (ddp.no_sync() if not sync and ctx.world_size > 1 else contextlib.nullcontext()):
                     with kernels.autocast(ctx.device, dtype):
-                        loss_sum, n = kernels.causal_lm_loss(ddp, model_inputs(batch), batch["labels"], hidden)
+                        loss_sum, n = kernels.forward_loss(ddp, model_inputs(batch), batch["labels"], hidden,
+                                                           batch_losses)
                     loss = loss_sum / n.clamp(min=1)
                     (loss / accum).backward()
             except torch.OutOfMemoryError:

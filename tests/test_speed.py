@@ -42,7 +42,7 @@ def batch(seed=0):
 def loss_and_grads(model, hidden=None):
     model.zero_grad()
     b = batch()
-    loss_sum, n = kernels.causal_lm_loss(model, {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]},
+    loss_sum, n = kernels.forward_loss(model, {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]},
                                          b["labels"], hidden)
     (loss_sum / n).backward()
     return loss_sum.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
