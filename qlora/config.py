@@ -35,6 +35,11 @@ class ModelSection(Section):
     allow_pickle: bool = Field(False, description="Load pickle weights (*.bin / *.pt) from a local folder that has "
                                "no safetensors. Unpickling can run arbitrary code: off unless set; logged loudly.")
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    pad_token: Literal["eos", "add"] = Field(
+        "eos", description="Padding when the tokenizer has no pad token of its own. eos: reuse EOS (padding is "
+        "masked out of attention and loss). add: add a [PAD] token (also when the pad token is EOS), grow the "
+        "embeddings and set the new rows to the mean of the existing ones (QLoRA's recipe); the rows are "
+        "re-created identically whenever the base is loaded, so the adapter does not carry them.")
 
 
 class QuantizationSection(Section):
@@ -72,9 +77,11 @@ class LoraSection(Section):
 
 class DataSection(Section):
     path: str = Field(..., description="Training data: a local .json/.jsonl/.csv/.parquet file.")
-    format: Literal["auto", "alpaca", "messages", "sharegpt", "text"] = Field(
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "text", "qa", "multiple_choice"] = Field(
         "auto", description="alpaca: instruction/input/output; messages: [{role, content}]; sharegpt: "
-        "conversations [{from, value}]; text: one `text` field trained whole; auto: chosen from the columns.",
+        "conversations [{from, value}]; text: one `text` field trained whole; qa: question/answer (GSM8K), "
+        "multiple_choice: question/choices/answer (letter or index), both rendered as alpaca; auto: chosen "
+        "from the columns.",
     )
     eval_path: Optional[str] = Field(None, description="Held-out file; if unset, eval_fraction of `path` is held out.")
     eval_fraction: float = Field(0.1, gt=0, lt=1)
@@ -83,9 +90,25 @@ class DataSection(Section):
     fraction: float = Field(1.0, gt=0, le=1, description="Use this fraction of the training records "
                             "(nested: a smaller fraction is a subset of a larger one with the same seed).")
     max_length: int = Field(512, ge=8, description="Tokens per example; longer examples are truncated.")
-    train_on_prompt: bool = Field(False, description="Also compute loss on prompt tokens.")
+    max_source_length: Optional[int] = Field(
+        None, ge=1, description="Cap each prompt (source) segment at this many tokens, keeping its end (the part "
+        "next to the answer); QLoRA's source_max_len. Applied before max_length.")
+    max_target_length: Optional[int] = Field(
+        None, ge=1, description="Cap each answer (target) segment at this many tokens, keeping its start; QLoRA's "
+        "target_max_len. Applied before max_length.")
+    train_on_prompt: bool = Field(False, description="Also compute loss on prompt tokens (QLoRA's train_on_source).")
     system_prompt: Optional[str] = Field(None, description="System message for alpaca records rendered as chat.")
     seed: int = Field(0, description="Seed of the eval split and of subsetting.")
+
+    @model_validator(mode="after")
+    def _segment_caps_fit(self):
+        if self.max_source_length and self.max_target_length and \
+                self.max_source_length + self.max_target_length > self.max_length:
+            total = self.max_source_length + self.max_target_length
+            raise ValueError(f"data.max_source_length={self.max_source_length} + data.max_target_length="
+                             f"{self.max_target_length} = {total} exceeds data.max_length={self.max_length}, which "
+                             f"would cut answers anyway: raise data.max_length to {total}, or lower the two caps")
+        return self
 
 
 class TrainSection(Section):
@@ -124,6 +147,13 @@ class EvaluationSection(Section):
     max_new_tokens: int = Field(32, gt=0)
     num_generate: int = Field(32, gt=0, description="Held-out examples to generate for.")
     batch_size: int = Field(16, gt=0)
+    answer_metric: Literal["exact", "final_number"] = Field(
+        "exact", description="exact: exact_match only. final_number: also final_number_match, whether the last "
+        "number of the answer (GSM8K: the one after '####') equals the reference's.")
+    multiple_choice_path: Optional[str] = Field(
+        None, description="Held-out multiple-choice file (question, choices, answer letter or index), scored "
+        "MMLU-style before and after training by comparing the next-token logits of the answer letters "
+        "(metric mc_accuracy).")
 
 
 class ScalingSection(Section):

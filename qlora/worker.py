@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from qlora import checkpoint, distributed, evaluation, memory, modeling
+from qlora import checkpoint, distributed, evaluation, memory, modeling, multiple_choice
 from qlora.config import JobConfig
 from qlora.data import collate, prepare
 from qlora.errors import TrainingFailure
@@ -66,6 +66,13 @@ class BatchPlan:
         return epoch, self._order[b * bs:(b + 1) * bs]
 
 
+# What peak_memory_gib measures, written beside it in metrics.json.
+PEAK_MEMORY_KIND = {"cuda": "torch.cuda.max_memory_allocated (tensors on the GPU; excludes the CUDA context and "
+                            "allocator cache)",
+                    "cpu": "max resident set size of the worker process (weights, activations, optimizer, plus "
+                           "Python, torch and Ray overhead)"}
+
+
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -89,6 +96,9 @@ def train_loop_per_worker(payload: dict) -> None:
     tokenizer = modeling.load_tokenizer(source, cfg)
     data = prepare(cfg.data, tokenizer)
     base = modeling.load_base_model(cfg, source, ctx.device)
+    # Bytes of the base's parameters and buffers as loaded (quantized weights + their scales), before LoRA.
+    weights_gib = base.get_memory_footprint() / 2**30
+    mc_items = multiple_choice.prepare(cfg, tokenizer)
     torch.manual_seed(cfg.train.seed)  # identical LoRA init on every rank
     model = modeling.attach_lora(base, cfg.lora)
     ddp = distributed.wrap(model, ctx)
@@ -112,10 +122,10 @@ def train_loop_per_worker(payload: dict) -> None:
             ray.train.report(saved["metrics"])
             return
     if before is None:
-        before = evaluation.evaluate(model, data.eval, tokenizer, cfg, ctx)
+        before = evaluation.evaluate(model, data.eval, tokenizer, cfg, ctx, mc_items)
         log(ctx, f"before training: {before}")
 
-    def report(metrics: dict, save: bool, final: bool = False):
+    def report(metrics: dict, save: bool, final: bool = False, predictions: list | None = None):
         if sink:
             sink.log(metrics, step)
         ckpt = None
@@ -123,6 +133,9 @@ def train_loop_per_worker(payload: dict) -> None:
             if save and ctx.is_writer:
                 folder = checkpoint.save(Path(tmp) / "checkpoint", model, cfg, optimizer, scheduler,
                                          {"step": step, "before": before, "final": final, "metrics": metrics})
+                if final:  # beside the final adapter: what it was measured at, and what it generated
+                    evaluation.write_results(folder, final_results(metrics, before, ctx.device), predictions or [])
+                    checkpoint.write_manifest(folder)
                 ckpt = ray.train.Checkpoint.from_directory(str(folder))
             ray.train.report(metrics, checkpoint=ckpt)
 
@@ -166,18 +179,32 @@ def train_loop_per_worker(payload: dict) -> None:
         loss_avg, tok_all = distributed.all_sum([window_loss / window_steps, tokens], ctx)
         metrics = {"step": step, "epoch": epoch, "loss": loss_avg / ctx.world_size,
                    "learning_rate": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                   "tokens_per_second": tok_all / elapsed, "peak_memory_gib": peak_memory_gib(ctx.device)}
+                   "tokens_per_second": tok_all / elapsed, "peak_memory_gib": peak_memory_gib(ctx.device),
+                   "weights_memory_gib": weights_gib}
+        predictions = [] if last else None
         if do_eval:
-            metrics.update(evaluation.evaluate(model, data.eval, tokenizer, cfg, ctx))
+            metrics.update(evaluation.evaluate(model, data.eval, tokenizer, cfg, ctx, mc_items, predictions))
+            if last:
+                predictions = distributed.gather_shards(predictions, ctx)
         if last:
             metrics["train_seconds"] = time.perf_counter() - train_start
             metrics.update({f"before_{k}": v for k, v in before.items()})
         log(ctx, f"step {step}/{plan.total_steps} " + " ".join(
             f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
-        report(metrics, save=do_save, final=last)
+        report(metrics, save=do_save, final=last, predictions=predictions)
         tokens, window_loss, window_steps, t0 = 0, 0.0, 0, time.perf_counter()
     if sink:
         sink.flush()
+
+
+def final_results(metrics: dict, before: dict, device: torch.device) -> dict:
+    """metrics.json of a finished run: held-out metrics before and after, training numbers, memory."""
+    after = {k: metrics[k] for k in before if k in metrics}
+    return {"before": before, "after": after,
+            "train": {k: metrics.get(k) for k in ("step", "loss", "train_seconds", "tokens_per_second")},
+            "memory": {"weights_gib": metrics["weights_memory_gib"], "peak_gib": metrics["peak_memory_gib"],
+                       "weights_kind": "model.get_memory_footprint() of the loaded base before LoRA "
+                                       "(parameters + buffers)", "peak_kind": PEAK_MEMORY_KIND[device.type]}}
 
 
 def restore(folder: Path, model, optimizer, scheduler) -> dict:
