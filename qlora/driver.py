@@ -82,7 +82,10 @@ def worker_config(cfg: JobConfig) -> JobConfig:
     model = cfg.model
     if Path(model.name).expanduser().exists():
         model = model.model_copy(update={"name": str(Path(model.name).expanduser().resolve())})
-    return cfg.model_copy(update={"data": data, "model": model})
+    evaluation = cfg.evaluation
+    if evaluation.multiple_choice_path:
+        evaluation = evaluation.model_copy(update={"multiple_choice_path": str(Path(evaluation.multiple_choice_path).resolve())})
+    return cfg.model_copy(update={"data": data, "model": model, "evaluation": evaluation})
 
 
 def connect_ray(address: str | None) -> bool:

@@ -61,20 +61,27 @@ def prepare(cfg: JobConfig, tokenizer) -> list[dict]:
 
 
 @torch.no_grad()
-def accuracy(model, items: list[dict], pad_id: int, batch_size: int, ctx) -> dict:
-    """Fraction of items whose highest-logit letter is the right one (each rank scores its share)."""
+def letter_logits(model, items: list[dict], pad_id: int, batch_size: int, device) -> list[list[float]]:
+    """Each item's next-token logits of its answer letters after its prompt."""
     model.eval()
-    mine = distributed.shard_exact(items, ctx)
-    hits = 0
-    for i in range(0, len(mine), batch_size):
-        batch = mine[i:i + batch_size]
+    out: list[list[float]] = []
+    for i in range(0, len(items), batch_size):
+        batch = items[i:i + batch_size]
         # Left padding: the last position of every row is its prompt's last token.
         t = collate([{"input_ids": it["prompt_ids"]} for it in batch], pad_id, pad_left=True)
-        ids = torch.tensor(t["input_ids"], device=ctx.device)
-        mask = torch.tensor(t["attention_mask"], device=ctx.device)
+        ids = torch.tensor(t["input_ids"], device=device)
+        mask = torch.tensor(t["attention_mask"], device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as if unpadded: scores do not depend on the batch
         # logits_to_keep=1: the head runs on the last position only (the vocabulary projection dominates otherwise).
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1].float()
-        hits += sum(pick(row, it["letter_ids"]) == it["answer"] for row, it in zip(logits, batch))
+        last = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1].float()
+        out += [row[it["letter_ids"]].tolist() for row, it in zip(last, batch)]
+    return out
+
+
+def accuracy(model, items: list[dict], pad_id: int, batch_size: int, ctx) -> dict:
+    """Fraction of items whose highest-logit letter is the right one (each rank scores its share)."""
+    mine = distributed.shard_exact(items, ctx)
+    scores = letter_logits(model, mine, pad_id, batch_size, ctx.device)
+    hits = sum(pick(torch.tensor(s), range(len(s))) == it["answer"] for s, it in zip(scores, mine))
     hits, n = distributed.all_sum([hits, len(mine)], ctx)
     return {"mc_accuracy": hits / max(n, 1)}

@@ -109,9 +109,12 @@ def write_tokenizer(kind: str, folder: Path) -> None:
     if kind == "llama3":
         write_llama3_tokenizer(folder)
     elif kind == "llama_sp":
+        import shutil
+
         from transformers import LlamaTokenizer
-        tok = LlamaTokenizer(vocab_file=str(SHARED / "tokenizers" / "llama2" / "tokenizer.model"))
-        assert len(tok) == 32000
+        shutil.copy(SHARED / "tokenizers" / "llama2" / "tokenizer.model", folder / "tokenizer.model")
+        tok = LlamaTokenizer.from_pretrained(folder)  # needs the sentencepiece package to read the model
+        assert len(tok) == 32000 and tok.encode("Hello world", add_special_tokens=False) == [15043, 3186]
         tok.save_pretrained(folder)
     elif kind == "qwen2":
         from transformers import AutoTokenizer

@@ -147,16 +147,23 @@ def test_norm_layers_are_fp32_on_a_4bit_base(tiny_model_dir, compute):
 
 
 def test_multiple_choice_scoring_is_deterministic_on_smollm2(smollm_dir):
-    cfg = _cfg("smollm2-135m", evaluation={"multiple_choice_path": str(ROOT / "data" / "sst2_mc_eval.jsonl")})
+    cfg = _cfg("smollm2-135m", evaluation={"multiple_choice_path": str(ROOT / "data" / "sst2_mc_eval.jsonl")},
+               quantization={"bits": 16})
     source = ModelSource(str(smollm_dir), True, "smollm2")
     tok = modeling.load_tokenizer(source, cfg)
-    items = multiple_choice.prepare(cfg, tok)[:32]
-    assert len(items) == 32 and {it["answer"] for it in items} == {0, 1}
+    items = multiple_choice.prepare(cfg, tok)
+    assert len(items) == 100 and sum(it["answer"] for it in items) == 50
     assert items[0]["letter_ids"] == [tok.encode("A")[0], tok.encode("B")[0]]
     model = modeling.load_base_model(cfg, source, torch.device("cpu"))
-    one = multiple_choice.accuracy(model, items, tok.pad_token_id, 16, CPU)["mc_accuracy"]
-    assert multiple_choice.accuracy(model, items, tok.pad_token_id, 5, CPU)["mc_accuracy"] == one  # batch-independent
-    assert one > 0.5  # the instruct model beats chance on SST-2 sentiment
+    few = items[:3]  # prompts of different lengths: the batch is padded
+    together = multiple_choice.letter_logits(model, few, tok.pad_token_id, 3, torch.device("cpu"))
+    alone = [multiple_choice.letter_logits(model, [it], tok.pad_token_id, 1, torch.device("cpu"))[0] for it in few]
+    # Left padding with matching position ids: a prompt scores the same alone or in a padded batch.
+    assert torch.allclose(torch.tensor(together), torch.tensor(alone), atol=1e-3)
+    assert len({len(it["prompt_ids"]) for it in few}) > 1
+    acc = multiple_choice.accuracy(model, few, tok.pad_token_id, 2, CPU)["mc_accuracy"]
+    picks = [max(range(2), key=lambda k: s[k]) for s in alone]
+    assert acc == sum(p == it["answer"] for p, it in zip(picks, few)) / 3
 
 
 def test_bad_multiple_choice_file_fails_before_ray(tmp_path, smollm_dir):
