@@ -16,7 +16,7 @@ from qlora.tracking import client
 from conftest import ROOT
 
 SHORT = ["train.max_steps=2", "train.batch_size=2", "train.log_every=1", "train.save_every=0",
-         "data.eval_max_samples=4", "evaluation.num_generate=2", "evaluation.batch_size=4"]
+         "data.eval_max_samples=2", "evaluation.num_generate=2", "evaluation.batch_size=4"]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def files_beside_adapter(result: dict, n_predictions: int) -> dict:
 
 
 def test_gsm8k_on_4bit_and_8bit_bases(ray_cluster, tmp_path):
-    gen = ["data.max_length=160", "evaluation.max_new_tokens=24"]
+    gen = ["data.max_length=128", "evaluation.max_new_tokens=16"]
     four = train("configs/cpu/gsm8k_4bit.yaml", tmp_path, "gsm8k-4bit", gen)
     eight = train("configs/cpu/gsm8k_8bit.yaml", tmp_path, "gsm8k-8bit", gen)
     for result in (four, eight):
@@ -68,14 +68,16 @@ def test_gsm8k_on_4bit_and_8bit_bases(ray_cluster, tmp_path):
     # Reload the saved 4-bit adapter (ray_jobs.generate's path: a Ray task) and answer a new question.
     folder = adapters.resolve(four["checkpoint"])
     cfg = adapters.read_config(folder)
-    out = adapter_jobs.generate(cfg, folder, ["Tom has 3 apples and buys 4 more. How many apples does he have?"], 12)
+    out = adapter_jobs.generate(cfg, folder, ["Tom has 3 apples and buys 4 more. How many apples does he have?"], 8)
     assert len(out["completions"]) == 1 and out["completions"][0].strip()
 
 
 def test_qlora_recipe_cpu_variant(ray_cluster, tmp_path):
+    few = tmp_path / "mc.jsonl"  # 8 of the 100 held-out questions: CPU time
+    few.write_text("".join((ROOT / "data" / "sst2_mc_eval.jsonl").read_text().splitlines(keepends=True)[:8]))
     result = train("configs/cpu/qlora_recipe.yaml", tmp_path, "recipe",
                    ["train.batch_size=4", "train.max_steps=3", "train.learning_rate=1e-3",
-                    "evaluation.max_new_tokens=2"])
+                    "evaluation.max_new_tokens=2", f"evaluation.multiple_choice_path={few}"])
     out = files_beside_adapter(result, 2)
     before, after = out["metrics"]["before"], out["metrics"]["after"]
     assert 0.0 <= before["mc_accuracy"] <= 1.0 and 0.0 <= after["mc_accuracy"] <= 1.0
