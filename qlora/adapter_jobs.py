@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from qlora import adapters, checkpoint, driver, preflight, tracking
+from qlora import adapters, checkpoint, driver, evaluation, preflight, tracking
 from qlora.config import JobConfig, load_config
 from qlora.errors import ConfigError, TrainingFailure, UserError
 
@@ -75,10 +75,7 @@ def evaluate(ref: str, cfg: JobConfig, folder: Path, out: str | None) -> dict:
     run_id = None
     with tempfile.TemporaryDirectory() as tmp:
         folder_out = Path(out) if out else Path(tmp)
-        folder_out.mkdir(parents=True, exist_ok=True)
-        (folder_out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        with open(folder_out / "predictions.jsonl", "w") as f:
-            f.writelines(json.dumps(p) + "\n" for p in predictions)
+        evaluation.write_results(folder_out, metrics, predictions)
         if uri:
             trained_on = adapters.read_config(folder).data.path
             run_id = tracking.start_run(uri, cfg.tracking.experiment, f"eval-{Path(ref).name or ref}", {}, {
@@ -93,7 +90,7 @@ def evaluate(ref: str, cfg: JobConfig, folder: Path, out: str | None) -> dict:
 
 
 def _evaluate_task(cfg_json: str, files: dict) -> dict:
-    from qlora import distributed, evaluation
+    from qlora import distributed, multiple_choice
     from qlora.data import prepare
     cfg = JobConfig.from_json(cfg_json)
     ctx = distributed.context(cfg.scaling.use_gpu)
@@ -102,13 +99,9 @@ def _evaluate_task(cfg_json: str, files: dict) -> dict:
     data = prepare(cfg.data, tokenizer)
     if cfg.model.task == "sequence_classification":
         return _classification_predictions(model, tokenizer, cfg, data.eval, ctx)
-    metrics = evaluation.eval_loss(model, data.eval, tokenizer.pad_token_id, cfg.evaluation.batch_size, ctx)
-    chosen = data.eval[:cfg.evaluation.num_generate] if cfg.evaluation.generate else []
-    answers = evaluation.answers(model, chosen, tokenizer, cfg.evaluation, ctx.device)
-    if chosen:
-        metrics["exact_match"] = sum(a == e["reference"] for a, e in zip(answers, chosen)) / len(chosen)
-    predictions = [{"prompt": tokenizer.decode(e["prompt_ids"]), "answer": a, "reference": e["reference"],
-                    "correct": a == e["reference"]} for a, e in zip(answers, chosen)]
+    predictions: list[dict] = []
+    metrics = evaluation.evaluate(model, data.eval, tokenizer, cfg, ctx, multiple_choice.prepare(cfg, tokenizer),
+                                  predictions)
     return {"metrics": metrics, "predictions": predictions}
 
 
@@ -226,6 +219,8 @@ def _merge_task(cfg_json: str, files: dict, out: str, dtype_name: str) -> dict:
         trust_remote_code=cfg.model.trust_remote_code, device_map={"": ctx.device}, **task_kwargs)
     if task_kwargs:
         base.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.model.pad_token == "add":  # the [PAD] rows training had (the merged model keeps them)
+        modeling.grow_embeddings(base, len(tokenizer))
     with tempfile.TemporaryDirectory() as tmp:
         model = PeftModel.from_pretrained(base, str(adapters.unpack(files, Path(tmp)) / adapters.ADAPTER_DIR))
     probe = torch.tensor([tokenizer.encode("The quick brown fox jumps over the lazy dog.")], device=ctx.device)

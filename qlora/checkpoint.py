@@ -40,7 +40,9 @@ def save(folder: Path, model, cfg: JobConfig, optimizer=None, scheduler=None, st
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / "adapter")
+    # Adapter weights only: embedding rows added for a [PAD] token are re-created at load (modeling.grow_embeddings),
+    # where peft's "auto" would save the whole resized embedding (hundreds of MB) into every checkpoint.
+    model.save_pretrained(tmp / "adapter", save_embedding_layers=False)
     write_config(cfg, tmp)
     if optimizer is not None:
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,

@@ -41,6 +41,11 @@ class ModelSection(Section):
         "head on the last token predicts one of num_labels classes (data.format classification or pairwise).")
     num_labels: Optional[int] = Field(None, ge=2, description="Classes of a sequence_classification model; unset: "
                                       "the largest label in the data plus one.")
+    pad_token: Literal["eos", "add"] = Field(
+        "eos", description="Padding when the tokenizer has no pad token of its own. eos: reuse EOS (padding is "
+        "masked out of attention and loss). add: add a [PAD] token (also when the pad token is EOS), grow the "
+        "embeddings and set the new rows to the mean of the existing ones (QLoRA's recipe); the rows are "
+        "re-created identically whenever the base is loaded, so the adapter does not carry them.")
 
 
 class QuantizationSection(Section):
@@ -97,12 +102,14 @@ CLASSIFICATION_FORMATS = ("classification", "pairwise")
 
 class DataSection(Section):
     path: str = Field(..., description="Training data: a local .json/.jsonl/.csv/.parquet file.")
-    format: Literal["auto", "alpaca", "messages", "sharegpt", "text", "classification", "pairwise"] = Field(
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "text", "qa", "multiple_choice", "classification",
+                    "pairwise"] = Field(
         "auto", description="alpaca: instruction/input/output; messages: [{role, content}]; sharegpt: "
-        "conversations [{from, value}]; text: one `text` field trained whole; auto: chosen from the columns "
-        "(generation formats only). With model.task=sequence_classification: classification (a text column and "
-        "an integer label column) or pairwise (prompt, response_a, response_b and winner_model_a / "
-        "winner_model_b / winner_tie flags -> labels 0 / 1 / 2).",
+        "conversations [{from, value}]; text: one `text` field trained whole; qa: question/answer (GSM8K), "
+        "multiple_choice: question/choices/answer (letter or index), both rendered as alpaca; auto: chosen "
+        "from the columns (generation formats only). With model.task=sequence_classification: classification (a "
+        "text column and an integer label column) or pairwise (prompt, response_a, response_b and "
+        "winner_model_a / winner_model_b / winner_tie flags -> labels 0 / 1 / 2).",
     )
     text_column: str = Field("text", min_length=1, description="format=classification: the column holding the text.")
     label_column: str = Field("label", min_length=1, description="format=classification: the column holding the "
@@ -116,7 +123,13 @@ class DataSection(Section):
     fraction: float = Field(1.0, gt=0, le=1, description="Use this fraction of the training records "
                             "(nested: a smaller fraction is a subset of a larger one with the same seed).")
     max_length: int = Field(512, ge=8, description="Tokens per example; longer examples are truncated.")
-    train_on_prompt: bool = Field(False, description="Also compute loss on prompt tokens.")
+    max_source_length: Optional[int] = Field(
+        None, ge=1, description="Cap each prompt (source) segment at this many tokens, keeping its end (the part "
+        "next to the answer); QLoRA's source_max_len. Applied before max_length.")
+    max_target_length: Optional[int] = Field(
+        None, ge=1, description="Cap each answer (target) segment at this many tokens, keeping its start; QLoRA's "
+        "target_max_len. Applied before max_length.")
+    train_on_prompt: bool = Field(False, description="Also compute loss on prompt tokens (QLoRA's train_on_source).")
     system_prompt: Optional[str] = Field(None, description="System message for alpaca records rendered as chat.")
     seed: int = Field(0, description="Seed of the eval split and of subsetting.")
     packing: bool = Field(False, description="Pack several training examples into each row of up to max_length "
@@ -127,6 +140,16 @@ class DataSection(Section):
     def _one_held_out_set(self):
         if self.kfold is not None and self.eval_path:
             raise ValueError("data.kfold and data.eval_path both choose the held-out set: keep one")
+        return self
+
+    @model_validator(mode="after")
+    def _segment_caps_fit(self):
+        if self.max_source_length and self.max_target_length and \
+                self.max_source_length + self.max_target_length > self.max_length:
+            total = self.max_source_length + self.max_target_length
+            raise ValueError(f"data.max_source_length={self.max_source_length} + data.max_target_length="
+                             f"{self.max_target_length} = {total} exceeds data.max_length={self.max_length}, which "
+                             f"would cut answers anyway: raise data.max_length to {total}, or lower the two caps")
         return self
 
 
@@ -181,6 +204,13 @@ class EvaluationSection(Section):
     max_new_tokens: int = Field(32, gt=0)
     num_generate: int = Field(32, gt=0, description="Held-out examples to generate for.")
     batch_size: int = Field(16, gt=0)
+    answer_metric: Literal["exact", "final_number"] = Field(
+        "exact", description="exact: exact_match only. final_number: also final_number_match, whether the last "
+        "number of the answer (GSM8K: the one after '####') equals the reference's.")
+    multiple_choice_path: Optional[str] = Field(
+        None, description="Held-out multiple-choice file (question, choices, answer letter or index), scored "
+        "MMLU-style before and after training by comparing the next-token logits of the answer letters "
+        "(metric mc_accuracy).")
 
 
 class ScalingSection(Section):

@@ -18,7 +18,9 @@ from qlora.errors import DataError
 
 IGNORE = -100
 REQUIRED_COLUMNS = {"alpaca": ("instruction", "output"), "messages": ("messages",),
-                    "sharegpt": ("conversations",), "text": ("text",)}
+                    "sharegpt": ("conversations",), "text": ("text",), "qa": ("question", "answer"),
+                    "multiple_choice": ("question", "choices", "answer")}
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system"}
 TOOL_ROLES = ("function_call", "observation", "tool", "function")  # LLaMA-Factory / glaive tool-calling turns
@@ -33,12 +35,57 @@ IdSegment = tuple[list[int], bool]  # (token ids, trained on)
 # --- pure functions ----------------------------------------------------------------------------------
 
 def detect_format(columns: Sequence[str]) -> str:
-    for fmt in ("messages", "sharegpt", "alpaca", "text"):
+    for fmt in ("messages", "sharegpt", "alpaca", "multiple_choice", "qa", "text"):
         if all(c in columns for c in REQUIRED_COLUMNS[fmt]):
             return fmt
     raise DataError(f"cannot tell the data format from the columns {sorted(columns)}",
                     "set data.format (alpaca needs instruction+output, messages needs messages, sharegpt needs "
-                    "conversations, text needs text)")
+                    "conversations, qa needs question+answer, multiple_choice needs question+choices+answer, "
+                    "text needs text)")
+
+
+def choice_prompt(question: str, choices: Sequence[str]) -> str:
+    """A multiple-choice question as one instruction: the question, lettered choices, what to answer."""
+    lines = [question.strip()] + [f"{LETTERS[i]}. {c}" for i, c in enumerate(choices)]
+    return "\n".join(lines) + "\nAnswer with the letter of the correct choice."
+
+
+def answer_letter(answer, n_choices: int) -> str:
+    """The answer of a multiple-choice record as a letter: given as a letter ("B") or a 0-based index (1)."""
+    if isinstance(answer, bool):
+        raise ValueError(f"answer {answer!r} is neither a letter nor an index")
+    if isinstance(answer, int):
+        index = answer
+    elif isinstance(answer, str) and len(answer.strip()) == 1 and answer.strip().upper() in LETTERS:
+        index = LETTERS.index(answer.strip().upper())
+    else:
+        raise ValueError(f"answer {answer!r} is neither a letter nor an index")
+    if not 0 <= index < n_choices:
+        raise ValueError(f"answer {answer!r} names no choice (there are {n_choices})")
+    return LETTERS[index]
+
+
+def as_alpaca(record: dict, fmt: str) -> dict:
+    """qa and multiple_choice records mapped onto alpaca columns (rendered and masked the same way)."""
+    if fmt == "qa":
+        return {"instruction": record["question"], "input": "", "output": record["answer"]}
+    if fmt == "multiple_choice":
+        return {"instruction": choice_prompt(record["question"], record["choices"]), "input": "",
+                "output": answer_letter(record["answer"], len(record["choices"]))}
+    raise ValueError(fmt)
+
+
+def cap_segments(segments: Sequence[IdSegment], max_source: Optional[int], max_target: Optional[int]) -> list[IdSegment]:
+    """QLoRA's source_max_len / target_max_len, per segment: a prompt segment keeps its LAST max_source
+    tokens (the end carries the generation prompt next to the answer), an answer segment its FIRST
+    max_target tokens. None leaves a kind uncapped."""
+    out = []
+    for ids, trained in segments:
+        cap = max_target if trained else max_source
+        if cap is not None and len(ids) > cap:
+            ids = ids[:cap] if trained else ids[len(ids) - cap:]
+        out.append((list(ids), trained))
+    return out
 
 
 def to_messages(record: dict, fmt: str, system_prompt: Optional[str] = None) -> list[dict]:
@@ -244,6 +291,9 @@ def read_records(path: str, key: str = "data.path") -> list[dict]:
 
 
 RECORD_SHAPES = {"alpaca": "string instruction and output (input optional)",
+                 "qa": "string question and answer",
+                 "multiple_choice": "string question, choices (a list of at least 2 strings) and answer (a letter or "
+                                    "a 0-based index of a choice)",
                  "messages": "messages: a list of {role, content} with string values",
                  "sharegpt": "conversations: a list of {from, value} with string values and 'from' one of "
                              + "/".join(SHAREGPT_ROLES),
@@ -265,6 +315,24 @@ def record_problem(record: dict, fmt: str) -> Optional[str]:
         return None
     if fmt == "text":
         return None if isinstance(record.get("text"), str) else not_str("text", record.get("text"))
+    if fmt == "qa":
+        for key in ("question", "answer"):
+            if not isinstance(record.get(key), str):
+                return not_str(key, record.get(key))
+        return None
+    if fmt == "multiple_choice":
+        choices = record.get("choices")
+        if not isinstance(record.get("question"), str):
+            return not_str("question", record.get("question"))
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+            return f"'choices' is {repr(choices)[:60]}, not a list of at least 2 strings"
+        if len(choices) > len(LETTERS):
+            return f"'choices' has {len(choices)} entries; at most {len(LETTERS)} can be lettered"
+        try:
+            answer_letter(record.get("answer"), len(choices))
+        except ValueError as e:
+            return str(e)
+        return None
     column, fields = {"messages": ("messages", ("role", "content")),
                       "sharegpt": ("conversations", ("from", "value"))}[fmt]
     turns = record.get(column)
@@ -314,9 +382,12 @@ class Encoder:
 
     def segments(self, record: dict) -> list[Segment]:
         tok = self.tokenizer
-        if self.fmt == "text":
+        fmt = self.fmt
+        if fmt in ("qa", "multiple_choice"):
+            record, fmt = as_alpaca(record, fmt), "alpaca"
+        if fmt == "text":
             return [(record["text"] + (tok.eos_token or ""), True)]
-        if self.fmt == "alpaca" and not tok.chat_template:
+        if fmt == "alpaca" and not tok.chat_template:
             ctx = ", paired with an input that provides further context" if record.get("input") else ""
             inp = f"### Input:\n{record['input']}\n\n" if record.get("input") else ""
             prompt = ALPACA_PROMPT.format(ctx=ctx, instruction=record["instruction"], input=inp)
@@ -324,18 +395,20 @@ class Encoder:
         if not tok.chat_template:
             raise DataError(f"data.format={self.fmt} renders chat messages, but the tokenizer has no chat template",
                             "use a chat/instruct model's tokenizer, or data.format=alpaca / text")
-        messages = to_messages(record, self.fmt, self.cfg.system_prompt)
+        messages = to_messages(record, fmt, self.cfg.system_prompt)
         return render_segments(messages, lambda m, gen: tok.apply_chat_template(
             m, tokenize=False, add_generation_prompt=gen))
 
     def encode(self, record: dict) -> dict:
         segs = self.segments(record)
-        ids = [(self.tokenizer.encode(text, add_special_tokens=False), trained) for text, trained in segs]
+        raw = [(self.tokenizer.encode(text, add_special_tokens=False), trained) for text, trained in segs]
+        ids = cap_segments(raw, self.cfg.max_source_length, self.cfg.max_target_length)
         ex = build_example(ids, self.cfg.max_length, self.cfg.train_on_prompt)
-        # What generation-based evaluation needs: the prompt before the last answer, and that answer.
+        # What generation-based evaluation needs: the prompt before the last answer (as the model sees it),
+        # and that answer in full (the reference is never cut by max_target_length).
         last = max(i for i, (_, trained) in enumerate(segs) if trained)
         ex["prompt_ids"] = [t for seg_ids, _ in ids[:last] for t in seg_ids][-self.cfg.max_length:]
-        ex["reference"] = self.tokenizer.decode(ids[last][0], skip_special_tokens=True).strip()
+        ex["reference"] = self.tokenizer.decode(raw[last][0], skip_special_tokens=True).strip()
         return ex
 
 

@@ -70,6 +70,18 @@ def shard_exact(items: list, ctx: Context) -> list:
     return items[ctx.rank::ctx.world_size]
 
 
+def gather_shards(items: list, ctx: Context) -> list:
+    """The inverse of shard_exact: every rank's share back in the original order (all ranks get it)."""
+    if ctx.world_size == 1:
+        return list(items)
+    shares = [None] * ctx.world_size
+    dist.all_gather_object(shares, list(items))
+    out = [None] * sum(len(s) for s in shares)
+    for rank, share in enumerate(shares):
+        out[rank::ctx.world_size] = share
+    return out
+
+
 def all_sum(values: list[float], ctx: Context) -> list[float]:
     if ctx.world_size == 1:
         return values

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora import adapters, classification, memory, modeling, plan, preflight, tracking
+from qlora import adapters, classification, memory, modeling, multiple_choice, plan, preflight, tracking
 from qlora.config import JobConfig, flatten, redact_uri
 from qlora.data import IGNORE, PreparedData, prepare
 from qlora.errors import ConfigError, EnvironmentProblem, TrainingFailure, UserError
@@ -29,6 +29,7 @@ class Prepared:
     tokenizer: object
     data: PreparedData
     lora_params: int
+    mc_records: int = 0
 
 
 def prepare_job(cfg: JobConfig) -> Prepared:
@@ -43,8 +44,9 @@ def prepare_job(cfg: JobConfig) -> Prepared:
                           "a text record has no prompt/answer split, so evaluation.generate has nothing to score",
                           "set evaluation.generate=false (the held-out loss and perplexity are the metrics)")
     cfg = classification.with_num_labels(cfg, data)  # labels checked against model.num_labels before Ray
+    mc_items = multiple_choice.prepare(cfg, tokenizer)  # checked here so a bad file fails before Ray
     lora_model = modeling.meta_lora_model(cfg, source)
-    return Prepared(cfg, source, tokenizer, data, modeling.lora_param_count(lora_model))
+    return Prepared(cfg, source, tokenizer, data, modeling.lora_param_count(lora_model), len(mc_items))
 
 
 def dry_run(cfg: JobConfig) -> dict:
@@ -78,6 +80,8 @@ def dry_run(cfg: JobConfig) -> dict:
                 "num_labels": job.cfg.model.num_labels, "label_counts": s["label_counts"],
                 "token_length_p50": s["token_length_p50"], "token_length_p95": s["token_length_p95"],
                 "truncated_fraction": s["truncated_fraction"]}
+    if job.mc_records:
+        print(f"multiple-choice eval: {job.mc_records} records from {cfg.evaluation.multiple_choice_path}")
     print("one training example ([[...]] is trained on, the rest is masked out of the loss):")
     print("".join(f"[[{t}]]" if trained and not cfg.data.train_on_prompt else t for t, trained in job.data.sample_segments))
     first = job.data.train[0]
@@ -121,7 +125,10 @@ def worker_config(cfg: JobConfig) -> JobConfig:
     model = cfg.model
     if Path(model.name).expanduser().exists():
         model = model.model_copy(update={"name": str(Path(model.name).expanduser().resolve())})
-    return cfg.model_copy(update={"data": data, "model": model})
+    evaluation = cfg.evaluation
+    if evaluation.multiple_choice_path:
+        evaluation = evaluation.model_copy(update={"multiple_choice_path": str(Path(evaluation.multiple_choice_path).resolve())})
+    return cfg.model_copy(update={"data": data, "model": model, "evaluation": evaluation})
 
 
 def connect_ray(address: str | None) -> bool:
@@ -232,6 +239,9 @@ def finish(result, job: Prepared, uri: str | None, run_id: str | None) -> dict:
             logged = adapters.log_to_mlflow(uri, run_id, ckpt_dir, model_metadata(job), job.cfg.tracking.register_as)
             c = tracking.client(uri)
             c.log_artifact(run_id, str(ckpt_dir / "config.yaml"))
+            for name in ("metrics.json", "predictions.jsonl"):  # written by rank 0 beside the final adapter
+                if (ckpt_dir / name).is_file():
+                    c.log_artifact(run_id, str(ckpt_dir / name))
             c.set_tag(run_id, "checkpoint_path", str(ckpt_dir))
             _finish(uri, run_id, "FINISHED")
         except Exception as e:  # the adapter is safe in storage; losing the tracking server must not lose it
@@ -241,7 +251,8 @@ def finish(result, job: Prepared, uri: str | None, run_id: str | None) -> dict:
     return {"adapter": str(ckpt_dir / adapters.ADAPTER_DIR), "checkpoint": str(ckpt_dir), "mlflow_run_id": run_id,
             "tracking_uri": redact_uri(uri) if uri else None, **logged, "metrics_before": before, "metrics_after": after,
             "train_seconds": metrics.get("train_seconds"), "steps": metrics.get("step"),
-            "tokens_per_second": metrics.get("tokens_per_second"), "packing_efficiency": metrics.get("packing_efficiency")}
+            "tokens_per_second": metrics.get("tokens_per_second"), "packing_efficiency": metrics.get("packing_efficiency"),
+            "weights_memory_gib": metrics.get("weights_memory_gib"), "peak_memory_gib": metrics.get("peak_memory_gib")}
 
 
 def model_metadata(job: Prepared) -> dict:

@@ -1,7 +1,10 @@
 """Held-out metrics: token loss / perplexity, and exact match of greedy generations."""
 from __future__ import annotations
 
+import json
 import math
+import re
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -60,20 +63,75 @@ def answers(model, examples: list[dict], tokenizer, cfg, device: torch.device) -
     return out
 
 
-def exact_match(model, examples: list[dict], tokenizer, cfg, ctx) -> dict:
-    """Fraction of held-out prompts whose greedy answer equals the reference answer exactly."""
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def final_number(text: str):
+    """The answer's final number, GSM8K-style: the last number after the last '####' if there is one, else
+    the last number of the text; commas dropped, compared as a value ("72.0" == "72"). None if none."""
+    tail = text.rsplit("####", 1)[1] if "####" in text else text
+    found = NUMBER.findall(tail)
+    if not found:
+        return None
+    try:
+        return float(found[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+def prediction_records(examples: list[dict], predicted: list[str], tokenizer, answer_metric: str) -> list[dict]:
+    """One line of predictions.jsonl per generated example (the train job and ray_jobs.evaluate write these)."""
+    out = []
+    for e, a in zip(examples, predicted):
+        rec = {"prompt": tokenizer.decode(e["prompt_ids"]), "answer": a, "reference": e["reference"],
+               "correct": a == e["reference"]}
+        if answer_metric == "final_number":
+            rec["final_number_correct"] = final_number(a) is not None and final_number(a) == final_number(e["reference"])
+        out.append(rec)
+    return out
+
+
+def generation_metrics(records: list[dict]) -> tuple[float, ...]:
+    """(examples, exact hits, final-number hits) of prediction records, summed across ranks by the caller."""
+    return (len(records), sum(r["correct"] for r in records), sum(r.get("final_number_correct", False) for r in records))
+
+
+def exact_match(model, examples: list[dict], tokenizer, cfg, ctx, predictions: list | None = None) -> dict:
+    """Fraction of held-out prompts whose greedy answer equals the reference answer exactly (and, with
+    cfg.answer_metric=final_number, whose final number does). This rank's prediction records are appended
+    to `predictions` when it is given."""
     chosen = distributed.shard_exact(examples[:cfg.num_generate], ctx)
-    hits = sum(a == e["reference"] for a, e in zip(answers(model, chosen, tokenizer, cfg, ctx.device), chosen))
-    hits, n = distributed.all_sum([hits, len(chosen)], ctx)
-    return {"exact_match": hits / max(n, 1)}
+    records = prediction_records(chosen, answers(model, chosen, tokenizer, cfg, ctx.device), tokenizer,
+                                 cfg.answer_metric)
+    if predictions is not None:
+        predictions.extend(records)
+    n, hits, number_hits = distributed.all_sum(list(generation_metrics(records)), ctx)
+    metrics = {"exact_match": hits / max(n, 1)}
+    if cfg.answer_metric == "final_number":
+        metrics["final_number_match"] = number_hits / max(n, 1)
+    return metrics
 
 
-def evaluate(model, examples: list[dict], tokenizer, cfg, ctx) -> dict:
-    """All held-out metrics the config asks for; `cfg` is the JobConfig."""
+def evaluate(model, examples: list[dict], tokenizer, cfg, ctx, mc_items: list | None = None,
+             predictions: list | None = None) -> dict:
+    """All held-out metrics the config asks for; `cfg` is the JobConfig, `mc_items` the prepared
+    multiple-choice set (qlora.multiple_choice.prepare)."""
     if cfg.model.task == "sequence_classification":  # accuracy and log loss; nothing to generate
         from qlora import classification
         return classification.evaluate(model, examples, tokenizer.pad_token_id, cfg.evaluation.batch_size, ctx)
     metrics = eval_loss(model, examples, tokenizer.pad_token_id, cfg.evaluation.batch_size, ctx)
     if cfg.evaluation.generate:
-        metrics.update(exact_match(model, examples, tokenizer, cfg.evaluation, ctx))
+        metrics.update(exact_match(model, examples, tokenizer, cfg.evaluation, ctx, predictions))
+    if mc_items:
+        from qlora import multiple_choice
+        metrics.update(multiple_choice.accuracy(model, mc_items, tokenizer.pad_token_id, cfg.evaluation.batch_size, ctx))
     return metrics
+
+
+def write_results(folder: Path, metrics: dict, predictions: list[dict]) -> None:
+    """metrics.json and predictions.jsonl in `folder` (the train job's final checkpoint, ray_jobs.evaluate --out)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    with open(folder / "predictions.jsonl", "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in predictions)

@@ -17,6 +17,7 @@ from qlora.errors import ConfigError
 from qlora.model_source import ModelSource
 
 LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+PAD_TOKEN = "[PAD]"  # what model.pad_token=add adds, as QLoRA does
 
 
 def compute_dtype(quant: QuantizationSection, device: torch.device) -> torch.dtype:
@@ -86,10 +87,28 @@ def load_tokenizer(source: ModelSource, cfg: JobConfig):
                           f"{why})", fix) from None
     if source.is_local:
         check_vocab(tok, Path(source.path))
-    if tok.pad_token is None:
+    if cfg.model.pad_token == "add" and (tok.pad_token is None or tok.pad_token == tok.eos_token):
+        tok.add_special_tokens({"pad_token": PAD_TOKEN})  # load_base_model grows the embeddings to match
+    elif tok.pad_token is None:
         # Padding positions are masked out of attention and loss, so reusing EOS is harmless here.
         tok.pad_token = tok.eos_token
     return tok
+
+
+def grow_embeddings(model, n_tokens: int) -> int:
+    """Give the model `n_tokens` embedding rows if it has fewer; the new input and output rows are the mean
+    of the existing ones (QLoRA's smart_tokenizer_and_embedding_resize). Deterministic given the base
+    weights, so training and every later load create identical rows. Returns how many rows were added."""
+    old = model.get_input_embeddings().weight.shape[0]
+    if n_tokens <= old:
+        return 0
+    model.resize_token_embeddings(n_tokens, mean_resizing=False)
+    with torch.no_grad():
+        weights = {m.weight.data_ptr(): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                   if m is not None}  # tied embeddings: one tensor, set once
+        for w in weights.values():
+            w[old:] = w[:old].float().mean(0, keepdim=True).to(w.dtype)
+    return n_tokens - old
 
 
 def check_vocab(tok, folder: Path) -> None:
@@ -130,6 +149,8 @@ def load_base_model(cfg: JobConfig, source: ModelSource, device: torch.device, p
     model.config.use_cache = False
     if task_kwargs:
         model.config.pad_token_id = pad_token_id
+    if cfg.model.pad_token == "add":  # the rows of an added [PAD] token (see load_tokenizer)
+        grow_embeddings(model, len(load_tokenizer(source, cfg)))
     if qconf is not None:
         from peft import prepare_model_for_kbit_training
         # Casts norms/embeddings to fp32 (stable training) and wires gradient checkpointing.

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from qlora import checkpoint, classification, distributed, evaluation, kernels, memory, modeling, speed
+from qlora import checkpoint, classification, distributed, evaluation, kernels, memory, modeling, multiple_choice, speed
 from qlora.config import JobConfig
 from qlora.data import collate, collate_packed, length_grouped_order, prepare
 from qlora.errors import TrainingFailure
@@ -96,6 +96,13 @@ def model_inputs(batch: dict) -> dict:
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
+# What peak_memory_gib measures, written beside it in metrics.json.
+PEAK_MEMORY_KIND = {"cuda": "torch.cuda.max_memory_allocated (tensors on the GPU; excludes the CUDA context and "
+                            "allocator cache)",
+                    "cpu": "max resident set size of the worker process (weights, activations, optimizer, plus "
+                           "Python, torch and Ray overhead)"}
+
+
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -122,6 +129,9 @@ def train_loop_per_worker(payload: dict) -> None:
     # A classifier's new head is initialised randomly inside from_pretrained: same seed, same head on every rank.
     torch.manual_seed(cfg.train.seed)
     base = modeling.load_base_model(cfg, source, ctx.device, tokenizer.pad_token_id)
+    # Bytes of the base's parameters and buffers as loaded (quantized weights + their scales), before LoRA.
+    weights_gib = base.get_memory_footprint() / 2**30
+    mc_items = multiple_choice.prepare(cfg, tokenizer)
     if cfg.train.kernels == "liger":
         kernels.apply_liger(base)
     if cfg.train.gradient_checkpointing and cfg.train.checkpointed_fraction < 1:
@@ -157,10 +167,10 @@ def train_loop_per_worker(payload: dict) -> None:
             ray.train.report(saved["metrics"])
             return
     if before is None:
-        before = evaluation.evaluate(model, data.eval, tokenizer, cfg, ctx)
+        before = evaluation.evaluate(model, data.eval, tokenizer, cfg, ctx, mc_items)
         log(ctx, f"before training: {before}")
 
-    def report(metrics: dict, save: bool, final: bool = False):
+    def report(metrics: dict, save: bool, final: bool = False, predictions: list | None = None):
         if sink:
             sink.log(metrics, step)
         ckpt = None
@@ -168,6 +178,9 @@ def train_loop_per_worker(payload: dict) -> None:
             if save and ctx.is_writer:
                 folder = checkpoint.save(Path(tmp) / "checkpoint", model, cfg, optimizer, scheduler,
                                          {"step": step, "before": before, "final": final, "metrics": metrics})
+                if final:  # beside the final adapter: what it was measured at, and what it generated
+                    evaluation.write_results(folder, final_results(metrics, before, ctx.device), predictions or [])
+                    checkpoint.write_manifest(folder)
                 ckpt = ray.train.Checkpoint.from_directory(str(folder))
             ray.train.report(metrics, checkpoint=ckpt)
 
@@ -219,21 +232,35 @@ def train_loop_per_worker(payload: dict) -> None:
                    "learning_rate": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                    "tokens_per_second": tok_all / elapsed, "peak_memory_gib": peak_memory_gib(ctx.device),
                    # Real (non-pad) tokens / batch slots: what packing or group_by_length save on padding.
-                   "packing_efficiency": tok_all / max(slots_all, 1)}
+                   "packing_efficiency": tok_all / max(slots_all, 1),
+                   "weights_memory_gib": weights_gib}
         if mfu is not None:  # GPUs only: a CPU has no meaningful tensor-core peak
             metrics["mfu"] = mfu_all / ctx.world_size
+        predictions = [] if last else None
         if do_eval:
-            metrics.update(evaluation.evaluate(model, data.eval, tokenizer, cfg, ctx))
+            metrics.update(evaluation.evaluate(model, data.eval, tokenizer, cfg, ctx, mc_items, predictions))
+            if last:
+                predictions = distributed.gather_shards(predictions, ctx)
         if last:
             metrics["train_seconds"] = time.perf_counter() - train_start
             metrics.update({f"before_{k}": v for k, v in before.items()})
         log(ctx, f"step {step}/{plan.total_steps} " + " ".join(
             f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
-        report(metrics, save=do_save, final=last)
+        report(metrics, save=do_save, final=last, predictions=predictions)
         tokens, slots, window_loss, window_steps, t0 = 0, 0, 0.0, 0, time.perf_counter()
         flops.reset()
     if sink:
         sink.flush()
+
+
+def final_results(metrics: dict, before: dict, device: torch.device) -> dict:
+    """metrics.json of a finished run: held-out metrics before and after, training numbers, memory."""
+    after = {k: metrics[k] for k in before if k in metrics}
+    return {"before": before, "after": after,
+            "train": {k: metrics.get(k) for k in ("step", "loss", "train_seconds", "tokens_per_second")},
+            "memory": {"weights_gib": metrics["weights_memory_gib"], "peak_gib": metrics["peak_memory_gib"],
+                       "weights_kind": "model.get_memory_footprint() of the loaded base before LoRA "
+                                       "(parameters + buffers)", "peak_kind": PEAK_MEMORY_KIND[device.type]}}
 
 
 def restore(folder: Path, model, optimizer, scheduler) -> dict:

@@ -1,4 +1,5 @@
-"""Evaluate a saved adapter on held-out data: loss, perplexity, exact match; predictions.jsonl + metrics.json.
+"""Evaluate a saved adapter on held-out data: loss, perplexity, exact match (plus final_number_match and
+mc_accuracy when evaluation.answer_metric / evaluation.multiple_choice_path ask); predictions.jsonl + metrics.json.
 
     python -m ray_jobs.evaluate --adapter models:/NAME/VERSION [--config configs/X.yaml] [--set ...] [--out DIR]
 """

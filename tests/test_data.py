@@ -87,7 +87,7 @@ def test_detect_format():
     assert detect_format(["conversations", "id"]) == "sharegpt"
     assert detect_format(["text"]) == "text"
     with pytest.raises(DataError, match="data.format"):
-        detect_format(["question", "answer"])
+        detect_format(["prompt", "completion"])  # (question/answer is the qa format now)
 
 
 def test_chat_masking_with_real_smollm_tokenizer(smollm_tokenizer):
