@@ -311,7 +311,7 @@ DATA_CASES = [
     ("invalid JSON", "d.json", '[{"instruction": "a", "output": "b"},', {}, "could not be parsed as json",
      "fix the file so it is valid json"),
     ("unknown extension", "d.txt", "hello", {}, "unknown extension '.txt'", "use a .json, .jsonl, .csv"),
-    ("columns of no format", "d.csv", "question,answer\nq,a\nq2,a2\n", {}, "cannot tell the data format",
+    ("columns of no format", "d.csv", "prompt,completion\nq,a\nq2,a2\n", {}, "cannot tell the data format",
      "set data.format"),
     ("columns missing for the format", "people", None, {"format": "messages"}, "lacks column(s) ['messages']",
      "set data.format to match the file"),
