@@ -5,13 +5,7 @@
 #
 # Wheels (bitsandbytes, pydantic, liger-kernel) and peer_baseline.py travel in .whl_speed/:
 #   run(command="bash benchmarks/gpu_speed.sh", carry=[".whl_speed"])
-set -o pipefail
-OUT=${OUT:-/tmp/gpu_speed_out}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  .whl_speed/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+source benchmarks/gpu_speed_env.sh
 python3 -c "import torch, transformers, peft, bitsandbytes, liger_kernel, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bnb', bitsandbytes.__version__, 'triton', triton.__version__)"
 for shape in 8b 1b; do
   echo "=== peer $shape"

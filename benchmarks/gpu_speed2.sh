@@ -5,13 +5,7 @@
 #
 # .whl_speed/ carries the wheels, peer_baseline.py, alpaca_en_demo.json (../shared/data/llamafactory_demo)
 # and tok/ (SmolLM2's tokenizer):  run(command="bash benchmarks/gpu_speed2.sh", carry=[".whl_speed"])
-set -o pipefail
-OUT=${OUT:-/tmp/gpu_speed_out}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  .whl_speed/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-date -u; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+source benchmarks/gpu_speed_env.sh
 M=/tmp/rand-llama-8b
 echo "=== peer 8b (also saves the random model)"
 timeout 200 python3 .whl_speed/peer_baseline.py --model 8b --bs 4 --seq 2048 --quant nf4 --gc 1 --steps 6 --warmup 2 \

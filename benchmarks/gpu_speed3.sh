@@ -3,12 +3,7 @@
 # peer-style padded loop (4 examples padded to the longest, autocast, full checkpointing) against our levers
 # with packing (4 rows of 2048 tokens); and compile + selective checkpointing at the peer's memory.
 #   run(command="bash benchmarks/gpu_speed3.sh", carry=[".whl_speed"])
-set -o pipefail
-OUT=${OUT:-/tmp/gpu_speed_out}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  .whl_speed/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+source benchmarks/gpu_speed_env.sh
 M=/tmp/rand-llama-8b
 timeout 200 python3 .whl_speed/peer_baseline.py --model 8b --bs 4 --seq 2048 --quant nf4 --gc 1 --steps 6 --warmup 2 \
   | tee -a "$OUT/peer.jsonl"

@@ -20,7 +20,9 @@ import torch
 
 from qlora import kernels, modeling, speed
 from qlora.config import JobConfig
+from qlora.evaluation import to_tensors
 from qlora.model_source import ModelSource
+from qlora.worker import model_inputs, train_batch
 
 # CUDA on the GPU host; CPU only to check this script itself on a tiny model before spending GPU time.
 DEVICE = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -62,25 +64,18 @@ def real_batches(args, packed: bool, device) -> list[dict]:
     from transformers import AutoTokenizer
 
     from qlora.config import DataSection
-    from qlora.data import Encoder, collate, collate_packed, pack_examples
+    from qlora.data import Encoder, pack_examples
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     tok.pad_token = tok.pad_token or tok.eos_token
     records = json.loads(open(args.data).read())  # a JSON array (the GPU host has no `datasets`)
     random.Random(0).shuffle(records)
     enc = Encoder(tok, "alpaca", DataSection(path=args.data, format="alpaca", max_length=args.seq))
     examples = [enc.encode(r) for r in records]
-    if packed:
-        rows = pack_examples(examples, args.seq)
-        groups = [collate_packed(rows[i:i + args.bs], tok.pad_token_id) for i in range(0, len(rows), args.bs)]
-    else:
-        groups = []
-        for i in range(0, len(examples), args.bs):
-            g = collate(examples[i:i + args.bs], tok.pad_token_id)
-            g["token_mask"] = g["attention_mask"]
-            groups.append(g)
+    items = pack_examples(examples, args.seq) if packed else examples
+    groups = [train_batch(items[i:i + args.bs], tok.pad_token_id, packed) for i in range(0, len(items), args.bs)]
     need = args.warmup + args.steps
     groups = (groups * (need // len(groups) + 1))[:need]
-    return [{k: torch.tensor(v, device=device) for k, v in g.items()} for g in groups]
+    return [to_tensors(g, device) for g in groups]
 
 
 def run_variant(cfg, model, hidden, use_autocast: bool, init: dict, args, flops: speed.FlopCounter,
@@ -100,8 +95,7 @@ def run_variant(cfg, model, hidden, use_autocast: bool, init: dict, args, flops:
     flops.reset()
     steps = data or batches(model.config.vocab_size, args.bs, args.seq, args.warmup + args.steps, device)
     for i, b in enumerate(steps):
-        inputs = ({"input_ids": b["input_ids"], "position_ids": b["position_ids"]} if "position_ids" in b
-                  else {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]})
+        inputs = model_inputs(b)
         sync()
         t = time.perf_counter()
         with kernels.autocast(device, dtype):
@@ -158,11 +152,8 @@ def main():
             if hidden is not None:
                 hidden.liger = True
         elif name == "selective":
-            # re-enable every layer first, then keep the fraction asked for
-            from transformers.modeling_layers import GradientCheckpointingLayer
-            for m in base.modules():
-                if isinstance(m, GradientCheckpointingLayer):
-                    m.gradient_checkpointing = True
+            for layer in kernels.decoder_layers(base):  # all on again, then keep the fraction asked for
+                layer.gradient_checkpointing = True
             kernels.select_checkpointed_layers(base, float(value))
         elif name == "compile":
             kernels.compile_layers(model)
