@@ -43,11 +43,16 @@ def apply_liger(model) -> None:
                                     fused_linear_cross_entropy=False, cross_entropy=False)
 
 
+def decoder_layers(model) -> list:
+    """The model's decoder layers: transformers' GradientCheckpointingLayer instances, in order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
 def select_checkpointed_layers(model, fraction: float) -> list[int]:
     """Keep activation checkpointing on an evenly spread `fraction` of the decoder layers, off on the rest.
     Returns the indices that still recompute. Needs gradient checkpointing enabled first."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    layers = [m for m in decoder_layers(model) if m.gradient_checkpointing]
     keep = round(fraction * len(layers))
     chosen = {round(i * len(layers) / keep) for i in range(keep)} if keep else set()
     for i, layer in enumerate(layers):
@@ -58,8 +63,7 @@ def select_checkpointed_layers(model, fraction: float) -> list[int]:
 def compile_layers(model) -> int:
     """torch.compile every decoder layer in place ("regional" compilation: the layers share code, so the
     graph compiled for the first is reused by the rest). Returns how many layers were compiled."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = decoder_layers(model)
     for layer in layers:
         layer.compile()
     return len(layers)

@@ -184,6 +184,7 @@ def train_loop_per_worker(payload: dict) -> None:
                 ckpt = ray.train.Checkpoint.from_directory(str(folder))
             ray.train.report(metrics, checkpoint=ckpt)
 
+    attention_lengths = [speed.example_lengths(e) for e in data.train]  # attention is per example, packed or not
     tokens, slots, window_loss, window_steps, t0 = 0, 0, 0.0, 0, time.perf_counter()
     train_start = time.perf_counter()
     accum = cfg.train.gradient_accumulation
@@ -208,7 +209,7 @@ def train_loop_per_worker(payload: dict) -> None:
             step_loss += loss.item() / accum
             tokens += int(batch["token_mask"].sum())
             slots += batch["token_mask"].numel()
-            flops.add([n for i in idx for n in speed.example_lengths(data.train[i])])  # attention is per example
+            flops.add([n for i in idx for n in attention_lengths[i]])
         if not math.isfinite(step_loss):
             raise TrainingFailure(f"loss became {step_loss} at step {step + 1}; the last good checkpoint is kept "
                                   "(lower train.learning_rate or train.max_grad_norm)")
