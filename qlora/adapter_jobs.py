@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from qlora import adapters, checkpoint, driver, evaluation, preflight, tracking
-from qlora.config import JobConfig, load_config
+from qlora.config import JobConfig, apply_override, load_config
 from qlora.errors import ConfigError, TrainingFailure, UserError
 
 
@@ -30,9 +30,14 @@ def load_job(ref: str, config_path: str | None, overrides: list[str]) -> tuple[P
     return folder, given or own
 
 
-def _override_value(overrides: list[str], key: str) -> str | None:
-    values = [o.split("=", 1)[1] for o in overrides if o.startswith(key + "=")]
-    return values[-1] if values else None
+def _override_value(overrides: list[str], key: str):
+    """The value `--set` overrides give `key` (parsed as the config loader parses them), or None."""
+    raw: dict = {}
+    for item in overrides:
+        apply_override(raw, item)
+    for part in key.split("."):
+        raw = raw.get(part) if isinstance(raw, dict) else None
+    return raw
 
 
 def on_worker(cfg: JobConfig, fn, *args):
@@ -217,10 +222,7 @@ def _merge_task(cfg_json: str, files: dict, out: str, dtype_name: str) -> dict:
     base = cls.from_pretrained(
         source.path, revision=None if source.is_local else cfg.model.revision, dtype=dtype, use_safetensors=True,
         trust_remote_code=cfg.model.trust_remote_code, device_map={"": ctx.device}, **task_kwargs)
-    if task_kwargs:
-        base.config.pad_token_id = tokenizer.pad_token_id
-    if cfg.model.pad_token == "add":  # the [PAD] rows training had (the merged model keeps them)
-        modeling.grow_embeddings(base, len(tokenizer))
+    modeling.fit_to_tokenizer(base, cfg, tokenizer.pad_token_id, len(tokenizer))  # as in training; merged keeps it
     with tempfile.TemporaryDirectory() as tmp:
         model = PeftModel.from_pretrained(base, str(adapters.unpack(files, Path(tmp)) / adapters.ADAPTER_DIR))
     probe = torch.tensor([tokenizer.encode("The quick brown fox jumps over the lazy dog.")], device=ctx.device)

@@ -130,6 +130,15 @@ def auto_class(cfg: JobConfig):
     return AutoModelForCausalLM, {}
 
 
+def fit_to_tokenizer(model, cfg: JobConfig, pad_token_id: int | None, n_tokens: int | None) -> None:
+    """What the tokenizer decides about a loaded base, for training and merging alike: a classifier pools
+    the last non-pad token (so it needs the pad id); an added [PAD] token needs its embedding rows."""
+    if cfg.model.task == "sequence_classification":
+        model.config.pad_token_id = pad_token_id
+    if cfg.model.pad_token == "add":  # the rows of an added [PAD] token (see load_tokenizer)
+        grow_embeddings(model, n_tokens)
+
+
 def load_base_model(cfg: JobConfig, source: ModelSource, device: torch.device, pad_token_id: int | None = None):
     """The frozen base model on `device`, quantized as the config says, ready for k-bit training.
     A sequence classifier needs the tokenizer's `pad_token_id`: it pools the last token that is not padding."""
@@ -147,10 +156,8 @@ def load_base_model(cfg: JobConfig, source: ModelSource, device: torch.device, p
         use_safetensors=None if cfg.model.allow_pickle else True,
     )
     model.config.use_cache = False
-    if task_kwargs:
-        model.config.pad_token_id = pad_token_id
-    if cfg.model.pad_token == "add":  # the rows of an added [PAD] token (see load_tokenizer)
-        grow_embeddings(model, len(load_tokenizer(source, cfg)))
+    fit_to_tokenizer(model, cfg, pad_token_id,
+                     len(load_tokenizer(source, cfg)) if cfg.model.pad_token == "add" else None)
     if qconf is not None:
         from peft import prepare_model_for_kbit_training
         # Casts norms/embeddings to fp32 (stable training) and wires gradient checkpointing.
