@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora import adapters, classification, memory, modeling, multiple_choice, plan, preflight, tracking
+from qlora import adapters, classification, kernels, memory, modeling, multiple_choice, plan, preflight, tracking
 from qlora.config import JobConfig, flatten, redact_uri
 from qlora.data import IGNORE, PreparedData, prepare
 from qlora.errors import ConfigError, EnvironmentProblem, TrainingFailure, UserError
@@ -46,6 +46,8 @@ def prepare_job(cfg: JobConfig) -> Prepared:
     cfg = classification.with_num_labels(cfg, data)  # labels checked against model.num_labels before Ray
     mc_items = multiple_choice.prepare(cfg, tokenizer)  # checked here so a bad file fails before Ray
     lora_model = modeling.meta_lora_model(cfg, source)
+    if cfg.train.fused_cross_entropy:  # before Ray, not on the worker
+        kernels.check_fused_loss(lora_model.config)
     return Prepared(cfg, source, tokenizer, data, modeling.lora_param_count(lora_model), len(mc_items))
 
 

@@ -76,6 +76,14 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return contextlib.nullcontext()
 
 
+def check_fused_loss(model_config) -> None:
+    """train.fused_cross_entropy computes logits as hidden @ head.T: refuse models that transform them after."""
+    for attr in ("final_logit_softcapping", "logit_scale"):
+        if getattr(model_config, attr, None):
+            raise ConfigError(f"train.fused_cross_entropy: this model transforms its logits ({attr}), which the "
+                              "fused loss would skip", "set train.fused_cross_entropy=false for this model")
+
+
 class HiddenStates:
     """Captures the input of the output head during the forward pass and hands the head a single position,
     so the model computes one row of logits instead of all of them. Works through DDP and peft wrappers,
@@ -83,11 +91,7 @@ class HiddenStates:
 
     def __init__(self, model, liger: bool = False):
         self.liger = liger  # Liger's fused kernel (GPU) instead of the chunked torch loss
-        config = getattr(model, "config", None)
-        for attr in ("final_logit_softcapping", "logit_scale"):
-            if getattr(config, attr, None):
-                raise ConfigError(f"train.fused_cross_entropy: this model transforms its logits ({attr}), which the "
-                                  "fused loss would skip", "set train.fused_cross_entropy=false for this model")
+        check_fused_loss(getattr(model, "config", None))
         self.head = model.get_output_embeddings()
         self.value, self.active = None, False
         self.head.register_forward_pre_hook(self._capture)

@@ -128,3 +128,21 @@ def test_base_param_count_unpacks_4bit_weights():
 def test_gpu_only_and_meaningless_speed_options_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(ROOT / "configs" / "quickstart.yaml", [override])
+
+
+def test_fused_loss_on_a_softcapping_model_fails_before_ray(tmp_path, smollm_tokenizer, people_data):
+    """Gemma-2 soft-caps its logits after the head, which the fused loss would skip: refused in prepare_job
+    (the dry-run / driver step before any cluster), naming the key and the fix."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from qlora.driver import prepare_job
+    Gemma2ForCausalLM(Gemma2Config(vocab_size=len(smollm_tokenizer), hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                   head_dim=16)).save_pretrained(tmp_path / "gemma2")
+    smollm_tokenizer.save_pretrained(tmp_path / "gemma2")
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", [
+        f"model.name={tmp_path / 'gemma2'}", f"data.path={people_data}", "train.fused_cross_entropy=true"])
+    with pytest.raises(ConfigError, match="train.fused_cross_entropy: this model transforms its logits "
+                                          r"\(final_logit_softcapping\)") as e:
+        prepare_job(cfg)
+    assert "set train.fused_cross_entropy=false" in e.value.fix
