@@ -74,3 +74,31 @@ def test_verify_rejects_a_count_mismatch(tiny_model_dir):
     model = modeling.meta_lora_model(_cfg(tiny_model_dir), ModelSource(str(tiny_model_dir), True, "tiny"))
     with pytest.raises(ConfigError, match="peft made"):
         modeling.verify_lora_params(model, modeling.lora_param_count(model) + 1, LoraSection())
+
+
+def test_an_evaluation_does_not_change_the_next_training_gradients(tiny_model_dir):
+    """bitsandbytes 0.50 repacks 4-bit weights for its AVX512-BF16 CPU kernel at the first no-grad
+    eval-mode forward, and that path has no autograd (wrong gradients afterwards). On CPUs without
+    AVX512-BF16 it never repacks, and this test checks the plain path."""
+    cfg = _cfg(tiny_model_dir)
+    source = ModelSource(str(tiny_model_dir), True, "tiny")
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def lora_grads(evaluate_first: bool) -> dict:
+        torch.manual_seed(0)
+        model = modeling.attach_lora(modeling.load_base_model(cfg, source, torch.device("cpu")), cfg.lora)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero: no gradient would reach the first layers' A
+                p.data.normal_(0, 0.05)
+        if evaluate_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+            model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    fresh, after_eval = lora_grads(False), lora_grads(True)
+    assert fresh.keys() == after_eval.keys() and fresh
+    for name in fresh:
+        torch.testing.assert_close(after_eval[name], fresh[name], rtol=1e-3, atol=1e-5, msg=name)
