@@ -97,7 +97,7 @@ def sweep(cfg: JobConfig, space: SearchSpace, name: str, resume: bool = False) -
                                        restart_errored=True)
         else:
             tuner = tune.Tuner(trainable, param_space={"params": {k: d.to_tune() for k, d in space.params.items()}},
-                               tune_config=_tune_config(space), run_config=tune.RunConfig(name=name, storage_path=storage))
+                               tune_config=_tune_config(space, sweep_dir), run_config=tune.RunConfig(name=name, storage_path=storage))
         grid = tuner.fit()
         return summarize(grid, cfg, space, uri, parent, name)
     finally:
@@ -105,13 +105,15 @@ def sweep(cfg: JobConfig, space: SearchSpace, name: str, resume: bool = False) -
             ray.shutdown()
 
 
-def _tune_config(space: SearchSpace):
+def _tune_config(space: SearchSpace, sweep_dir: Path):
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+
+    from qlora.asha import PersistentASHA
     scheduler = None
     if space.scheduler.type == "asha":
-        scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=space.scheduler.grace_period,
-                                  reduction_factor=space.scheduler.reduction_factor, max_t=10_000)
+        scheduler = PersistentASHA(str(sweep_dir / "asha_rungs.json"), time_attr="training_iteration",
+                                   grace_period=space.scheduler.grace_period,
+                                   reduction_factor=space.scheduler.reduction_factor, max_t=10_000)
     search_alg = None
     if space.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch

@@ -133,15 +133,45 @@ def test_sweep_asha_stops_bad_trials_and_resume_reruns_nothing_finished(tmp_path
     assert best_cfg.train.learning_rate == 1e-2
 
 
-def test_search_algorithms_and_scheduler_are_built_from_the_space():
+def test_search_algorithms_and_scheduler_are_built_from_the_space(tmp_path):
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     from qlora.sweep import _tune_config
     space = SearchSpace.model_validate({"search": "optuna", "num_samples": 6, "max_concurrent_trials": 2,
                                         "time_budget_s": 60, "params": {"lora.r": {"choice": [8, 16]}}})
-    tc = _tune_config(space)
+    tc = _tune_config(space, tmp_path)
     assert isinstance(tc.search_alg, OptunaSearch) and isinstance(tc.scheduler, ASHAScheduler)
     assert (tc.num_samples, tc.max_concurrent_trials, tc.time_budget_s, tc.metric) == (6, 2, 60, "eval_loss")
-    none = _tune_config(SearchSpace.model_validate({"scheduler": {"type": "none"}, "params": {"lora.r": {"randint": [4, 9]}}}))
+    none = _tune_config(SearchSpace.model_validate({"scheduler": {"type": "none"}, "params": {"lora.r": {"randint": [4, 9]}}}), tmp_path)
     assert none.scheduler is None and none.search_alg is None
+
+
+class _Trial:  # what ASHA reads of a trial: its id
+    def __init__(self, trial_id):
+        self.trial_id = trial_id
+
+
+def test_asha_rungs_survive_a_driver_restart(tmp_path):
+    """Ray Tune rebuilds schedulers empty on restore (ray#30838): a fresh ASHA continues a trial that the
+    one before the crash would have stopped; ours reads the rungs back and stops it."""
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from qlora.asha import PersistentASHA
+    state = tmp_path / "asha_rungs.json"
+    kwargs = dict(metric="eval_loss", mode="min", time_attr="training_iteration", grace_period=1,
+                  reduction_factor=2, max_t=100)
+    before = PersistentASHA(str(state), **kwargs)
+    good = _Trial("good")
+    before.on_trial_add(None, good)
+    assert before.on_trial_result(None, good, {"training_iteration": 1, "eval_loss": 1.0}) == TrialScheduler.CONTINUE
+    before.on_trial_complete(None, good, {"training_iteration": 2, "eval_loss": 0.5})
+    assert state.is_file()
+
+    bad = {"training_iteration": 1, "eval_loss": 3.0}
+    plain = ASHAScheduler(**kwargs)
+    plain.on_trial_add(None, _Trial("bad"))
+    assert plain.on_trial_result(None, _Trial("bad"), bad) == TrialScheduler.CONTINUE  # the Ray behaviour
+    after = PersistentASHA(str(state), **kwargs)
+    after.on_trial_add(None, _Trial("bad"))
+    assert after.on_trial_result(None, _Trial("bad"), bad) == TrialScheduler.STOP
