@@ -245,9 +245,14 @@ def stats(examples: list[dict]) -> dict:
     counts: dict[int, int] = {}
     for e in examples:
         counts[e["label"]] = counts.get(e["label"], 0) + 1
+    truncated = sum(e["truncated"] for e in examples)
+    tokens = sum(len(e["input_ids"]) for e in examples)
+    # The keys of data.example_stats, so reports read both alike: a classifier's loss is on its label, so
+    # truncation cuts text, never trained tokens, and drops no example.
     return {"records": len(examples), "token_length_p50": pct(0.5), "token_length_p95": pct(0.95),
-            "token_length_max": lengths[-1], "truncated_fraction": sum(e["truncated"] for e in examples) / len(examples),
-            "masked_label_fraction": 0.0, "tokens": sum(len(e["input_ids"]) for e in examples),
+            "token_length_max": lengths[-1], "truncated_fraction": truncated / len(examples),
+            "truncated_examples": truncated, "trained_tokens_cut": 0, "trained_tokens_cut_fraction": 0.0,
+            "masked_label_fraction": 0.0, "tokens": tokens, "trained_tokens": tokens, "dropped_no_labels": 0,
             "label_counts": dict(sorted(counts.items()))}
 
 

@@ -75,7 +75,16 @@ SAMPLES = {
     "messages": lambda i: {"messages": [{"role": "user", "content": f"Say {i}."},
                                         {"role": "assistant", "content": str(i)}]},
     "sharegpt": lambda i: {"conversations": [{"from": "human", "value": f"Say {i}."}, {"from": "gpt", "value": str(i)}]},
+    "pairwise": lambda i: {"prompt": f"Name {i}.", "response_a": str(i), "response_b": "no", "winner_model_a": int(i % 3 == 0),
+                           "winner_model_b": int(i % 3 == 1), "winner_tie": int(i % 3 == 2)},
 }
+
+
+def sample_record(cfg, i: int) -> dict:
+    fmt = cfg.data.format if cfg.data.format != "auto" else "alpaca"
+    if fmt == "classification":  # the config names its columns
+        return {cfg.data.text_column: f"a {'good' if i % 2 else 'bad'} film, number {i}", cfg.data.label_column: i % 2}
+    return SAMPLES[fmt](i)
 
 
 def write_llama3_tokenizer(folder: Path) -> None:
@@ -143,7 +152,8 @@ def independent_lora_count(model_config: dict, lora) -> int:
     dims = {"q_proj": (h, heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd), "o_proj": (heads * hd, h),
             "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
     names = list(dims) if lora.target_modules == "all-linear" else lora.target_modules
-    layers = len(lora.layers_to_transform) if lora.layers_to_transform is not None else model_config["num_hidden_layers"]
+    layers = (len(lora.layers_to_transform) if lora.layers_to_transform is not None
+              else model_config["num_hidden_layers"] - lora.skip_first_layers)
     return lora.r * layers * sum(sum(dims[n]) for n in names)
 
 
@@ -151,12 +161,11 @@ def dry_run_overrides(path: Path, cfg, tmp: Path) -> list[str]:
     out = ["--set", f"scaling.storage_path={tmp / 'runs'}", "--set", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}"]
     if cfg.scaling.use_gpu:  # see the module docstring: checked as if submitted to a GPU cluster
         out += ["--set", "scaling.ray_address=gpu-head.invalid:6379"]
-    fmt = cfg.data.format if cfg.data.format != "auto" else "alpaca"
     for key in ("path", "eval_path"):
         value = getattr(cfg.data, key)
         if value and not (ROOT / value).is_file():
             sample = tmp / f"{path.stem}-{key}.jsonl"
-            sample.write_text("".join(json.dumps(SAMPLES[fmt](i + (100 if key == "eval_path" else 0))) + "\n"
+            sample.write_text("".join(json.dumps(sample_record(cfg, i + (100 if key == "eval_path" else 0))) + "\n"
                                       for i in range(24)))
             out += ["--set", f"data.{key}={sample}"]
     return out
