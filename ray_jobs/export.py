@@ -12,8 +12,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="a new (or empty) folder to write")
     parser.add_argument("--merge", action="store_true",
                         help="fold LoRA into the base weights and write a standalone safetensors model")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
-                        help="weights dtype of the merged model")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32", "nf4", "int8"], default="bfloat16",
+                        help="weights dtype of the merged model (nf4 and int8 are refused: see the error)")
     args = parser.parse_args(argv)
 
     def job():

@@ -1,0 +1,100 @@
+"""ray_jobs.export: the adapter-only export, and --merge into a standalone model whose logits match the
+quantized base + adapter (computed here independently with plain transformers + peft)."""
+import json
+
+import pytest
+import torch
+
+from qlora import checkpoint, modeling
+from qlora.config import load_config
+from qlora.errors import ConfigError
+from qlora.model_source import resolve
+from ray_jobs import export
+
+from conftest import ROOT
+
+PROBE = ["Alice is 30 and lives in Paris.", "The capital of Italy is Rome, a city of three million people."]
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False)  # one local cluster for every export in this module
+    yield
+    ray.shutdown()
+
+
+def trained_adapter(folder, config_path, model_dir, bits):
+    """An adapter as a training run leaves it (adapter/, config.yaml, manifest.json), with random LoRA B
+    weights standing in for training so that the adapter changes the logits."""
+    cfg = load_config(config_path, [f"model.name={model_dir}", f"quantization.bits={bits}", "tracking.enabled=false",
+                                    "scaling.num_workers=1"])
+    source = resolve(cfg.model.name)
+    tok = modeling.load_tokenizer(source, cfg)
+    model = modeling.attach_lora(modeling.load_base_model(cfg, source, torch.device("cpu"), tok.pad_token_id),
+                                 cfg.lora, cfg.model.task)
+    gen = torch.Generator().manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=gen) * 0.05
+    checkpoint.save(folder, model, cfg)
+    return cfg
+
+
+def logits(model, tok, texts):
+    batch = tok(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**batch).logits.float(), batch["attention_mask"].bool()
+
+
+@pytest.mark.parametrize("config, bits", [("configs/quickstart.yaml", 4), ("configs/cpu/sst2_classification.yaml", 8)],
+                         ids=["causal-lm-nf4", "classifier-int8"])
+def test_merged_model_matches_quantized_base_plus_adapter(ray_session, tiny_model_dir, tmp_path, config, bits):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    cfg = trained_adapter(tmp_path / "run", ROOT / config, tiny_model_dir, bits)
+    out = tmp_path / "merged"
+    assert export.main(["--adapter", str(tmp_path / "run"), "--out", str(out), "--merge", "--dtype", "float32"]) == 0
+
+    cls = AutoModelForSequenceClassification if cfg.model.task == "sequence_classification" else AutoModelForCausalLM
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    merged = cls.from_pretrained(out, dtype=torch.float32).eval()
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())  # plain weights
+
+    extra = {"num_labels": cfg.model.num_labels, "pad_token_id": tok.pad_token_id} if cls is not AutoModelForCausalLM else {}
+    qconf = modeling.quantization_config(cfg.quantization, torch.float32)
+    reference = PeftModel.from_pretrained(
+        cls.from_pretrained(tiny_model_dir, quantization_config=qconf, dtype=torch.float32, **extra),
+        str(tmp_path / "run" / "adapter")).eval()
+    want, mask = logits(reference, tok, PROBE)
+    got, _ = logits(merged, tok, PROBE)
+    plain, _ = logits(cls.from_pretrained(tiny_model_dir, dtype=torch.float32, **extra).eval(), tok, PROBE)
+    if cls is AutoModelForCausalLM:  # compare real tokens only
+        want, got, plain = want[mask], got[mask], plain[mask]
+    diff = (got - want).abs().max().item()
+    effect = (plain - want).abs().max().item()
+    print(f"\n{config} {bits}-bit: max |merged - (base + adapter)| = {diff:.2e}; adapter's own effect {effect:.2e}")
+    assert diff < 1e-2 and effect > 10 * diff
+
+
+def test_adapter_export_is_complete_and_loads_with_peft(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    trained_adapter(tmp_path / "run", ROOT / "configs/quickstart.yaml", tiny_model_dir, 4)
+    out = tmp_path / "exported"
+    assert export.main(["--adapter", str(tmp_path / "run"), "--out", str(out)]) == 0
+    assert {"adapter", "config.yaml", "manifest.json", "README.md"} <= {p.name for p in out.iterdir()}
+    checkpoint.verify(out)  # every file's sha256 as listed
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(out / "adapter"))
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())
+    # Nothing is overwritten.
+    assert export.main(["--adapter", str(tmp_path / "run"), "--out", str(out)]) == 2
+
+
+def test_merging_into_a_quantized_dtype_is_refused(tiny_model_dir, tmp_path, capsys):
+    trained_adapter(tmp_path / "run", ROOT / "configs/quickstart.yaml", tiny_model_dir, 4)
+    assert export.main(["--adapter", str(tmp_path / "run"), "--out", str(tmp_path / "m"), "--merge",
+                        "--dtype", "nf4"]) == 2
+    err = capsys.readouterr()
+    assert "rounds every merged weight back to nf4" in err.out + err.err and not (tmp_path / "m").exists()
