@@ -1,0 +1,52 @@
+"""`ray job submit` a training job and timestamp its streamed log: seconds from the submit command to
+the job's first training step, and each step's tokens/s as the worker reported it.
+
+    python3 benchmarks/submit_timing.py --address http://127.0.0.1:8265 -- --config CONFIG [--set k=v ...]
+Prints one JSON line. Needs RAY_AUTH_MODE=token (as the cluster) and `ray` on PATH.
+"""
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+NUMBER = r"([\d.]+(?:e[+-]\d+)?)"  # the worker prints 4 significant digits: 2.568e+04
+STEP = re.compile(rf"\[qlora\] step (\d+)/\d+ .*?tokens_per_second={NUMBER}.*?peak_memory_gib={NUMBER}")
+MARKS = {"job_started": "Job '", "workers_started": "Started training worker group",
+         "before_eval_done": "[qlora] before training"}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--address", required=True)
+    p.add_argument("--warmup", type=int, default=3, help="steps left out of the median")
+    p.add_argument("--log", help="also write the job's streamed log here, each line with its seconds")
+    args, job_args = p.parse_known_args()
+    job_args = [a for a in job_args if a != "--"]
+    cmd = ["ray", "job", "submit", "--address", args.address, "--", sys.executable, "-m", "ray_jobs.train", *job_args]
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    marks, steps, tail = {}, {}, []
+    log = open(args.log, "w") if args.log else None
+    for line in proc.stdout:
+        t = round(time.time() - t0, 2)
+        if log:
+            log.write(f"{t:8.2f} {line}")
+        tail = (tail + [line.rstrip()])[-30:]
+        for name, text in MARKS.items():
+            if text in line and name not in marks:
+                marks[name] = t
+        if m := STEP.search(line):
+            steps[int(m.group(1))] = {"t": t, "tok_s": float(m.group(2)), "peak_gib": float(m.group(3))}
+    rc = proc.wait()
+    timed = [s["tok_s"] for k, s in sorted(steps.items()) if k > args.warmup]
+    print(json.dumps({"rc": rc, "submit_to_first_step_s": steps[min(steps)]["t"] if steps else None, **marks,
+                      "steps": len(steps), "median_tok_s": statistics.median(timed) if timed else None,
+                      "peak_gib": max((s["peak_gib"] for s in steps.values()), default=None),
+                      "wall_s": round(time.time() - t0, 1), "tail": tail if rc else None}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
