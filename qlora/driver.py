@@ -11,7 +11,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora import adapters, classification, kernels, memory, modeling, multiple_choice, plan, preflight, tracking
+from qlora import (adapters, classification, kernels, memory, memory_estimate, modeling, multiple_choice, plan,
+                   preflight, tracking)
 from qlora.config import JobConfig, flatten, redact_uri
 from qlora.data import IGNORE, PreparedData, prepare
 from qlora.errors import ConfigError, EnvironmentProblem, TrainingFailure, UserError
@@ -29,6 +30,7 @@ class Prepared:
     tokenizer: object
     data: PreparedData
     lora_params: int
+    shape: memory_estimate.ModelShape  # parameter counts and sizes of the model, for the memory estimate
     mc_records: int = 0
 
 
@@ -48,7 +50,8 @@ def prepare_job(cfg: JobConfig) -> Prepared:
     lora_model = modeling.meta_lora_model(cfg, source)
     if cfg.train.fused_cross_entropy:  # before Ray, not on the worker
         kernels.check_fused_loss(lora_model.config)
-    return Prepared(cfg, source, tokenizer, data, modeling.lora_param_count(lora_model), len(mc_items))
+    return Prepared(cfg, source, tokenizer, data, modeling.lora_param_count(lora_model),
+                    memory_estimate.shape_of(lora_model), len(mc_items))
 
 
 def dry_run(cfg: JobConfig) -> dict:
@@ -73,6 +76,11 @@ def dry_run(cfg: JobConfig) -> dict:
           f"{cfg.train.batch_size}{', packed rows' if cfg.data.packing else ''}"
           f"{', group_by_length' if cfg.train.group_by_length else ''}): {fill:.1%}")
     print(f"LoRA trainable parameters: {job.lora_params:,} (matches the independent count)")
+    setup = memory_estimate.Setup.from_config(cfg)
+    estimate = memory_estimate.estimate(job.shape, setup)
+    print(estimate.describe(setup, on_gpu=cfg.scaling.use_gpu))
+    gib = {"gpu_memory_estimate_gib": round(estimate.total / memory_estimate.GIB, 2),
+           "gpu_memory_evaluation_gib": round(estimate.evaluation / memory_estimate.GIB, 2)}
     if cfg.model.task == "sequence_classification":
         first = job.data.train[0]
         print(f"classes: {job.cfg.model.num_labels}; training labels: {s['label_counts']}")
@@ -81,7 +89,7 @@ def dry_run(cfg: JobConfig) -> dict:
         return {"trainable_params": job.lora_params, "records": s["records"], "eval_records": len(job.data.eval),
                 "num_labels": job.cfg.model.num_labels, "label_counts": s["label_counts"],
                 "token_length_p50": s["token_length_p50"], "token_length_p95": s["token_length_p95"],
-                "truncated_fraction": s["truncated_fraction"]}
+                "truncated_fraction": s["truncated_fraction"], **gib}
     if job.mc_records:
         print(f"multiple-choice eval: {job.mc_records} records from {cfg.evaluation.multiple_choice_path}")
     print("one training example ([[...]] is trained on, the rest is masked out of the loss):")
@@ -94,7 +102,7 @@ def dry_run(cfg: JobConfig) -> dict:
             "truncated_fraction": s["truncated_fraction"], "masked_label_fraction": s["masked_label_fraction"],
             "truncated_examples": s["truncated_examples"], "trained_tokens": s["trained_tokens"],
             "trained_tokens_cut": s["trained_tokens_cut"], "trained_tokens_cut_fraction": s["trained_tokens_cut_fraction"],
-            "packed_rows": s.get("packed_rows"), "packing_efficiency": fill, "run_name": run_name(cfg)}
+            "packed_rows": s.get("packed_rows"), "packing_efficiency": fill, "run_name": run_name(cfg), **gib}
 
 
 def batch_fill(cfg: JobConfig, train: list[dict]) -> float:

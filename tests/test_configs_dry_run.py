@@ -195,7 +195,7 @@ for path, overrides in json.loads(sys.argv[1]):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         code = main(["--config", path, "--dry-run", *overrides])
-    results[path] = {"code": code, "last": out.getvalue().strip().splitlines()[-1], "stdout": out.getvalue()[-1500:]}
+    results[path] = {"code": code, "last": out.getvalue().strip().splitlines()[-1], "stdout": out.getvalue()[-4000:]}
 print(json.dumps(results))
 """
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -210,6 +210,7 @@ print(json.dumps(results))
         assert r["code"] == 0, f"{path.relative_to(ROOT)}: {r['last']}\n{r['stdout']}"
         summary = json.loads(r["last"])
         assert summary["records"] > 0 and "LoRA trainable parameters" in r["stdout"]
+        assert summary["gpu_memory_estimate_gib"] > 0 and "GPU memory per worker, estimated" in r["stdout"]
         if str(path) in expected:
             assert summary["trainable_params"] == expected[str(path)], path
     llama3 = next(p for p in CONFIGS if p.name == "gsm8k_llama3_8b_4bit.yaml")
