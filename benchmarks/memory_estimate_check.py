@@ -19,6 +19,9 @@ SHAPES = {  # the random-weight models of the GPU benchmarks (../shared/gpu/peer
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
     "1B": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    # benchmarks/make_random_llama.py: the 1B shape with SmolLM2's vocabulary (gpu_ray_overhead.sh)
+    "1B-v49k": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                    num_key_value_heads=8, vocab_size=49152, tie_word_embeddings=True),
 }
 FUSED = {"fused_cross_entropy": True}
 LIGER = {"fused_cross_entropy": True, "kernels": "liger"}
@@ -54,6 +57,9 @@ ROWS = [
     Row("1B", "+ checkpointed_fraction 0.5", 12.52, {**LIGER, "checkpointed_fraction": 0.5}),
     Row("1B", "+ checkpointed_fraction 0.25", 16.97, {**LIGER, "checkpointed_fraction": 0.25}),
     Row("1B", "+ batch 8 (fraction 0.25)", 31.89, {**LIGER, "checkpointed_fraction": 0.25}, batch_size=8),
+    # Measured after the estimate was written (H200, 2026-11-29, gpu_ray_overhead.sh): out of sample.
+    Row("1B-v49k", "Liger, packed alpaca rows, no Ray (speed.py)", 3.98, LIGER),
+    Row("1B-v49k", "Liger, packed alpaca rows, the ray job submit'ed Ray Train job", 3.93, LIGER),
 ]
 LORA = LoraSection(r=16, alpha=32, dropout=0.05, target_modules="all-linear")
 
