@@ -31,15 +31,31 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return loss, (shift_labels != IGNORE).sum()
 
 
+# fp32 logits one held-out forward may hold: evaluation.batch_size rows of max_length tokens over a 150k
+# vocabulary would otherwise need tens of GiB (16 x 2048 x 152k x 4 B = 19 GiB, twice with the log-softmax)
+# where the training step, with its fused loss, needed a fraction of that.
+EVAL_LOGIT_BYTES = 2 * 2**30
+LOGIT_COPIES = 3  # the logits, the log-softmax and its reshaped view's copy (qlora.memory_estimate counts 12 B)
+
+
+def rows_per_forward(batch_size: int, max_tokens: int, vocab: int, budget: int = EVAL_LOGIT_BYTES) -> int:
+    """Rows of an evaluation batch one forward pass takes, so its logits stay within `budget` bytes."""
+    return max(1, min(batch_size, budget // (LOGIT_COPIES * 4 * max_tokens * vocab)))
+
+
 @torch.no_grad()
-def eval_loss(model, examples: list[dict], pad_id: int, batch_size: int, ctx) -> dict:
+def eval_loss(model, examples: list[dict], pad_id: int, batch_size: int, ctx,
+              logit_budget: int = EVAL_LOGIT_BYTES) -> dict:
     model.eval()
     total, count = 0.0, 0
+    vocab = model.get_output_embeddings().weight.shape[0]
     for batch in batched(distributed.shard_exact(examples, ctx), batch_size):
-        t = to_tensors(collate(batch, pad_id), ctx.device)
-        out = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"])
-        loss, n = token_losses(out.logits, t["labels"])
-        total, count = total + loss.item(), count + n.item()
+        rows = rows_per_forward(len(batch), max(len(e["input_ids"]) for e in batch), vocab, logit_budget)
+        for part in batched(batch, rows):
+            t = to_tensors(collate(part, pad_id), ctx.device)
+            out = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"])
+            loss, n = token_losses(out.logits, t["labels"])
+            total, count = total + loss.item(), count + n.item()
     total, count = distributed.all_sum([total, count], ctx)
     mean = total / max(count, 1)
     return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50))}

@@ -24,8 +24,9 @@ case: every row full), h hidden size, I MLP size, L decoder layers, V the output
 
 DDP (the only strategy today) gives every worker the whole model, so the figure does not shrink with more
 workers; `shard_weights_over` is where a sharding strategy (FSDP) would divide weights and LoRA states.
-Held-out evaluation runs without gradients and without autocast: fp32 logits of evaluation.batch_size x
-data.max_length rows, 12 B each (logits, the reshaped copy token_losses makes, log-softmax), beside the weights.
+Held-out evaluation runs without gradients and without autocast: fp32 logits, 12 B each (logits, the
+reshaped copy token_losses makes, log-softmax), for as many rows of data.max_length tokens as
+evaluation.rows_per_forward lets one forward take (at most evaluation.batch_size), beside the weights.
 Checked against the peaks measured on an H100: benchmarks/RESULTS.md, "Memory estimate vs measured peak".
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from qlora.config import JobConfig
+from qlora.evaluation import EVAL_LOGIT_BYTES, rows_per_forward
 from qlora.kernels import CHUNK_TOKENS
 
 GIB = 2**30
@@ -132,8 +134,9 @@ class Estimate:
                f"  = weights {gib(self.weights)} + LoRA, gradients and optimizer {gib(self.lora_and_optimizer)} + "
                f"activations {gib(self.activations)} + the larger of the loss {gib(self.logits)} and one layer's "
                f"backward {gib(self.workspace)} (GiB)",
-               f"  held-out evaluation (no gradients; fp32 logits of {setup.eval_batch_size} x {setup.max_length} "
-               f"tokens): {gib(self.evaluation)} GiB"]
+               f"  held-out evaluation (no gradients; fp32 logits of up to {setup.eval_batch_size} x "
+               f"{setup.max_length} tokens, split to stay within {EVAL_LOGIT_BYTES / GIB:.0f} GiB of logits per "
+               f"forward): {gib(self.evaluation)} GiB"]
         if not on_gpu:
             out.append("  this config trains on CPU (scaling.use_gpu=false): the same accounting, as a GPU estimate")
         return out
@@ -195,7 +198,8 @@ def estimate(shape: ModelShape, setup: Setup, shard_weights_over: int = 1) -> Es
     (1 for DDP, which replicates them; a sharded strategy would pass the worker count)."""
     weights = weight_bytes(shape, setup.bits, setup.double_quant) // shard_weights_over
     lora = shape.trainable_params * trainable_bytes_per_param(setup.optimizer, setup.workers) // shard_weights_over
-    eval_logits = LOGIT_BYTES * setup.eval_batch_size * setup.max_length * shape.head_rows
+    eval_rows = rows_per_forward(setup.eval_batch_size, setup.max_length, shape.head_rows)  # as eval_loss splits
+    eval_logits = LOGIT_BYTES * eval_rows * setup.max_length * shape.head_rows
     return Estimate(weights=weights, lora_and_optimizer=lora, activations=activation_bytes(shape, setup),
                     logits=logit_bytes(shape, setup), workspace=workspace_bytes(shape, setup),
                     evaluation=weights + lora + eval_logits)

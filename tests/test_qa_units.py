@@ -173,3 +173,22 @@ def test_bad_multiple_choice_file_fails_before_ray(tmp_path, smollm_dir):
     tok = modeling.load_tokenizer(ModelSource(str(smollm_dir), True, "s"), cfg)
     with pytest.raises(DataError, match="record 1: answer 'Z'"):
         multiple_choice.prepare(cfg, tok)
+
+
+def test_held_out_loss_is_the_same_when_the_batch_is_split_to_bound_its_logits(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    examples = []
+    for n in (5, 17, 9, 30, 12, 3):  # ragged: padding differs between the whole batch and its parts
+        ids = torch.randint(0, len(tok), (n,), generator=gen).tolist()
+        examples.append({"input_ids": ids, "labels": [IGNORE] * 2 + ids[2:]})
+    ctx = distributed.Context(0, 1, torch.device("cpu"))
+    vocab = model.get_output_embeddings().weight.shape[0]
+    one_row = 12 * 30 * vocab  # a budget that fits the logits of exactly one 30-token row
+    assert evaluation.rows_per_forward(6, 30, vocab, one_row) == 1
+    assert evaluation.rows_per_forward(6, 30, vocab) == 6  # the default budget leaves small batches whole
+    whole = evaluation.eval_loss(model, examples, tok.pad_token_id, 6, ctx)
+    split = evaluation.eval_loss(model, examples, tok.pad_token_id, 6, ctx, logit_budget=one_row)
+    assert split["eval_loss"] == pytest.approx(whole["eval_loss"], rel=1e-5)
