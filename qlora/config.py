@@ -166,6 +166,10 @@ class TrainSection(Section):
     weight_decay: float = Field(0.0, ge=0)
     optimizer: Literal["adamw", "sgd", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"] = Field(
         "adamw", description="paged_* and adamw_8bit are bitsandbytes CUDA optimizers (need scaling.use_gpu).")
+    cpu_optimizer_fallback: Optional[Literal["adamw", "sgd"]] = Field(
+        None, description="With scaling.use_gpu=false, train with this optimizer instead of a GPU-only "
+        "train.optimizer (paged_*, adamw_8bit), so one config runs on a GPU cluster and on a laptop; the "
+        "switch is printed. Unset: such a config is refused on CPU.")
     gradient_checkpointing: bool = False
     checkpointed_fraction: float = Field(1.0, gt=0, le=1, description="With gradient_checkpointing: recompute "
                                          "activations in this fraction of the decoder layers (spread evenly); the "
@@ -329,11 +333,19 @@ class JobConfig(Section):
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
 
+    def optimizer_to_use(self) -> str:
+        """train.optimizer, or train.cpu_optimizer_fallback when the former needs a GPU this job lacks."""
+        if self.train.optimizer in GPU_ONLY_OPTIMIZERS and not self.scaling.use_gpu:
+            return self.train.cpu_optimizer_fallback
+        return self.train.optimizer
+
     @model_validator(mode="after")
     def _cross_checks(self):
-        if self.train.optimizer in GPU_ONLY_OPTIMIZERS and not self.scaling.use_gpu:
+        if (self.train.optimizer in GPU_ONLY_OPTIMIZERS and not self.scaling.use_gpu
+                and self.train.cpu_optimizer_fallback is None):
             raise ValueError(f"train.optimizer={self.train.optimizer} is a bitsandbytes CUDA optimizer and "
-                             "scaling.use_gpu is false: use train.optimizer=adamw, or set scaling.use_gpu=true")
+                             "scaling.use_gpu is false: use train.optimizer=adamw, set scaling.use_gpu=true, or "
+                             "set train.cpu_optimizer_fallback=adamw to switch on CPU only")
         if self.train.kernels == "liger" and not self.scaling.use_gpu:
             raise ValueError("train.kernels=liger runs Triton GPU kernels and scaling.use_gpu is false: use "
                              "train.kernels=none on CPU, or set scaling.use_gpu=true")

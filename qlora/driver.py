@@ -38,6 +38,9 @@ def prepare_job(cfg: JobConfig) -> Prepared:
     """All checks that need no cluster: model source, tokenizer, data, LoRA targets (on the meta device)."""
     if cfg.model.trust_remote_code:
         print("[qlora] WARNING: model.trust_remote_code=true runs Python code from the model repository", flush=True)
+    if cfg.optimizer_to_use() != cfg.train.optimizer:
+        print(f"[qlora] train.optimizer={cfg.train.optimizer} needs a GPU and scaling.use_gpu is false: training with "
+              f"train.cpu_optimizer_fallback={cfg.train.cpu_optimizer_fallback}", flush=True)
     source = resolve(cfg.model.name, cfg.model.gguf_file, cfg.model.revision)
     tokenizer = modeling.load_tokenizer(source, cfg)
     data = prepare(cfg.data, tokenizer)

@@ -100,7 +100,7 @@ class Setup:
         # The worker's loss paths (qlora.kernels.forward_loss): the model's logits unless
         # fused_cross_entropy; then Liger's kernel with kernels=liger (a GPU-only setting), else chunked torch.
         loss: Loss = ("liger" if t.kernels == "liger" else "chunked") if t.fused_cross_entropy else "full"
-        return cls(bits=cfg.quantization.bits, double_quant=cfg.quantization.double_quant, optimizer=t.optimizer,
+        return cls(bits=cfg.quantization.bits, double_quant=cfg.quantization.double_quant, optimizer=cfg.optimizer_to_use(),
                    batch_size=t.batch_size, max_length=cfg.data.max_length,
                    gradient_checkpointing=t.gradient_checkpointing, checkpointed_fraction=t.checkpointed_fraction,
                    loss=loss, liger=t.kernels == "liger", workers=cfg.scaling.num_workers,

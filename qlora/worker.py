@@ -26,14 +26,14 @@ from qlora.tracking import MetricsSink
 
 
 def make_optimizer(cfg: JobConfig, params):
-    t = cfg.train
-    if t.optimizer == "adamw":
+    t, name = cfg.train, cfg.optimizer_to_use()
+    if name == "adamw":
         return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-    if t.optimizer == "sgd":
+    if name == "sgd":
         return torch.optim.SGD(params, lr=t.learning_rate, momentum=0.9, weight_decay=t.weight_decay)
     import bitsandbytes as bnb  # CUDA optimizers; the config refuses them without scaling.use_gpu
     cls = {"paged_adamw_32bit": bnb.optim.PagedAdamW32bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-           "adamw_8bit": bnb.optim.AdamW8bit}[t.optimizer]
+           "adamw_8bit": bnb.optim.AdamW8bit}[name]
     return cls(params, lr=t.learning_rate, weight_decay=t.weight_decay)
 
 

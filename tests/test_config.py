@@ -112,3 +112,18 @@ def test_fuzz_config_loader(tmp_path, doc):
         load_config(p)
     except ConfigError:
         pass
+
+
+def test_a_gpu_only_optimizer_falls_back_on_cpu_only_when_the_config_says_so(tmp_path):
+    import torch
+
+    from qlora.worker import make_optimizer
+    base = {"data": {"path": "x.jsonl"}, "train": {"optimizer": "paged_adamw_32bit"}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(base))
+    with pytest.raises(ConfigError, match="cpu_optimizer_fallback=adamw"):
+        load_config(tmp_path / "job.yaml")
+    cfg = JobConfig.model_validate({**base, "train": {"optimizer": "paged_adamw_32bit", "cpu_optimizer_fallback": "sgd"}})
+    assert cfg.optimizer_to_use() == "sgd"
+    assert isinstance(make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(2))]), torch.optim.SGD)
+    on_gpu = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"use_gpu": True})})
+    assert on_gpu.optimizer_to_use() == "paged_adamw_32bit"  # the fallback is for CPU only
