@@ -16,6 +16,7 @@ from pathlib import Path
 from qlora import adapters, checkpoint, driver, evaluation, preflight, tracking
 from qlora.config import JobConfig, apply_override, load_config
 from qlora.errors import ConfigError, TrainingFailure, UserError
+from qlora.files import writing_folder
 
 
 def load_job(ref: str, config_path: str | None, overrides: list[str]) -> tuple[Path, JobConfig]:
@@ -194,21 +195,17 @@ def export(ref: str, cfg: JobConfig, folder: Path, out: str, merge: bool, dtype:
 
 def _export_adapter(ref: str, cfg: JobConfig, folder: Path, target: Path) -> dict:
     """The adapter files, the config it was trained with, a manifest and a model card: ready for peft/vLLM."""
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(folder / adapters.ADAPTER_DIR, tmp / adapters.ADAPTER_DIR)
-    shutil.copy2(folder / adapters.CONFIG_FILE, tmp / adapters.CONFIG_FILE)
-    (tmp / "README.md").write_text(
-        f"# LoRA adapter\n\nFrom `{ref}`. Base model: `{cfg.model.name}`"
-        f"{f' (GGUF file {cfg.model.gguf_file})' if cfg.model.gguf_file else ''}, trained on a "
-        f"{cfg.quantization.bits}-bit base, LoRA r={cfg.lora.r} alpha={cfg.lora.alpha}.\n\n"
-        "```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, \"adapter\")\n```\n"
-        "`config.yaml` is the full training config; `manifest.json` lists sizes and sha256 of every file.\n")
-    checkpoint.write_manifest(tmp)
     target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():
-        target.rmdir()  # empty, checked above
-    tmp.rename(target)
+    with writing_folder(target) as tmp:  # target is absent or empty (checked in export)
+        shutil.copytree(folder / adapters.ADAPTER_DIR, tmp / adapters.ADAPTER_DIR)
+        shutil.copy2(folder / adapters.CONFIG_FILE, tmp / adapters.CONFIG_FILE)
+        (tmp / "README.md").write_text(
+            f"# LoRA adapter\n\nFrom `{ref}`. Base model: `{cfg.model.name}`"
+            f"{f' (GGUF file {cfg.model.gguf_file})' if cfg.model.gguf_file else ''}, trained on a "
+            f"{cfg.quantization.bits}-bit base, LoRA r={cfg.lora.r} alpha={cfg.lora.alpha}.\n\n"
+            "```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, \"adapter\")\n```\n"
+            "`config.yaml` is the full training config; `manifest.json` lists sizes and sha256 of every file.\n")
+        checkpoint.write_manifest(tmp)
     print(f"adapter exported to {target}", flush=True)
     return {"out": str(target), "format": "adapter", "files": sorted(p.name for p in target.iterdir())}
 
@@ -247,11 +244,7 @@ def _merge_task(cfg_json: str, files: dict, out: str, dtype_name: str) -> dict:
         raise TrainingFailure(f"merged model disagrees with base + adapter (max |logit diff| {diff:.3g}, "
                               f"allowed {MERGE_TOLERANCE[dtype_name]} in {dtype_name})")
     target = Path(out)
-    tmp_out = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp_out, ignore_errors=True)
-    merged.save_pretrained(tmp_out, safe_serialization=True)
-    tokenizer.save_pretrained(tmp_out)
-    if target.exists():
-        target.rmdir()
-    tmp_out.rename(target)
+    with writing_folder(target) as tmp_out:  # target is absent or empty (checked in export)
+        merged.save_pretrained(tmp_out, safe_serialization=True)
+        tokenizer.save_pretrained(tmp_out)
     return {"max_logit_diff": diff, "bytes": sum(p.stat().st_size for p in target.rglob("*") if p.is_file())}

@@ -10,16 +10,14 @@ Folders are written under a temporary name and renamed, so a crash never leaves 
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 from pathlib import Path
 
 import torch
 import yaml
 
 from qlora.config import JobConfig
-from qlora.files import file_sha256
+from qlora.files import file_sha256, writing_folder
 
 MANIFEST = "manifest.json"
 
@@ -37,19 +35,16 @@ def write_config(cfg: JobConfig, folder: Path) -> Path:
 def save(folder: Path, model, cfg: JobConfig, optimizer=None, scheduler=None, state: dict | None = None) -> Path:
     """Write a checkpoint to `folder` atomically. `model` is the (unwrapped) peft model."""
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    # Adapter weights only: embedding rows added for a [PAD] token are re-created at load (modeling.grow_embeddings),
-    # where peft's "auto" would save the whole resized embedding (hundreds of MB) into every checkpoint.
-    model.save_pretrained(tmp / "adapter", save_embedding_layers=False)
-    write_config(cfg, tmp)
-    if optimizer is not None:
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
-                    "state": state or {}, "rng": rng_state()}, tmp / "trainer_state.pt")
-    write_manifest(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    with writing_folder(folder) as tmp:
+        # Adapter weights only: embedding rows added for a [PAD] token are re-created at load
+        # (modeling.grow_embeddings), where peft's "auto" would save the whole resized embedding (hundreds of
+        # MB) into every checkpoint.
+        model.save_pretrained(tmp / "adapter", save_embedding_layers=False)
+        write_config(cfg, tmp)
+        if optimizer is not None:
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
+                        "state": state or {}, "rng": rng_state()}, tmp / "trainer_state.pt")
+        write_manifest(tmp)
     return folder
 
 

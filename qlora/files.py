@@ -1,7 +1,9 @@
 """File helpers shared by model caching, checkpoint manifests and output locations."""
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 
@@ -31,3 +33,17 @@ def ray_submission_id() -> str | None:
     # The job supervisor hands the entrypoint its job config (runtime env + metadata) in this variable.
     config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
     return config.get("metadata", {}).get("job_submission_id")
+
+
+@contextlib.contextmanager
+def writing_folder(target: Path):
+    """Yield `target` + ".tmp" to fill; on success it replaces `target` in one rename, so a crash never
+    leaves a half-written folder where a checkpoint or an export is expected (a leftover .tmp is cleared
+    by the next attempt). `target` must be absent or an empty folder, or one this process may replace."""
+    target = Path(target)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
