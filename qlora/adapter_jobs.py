@@ -69,7 +69,10 @@ def evaluate(ref: str, cfg: JobConfig, folder: Path, out: str | None) -> dict:
     job = driver.prepare_job(cfg)  # data and model checks before Ray
     uri = driver.tracking_target(cfg)
     started = time.time()
-    result = on_worker(cfg, _evaluate_task, adapters.pack(folder))
+    if cfg.scaling.num_workers > 1:  # the held-out set split over Ray Train workers, as training evaluates
+        result = _evaluate_on_workers(cfg, adapters.pack(folder))
+    else:
+        result = on_worker(cfg, _evaluate_task, adapters.pack(folder))
     metrics, predictions = result["metrics"], result["predictions"]
     print("held-out metrics: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
     for p in predictions[:3]:
@@ -96,6 +99,8 @@ def evaluate(ref: str, cfg: JobConfig, folder: Path, out: str | None) -> dict:
 
 
 def _evaluate_task(cfg_json: str, files: dict) -> dict:
+    """Metrics over every rank, and all predictions in record order (on each rank); one process or a
+    Ray Train worker group alike: each rank takes its share of the held-out records."""
     from qlora import distributed, multiple_choice
     from qlora.data import prepare
     cfg = JobConfig.from_json(cfg_json)
@@ -103,27 +108,48 @@ def _evaluate_task(cfg_json: str, files: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model, tokenizer = adapters.load_for_inference(cfg, adapters.unpack(files, Path(tmp)), ctx.device)
     data = prepare(cfg.data, tokenizer)
-    if cfg.model.task == "sequence_classification":
-        return _classification_predictions(model, tokenizer, cfg, data.eval, ctx)
     predictions: list[dict] = []
     metrics = evaluation.evaluate(model, data.eval, tokenizer, cfg, ctx, multiple_choice.prepare(cfg, tokenizer),
                                   predictions)
-    return {"metrics": metrics, "predictions": predictions}
+    return {"metrics": metrics, "predictions": distributed.gather_shards(predictions, ctx)}
 
 
-def _classification_predictions(model, tokenizer, cfg: JobConfig, examples: list[dict], ctx) -> dict:
-    """accuracy / log_loss / eval_loss as training computes them, and each record's prediction."""
-    from qlora import classification
-    probs = classification.probabilities(model, examples, tokenizer.pad_token_id, cfg.evaluation.batch_size, ctx.device)
-    labels = [e["label"] for e in examples]
-    m = classification.metrics_from(probs, labels)
-    metrics = {"eval_loss": m["ce"] / m["n"], "accuracy": m["hits"] / m["n"], "log_loss": m["log_loss"] / m["n"]}
-    predictions = [{"record": f"{e['source'][0]}:{e['source'][1]}", "label": y,
-                    "predicted": max(range(len(p)), key=p.__getitem__), "probabilities": p}
-                   for e, y, p in zip(examples, labels, probs)]
-    for p in predictions:
-        p["correct"] = p["label"] == p["predicted"]
-    return {"metrics": metrics, "predictions": predictions}
+def _evaluate_on_workers(cfg: JobConfig, files: dict) -> dict:
+    """_evaluate_task on `scaling.num_workers` Ray Train workers (the training job's resources)."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from qlora import distributed, plan
+
+    def loop(config: dict) -> None:
+        result = _evaluate_task(config["cfg"], config["files"])
+        with tempfile.TemporaryDirectory() as tmp:  # Ray Train v2 keeps only what comes with a checkpoint
+            checkpoint = None
+            use_gpu = JobConfig.from_json(config["cfg"]).scaling.use_gpu
+            if distributed.context(use_gpu).is_writer:  # every rank has the gathered result; one writes it
+                (Path(tmp) / "result.json").write_text(json.dumps(result))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report({}, checkpoint=checkpoint)
+
+    preflight.check_compute(cfg)
+    preflight.check_ray_address(cfg.scaling.ray_address)
+    local = driver.connect_ray(cfg.scaling.ray_address)
+    trainer = TorchTrainer(loop, train_loop_config={"cfg": driver.worker_config(cfg).to_json(), "files": files},
+                           scaling_config=ScalingConfig(**plan.scaling_kwargs(cfg.scaling)),
+                           run_config=RunConfig(name=f"eval-{time.strftime('%Y%m%d-%H%M%S')}",
+                                                storage_path=driver.storage_root(cfg)))
+    try:
+        with trainer.fit().checkpoint.as_directory() as folder:
+            return json.loads((Path(folder) / "result.json").read_text())
+    except Exception as e:  # Ray wraps the worker's exception
+        cause = driver.root_cause(e)
+        if isinstance(cause, (UserError, TrainingFailure)):
+            raise cause from None
+        raise TrainingFailure(f"evaluation failed: {type(cause).__name__}: {cause}") from None
+    finally:
+        if local:
+            ray.shutdown()
 
 
 # ---- generate ---------------------------------------------------------------------------------------

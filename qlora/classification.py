@@ -309,11 +309,18 @@ def metrics_from(probs: list[list[float]], labels: list[int]) -> dict:
     return {"hits": hits, "ce": ce, "log_loss": clipped, "n": len(labels)}
 
 
-def evaluate(model, examples: list[dict], pad_id: int, batch_size: int, ctx) -> dict:
-    """accuracy, log_loss and eval_loss (mean cross-entropy, the metric sweeps use) over all ranks."""
+def evaluate(model, examples: list[dict], pad_id: int, batch_size: int, ctx, predictions: list | None = None) -> dict:
+    """accuracy, log_loss and eval_loss (mean cross-entropy, the metric sweeps use) over all ranks. This
+    rank's per-record predictions are appended to `predictions` when it is given."""
     from qlora import distributed
     mine = distributed.shard_exact(examples, ctx)
-    m = metrics_from(probabilities(model, mine, pad_id, batch_size, ctx.device), [e["label"] for e in mine])
+    probs, labels = probabilities(model, mine, pad_id, batch_size, ctx.device), [e["label"] for e in mine]
+    m = metrics_from(probs, labels)
+    if predictions is not None:
+        for e, y, p in zip(mine, labels, probs):
+            predicted = max(range(len(p)), key=p.__getitem__)
+            predictions.append({"record": f"{e['source'][0]}:{e['source'][1]}", "label": y, "predicted": predicted,
+                                "probabilities": p, "correct": predicted == y})
     hits, ce, ll, n = distributed.all_sum([m["hits"], m["ce"], m["log_loss"], m["n"]], ctx)
     n = max(n, 1)
     return {"eval_loss": ce / n, "accuracy": hits / n, "log_loss": ll / n}

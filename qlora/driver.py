@@ -213,7 +213,7 @@ def fit(cfg: JobConfig, payload: dict, name: str, storage: str, callbacks=()):
         return trainer.fit()
     except Exception as e:  # Ray wraps the worker's exception (TrainingFailed / WorkerGroupError)
         _finish(payload.get("tracking_uri"), payload.get("mlflow_run_id"), "FAILED")
-        cause = _root_cause(e)
+        cause = root_cause(e)
         if isinstance(cause, (UserError, TrainingFailure)):  # our own message: pass it on as it is
             raise cause from None
         raise TrainingFailure(f"training failed: {type(cause).__name__}: {cause}") from None
@@ -318,7 +318,7 @@ def _finish(uri, run_id, status: str) -> None:
         tracking.client(uri).set_terminated(run_id, status)
 
 
-def _root_cause(e: BaseException) -> BaseException:
+def root_cause(e: BaseException) -> BaseException:
     """The exception a worker raised, unwrapped from Ray Train's WorkerGroupError and RayTaskError."""
     failures = getattr(e, "worker_failures", None)
     if failures:

@@ -134,7 +134,8 @@ def evaluate(model, examples: list[dict], tokenizer, cfg, ctx, mc_items: list | 
     multiple-choice set (qlora.multiple_choice.prepare)."""
     if cfg.model.task == "sequence_classification":  # accuracy and log loss; nothing to generate
         from qlora import classification
-        return classification.evaluate(model, examples, tokenizer.pad_token_id, cfg.evaluation.batch_size, ctx)
+        return classification.evaluate(model, examples, tokenizer.pad_token_id, cfg.evaluation.batch_size, ctx,
+                                       predictions)
     metrics = eval_loss(model, examples, tokenizer.pad_token_id, cfg.evaluation.batch_size, ctx)
     if cfg.evaluation.generate:
         metrics.update(exact_match(model, examples, tokenizer, cfg.evaluation, ctx, predictions))

@@ -98,3 +98,22 @@ def test_merging_into_a_quantized_dtype_is_refused(tiny_model_dir, tmp_path, cap
                         "--dtype", "nf4"]) == 2
     err = capsys.readouterr()
     assert "rounds every merged weight back to nf4" in err.out + err.err and not (tmp_path / "m").exists()
+
+
+def test_evaluate_job_splits_the_held_out_set_over_ray_train_workers(ray_session, tiny_model_dir, tmp_path):
+    """ray_jobs.evaluate with scaling.num_workers=2 runs on a Ray Train worker group, each worker scoring
+    its share: the same metrics as one worker, and every prediction once, in record order."""
+    from qlora import adapter_jobs
+    trained_adapter(tmp_path / "run", ROOT / "configs/quickstart.yaml", tiny_model_dir, 4)
+    runs = {}
+    for n in (1, 2):
+        folder, cfg = adapter_jobs.load_job(str(tmp_path / "run"), None, [
+            f"scaling.num_workers={n}", "evaluation.num_generate=8", "evaluation.max_new_tokens=4",
+            f"scaling.storage_path={tmp_path / 'runs'}"])
+        result = adapter_jobs.evaluate(str(tmp_path / "run"), cfg, folder, str(tmp_path / f"eval{n}"))
+        lines = (tmp_path / f"eval{n}" / "predictions.jsonl").read_text().splitlines()
+        runs[n] = result["metrics"], [json.loads(line)["prompt"] for line in lines]
+    (one, prompts_one), (two, prompts_two) = runs[1], runs[2]
+    assert one.keys() == two.keys() >= {"eval_loss", "exact_match"}
+    assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-3)  # batches are padded differently
+    assert prompts_two == prompts_one and len(prompts_one) == 8
