@@ -99,12 +99,16 @@ def evaluate(ref: str, cfg: JobConfig, folder: Path, out: str | None) -> dict:
 
 
 def _evaluate_task(cfg_json: str, files: dict) -> dict:
+    from qlora import distributed
+    cfg = JobConfig.from_json(cfg_json)
+    return _evaluate(cfg, files, distributed.context(cfg.scaling.use_gpu))
+
+
+def _evaluate(cfg: JobConfig, files: dict, ctx) -> dict:
     """Metrics over every rank, and all predictions in record order (on each rank); one process or a
     Ray Train worker group alike: each rank takes its share of the held-out records."""
     from qlora import distributed, multiple_choice
     from qlora.data import prepare
-    cfg = JobConfig.from_json(cfg_json)
-    ctx = distributed.context(cfg.scaling.use_gpu)
     with tempfile.TemporaryDirectory() as tmp:
         model, tokenizer = adapters.load_for_inference(cfg, adapters.unpack(files, Path(tmp)), ctx.device)
     data = prepare(cfg.data, tokenizer)
@@ -123,11 +127,12 @@ def _evaluate_on_workers(cfg: JobConfig, files: dict) -> dict:
     from qlora import distributed, plan
 
     def loop(config: dict) -> None:
-        result = _evaluate_task(config["cfg"], config["files"])
+        job_cfg = JobConfig.from_json(config["cfg"])
+        ctx = distributed.context(job_cfg.scaling.use_gpu)
+        result = _evaluate(job_cfg, config["files"], ctx)
         with tempfile.TemporaryDirectory() as tmp:  # Ray Train v2 keeps only what comes with a checkpoint
             checkpoint = None
-            use_gpu = JobConfig.from_json(config["cfg"]).scaling.use_gpu
-            if distributed.context(use_gpu).is_writer:  # every rank has the gathered result; one writes it
+            if ctx.is_writer:  # every rank has the gathered result; one writes it
                 (Path(tmp) / "result.json").write_text(json.dumps(result))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({}, checkpoint=checkpoint)
@@ -143,10 +148,7 @@ def _evaluate_on_workers(cfg: JobConfig, files: dict) -> dict:
         with trainer.fit().checkpoint.as_directory() as folder:
             return json.loads((Path(folder) / "result.json").read_text())
     except Exception as e:  # Ray wraps the worker's exception
-        cause = driver.root_cause(e)
-        if isinstance(cause, (UserError, TrainingFailure)):
-            raise cause from None
-        raise TrainingFailure(f"evaluation failed: {type(cause).__name__}: {cause}") from None
+        raise driver.worker_error(e, "evaluation") from None
     finally:
         if local:
             ray.shutdown()

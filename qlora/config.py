@@ -333,16 +333,16 @@ class JobConfig(Section):
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
 
-    def optimizer_to_use(self) -> str:
-        """train.optimizer, or train.cpu_optimizer_fallback when the former needs a GPU this job lacks."""
+    def optimizer_to_use(self) -> str | None:
+        """train.optimizer, or train.cpu_optimizer_fallback (None if unset) when the former needs a GPU this
+        job lacks."""
         if self.train.optimizer in GPU_ONLY_OPTIMIZERS and not self.scaling.use_gpu:
             return self.train.cpu_optimizer_fallback
         return self.train.optimizer
 
     @model_validator(mode="after")
     def _cross_checks(self):
-        if (self.train.optimizer in GPU_ONLY_OPTIMIZERS and not self.scaling.use_gpu
-                and self.train.cpu_optimizer_fallback is None):
+        if self.optimizer_to_use() is None:  # a GPU-only optimizer on CPU, and no fallback named
             raise ValueError(f"train.optimizer={self.train.optimizer} is a bitsandbytes CUDA optimizer and "
                              "scaling.use_gpu is false: use train.optimizer=adamw, set scaling.use_gpu=true, or "
                              "set train.cpu_optimizer_fallback=adamw to switch on CPU only")

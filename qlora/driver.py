@@ -213,10 +213,7 @@ def fit(cfg: JobConfig, payload: dict, name: str, storage: str, callbacks=()):
         return trainer.fit()
     except Exception as e:  # Ray wraps the worker's exception (TrainingFailed / WorkerGroupError)
         _finish(payload.get("tracking_uri"), payload.get("mlflow_run_id"), "FAILED")
-        cause = root_cause(e)
-        if isinstance(cause, (UserError, TrainingFailure)):  # our own message: pass it on as it is
-            raise cause from None
-        raise TrainingFailure(f"training failed: {type(cause).__name__}: {cause}") from None
+        raise worker_error(e, "training") from None
 
 
 def fit_with_memory_retries(cfg: JobConfig, name: str, storage: str, uri: str | None, run_id: str | None):
@@ -318,7 +315,16 @@ def _finish(uri, run_id, status: str) -> None:
         tracking.client(uri).set_terminated(run_id, status)
 
 
-def root_cause(e: BaseException) -> BaseException:
+def worker_error(e: BaseException, what: str) -> Exception:
+    """The error to raise for a failed Ray Train run: the worker's own UserError / TrainingFailure as it
+    is (its message names the problem and the fix), anything else wrapped as a TrainingFailure."""
+    cause = _root_cause(e)
+    if isinstance(cause, (UserError, TrainingFailure)):
+        return cause
+    return TrainingFailure(f"{what} failed: {type(cause).__name__}: {cause}")
+
+
+def _root_cause(e: BaseException) -> BaseException:
     """The exception a worker raised, unwrapped from Ray Train's WorkerGroupError and RayTaskError."""
     failures = getattr(e, "worker_failures", None)
     if failures:

@@ -35,12 +35,12 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
 # vocabulary would otherwise need tens of GiB (16 x 2048 x 152k x 4 B = 19 GiB, twice with the log-softmax)
 # where the training step, with its fused loss, needed a fraction of that.
 EVAL_LOGIT_BYTES = 2 * 2**30
-LOGIT_COPIES = 3  # the logits, the log-softmax and its reshaped view's copy (qlora.memory_estimate counts 12 B)
+EVAL_BYTES_PER_LOGIT = 3 * 4  # fp32 logits, the log-softmax and the reshaped copy token_losses makes
 
 
 def rows_per_forward(batch_size: int, max_tokens: int, vocab: int, budget: int = EVAL_LOGIT_BYTES) -> int:
     """Rows of an evaluation batch one forward pass takes, so its logits stay within `budget` bytes."""
-    return max(1, min(batch_size, budget // (LOGIT_COPIES * 4 * max_tokens * vocab)))
+    return max(1, min(batch_size, budget // (EVAL_BYTES_PER_LOGIT * max_tokens * vocab)))
 
 
 @torch.no_grad()

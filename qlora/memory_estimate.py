@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from qlora.config import JobConfig
-from qlora.evaluation import EVAL_LOGIT_BYTES, rows_per_forward
+from qlora.evaluation import EVAL_BYTES_PER_LOGIT, EVAL_LOGIT_BYTES, rows_per_forward
 from qlora.kernels import CHUNK_TOKENS
 
 GIB = 2**30
@@ -199,7 +199,7 @@ def estimate(shape: ModelShape, setup: Setup, shard_weights_over: int = 1) -> Es
     weights = weight_bytes(shape, setup.bits, setup.double_quant) // shard_weights_over
     lora = shape.trainable_params * trainable_bytes_per_param(setup.optimizer, setup.workers) // shard_weights_over
     eval_rows = rows_per_forward(setup.eval_batch_size, setup.max_length, shape.head_rows)  # as eval_loss splits
-    eval_logits = LOGIT_BYTES * eval_rows * setup.max_length * shape.head_rows
+    eval_logits = EVAL_BYTES_PER_LOGIT * eval_rows * setup.max_length * shape.head_rows
     return Estimate(weights=weights, lora_and_optimizer=lora, activations=activation_bytes(shape, setup),
                     logits=logit_bytes(shape, setup), workspace=workspace_bytes(shape, setup),
                     evaluation=weights + lora + eval_logits)
