@@ -2,7 +2,7 @@
 
 Layout of a checkpoint folder:
     adapter/            peft save_pretrained output (adapter_config.json, adapter_model.safetensors)
-    trainer_state.pt    optimizer, scheduler, step, epoch, batch position, RNG states
+    trainer_state.pt    optimizer, scheduler, step, epoch, batch position, every rank's RNG states
     config.yaml         the resolved JobConfig
     manifest.json       size and sha256 of every file above, checked on load
 Folders are written under a temporary name and renamed, so a crash never leaves a half checkpoint.
@@ -32,18 +32,21 @@ def write_config(cfg: JobConfig, folder: Path) -> Path:
     return path
 
 
-def save(folder: Path, model, cfg: JobConfig, optimizer=None, scheduler=None, state: dict | None = None) -> Path:
-    """Write a checkpoint to `folder` atomically. `model` is the (unwrapped) peft model."""
+def save(folder: Path, model, cfg: JobConfig, optimizer_state: dict | None = None, scheduler=None,
+         state: dict | None = None, adapter_state: dict | None = None, rng_states: list | None = None) -> Path:
+    """Write a checkpoint to `folder` atomically. `model` is the (unwrapped) peft model; `adapter_state` its
+    trainable weights when they are sharded and had to be gathered first (distributed.full_trainable_state);
+    `rng_states` every rank's rng_state() in rank order (default: this process's)."""
     folder = Path(folder)
     with writing_folder(folder) as tmp:
         # Adapter weights only: embedding rows added for a [PAD] token are re-created at load
         # (modeling.grow_embeddings), where peft's "auto" would save the whole resized embedding (hundreds of
         # MB) into every checkpoint.
-        model.save_pretrained(tmp / "adapter", save_embedding_layers=False)
+        model.save_pretrained(tmp / "adapter", save_embedding_layers=False, state_dict=adapter_state)
         write_config(cfg, tmp)
-        if optimizer is not None:
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
-                        "state": state or {}, "rng": rng_state()}, tmp / "trainer_state.pt")
+        if optimizer_state is not None:
+            torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict() if scheduler else None,
+                        "state": state or {}, "rng": rng_states or [rng_state()]}, tmp / "trainer_state.pt")
         write_manifest(tmp)
     return folder
 
@@ -97,7 +100,10 @@ def rng_state() -> dict:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def restore_rng(state: dict) -> None:
+def restore_rng(states: list | dict, rank: int = 0) -> None:
+    """This rank's saved RNG states. Ranks draw different amounts (dropout masks are as large as their own
+    batches), so each rank resumes its own stream; `states` from a different worker count wrap around."""
+    state = states[rank % len(states)] if isinstance(states, list) else states  # a dict: one rank's, older format
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():

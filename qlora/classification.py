@@ -313,8 +313,10 @@ def evaluate(model, examples: list[dict], pad_id: int, batch_size: int, ctx, pre
     """accuracy, log_loss and eval_loss (mean cross-entropy, the metric sweeps use) over all ranks. This
     rank's per-record predictions are appended to `predictions` when it is given."""
     from qlora import distributed
-    mine = distributed.shard_exact(examples, ctx)
-    probs, labels = probabilities(model, mine, pad_id, batch_size, ctx.device), [e["label"] for e in mine]
+    mine, real = distributed.lockstep_share(examples, ctx)
+    probs = probabilities(model, mine, pad_id, batch_size, ctx.device)[:real]
+    mine = mine[:real]
+    labels = [e["label"] for e in mine]
     m = metrics_from(probs, labels)
     if predictions is not None:
         for e, y, p in zip(mine, labels, probs):

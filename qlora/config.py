@@ -218,7 +218,12 @@ class EvaluationSection(Section):
 
 
 class ScalingSection(Section):
-    num_workers: int = Field(1, gt=0, description="Ray Train workers (DDP ranks).")
+    num_workers: int = Field(1, gt=0, description="Ray Train workers (data-parallel ranks).")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: every worker holds the whole 4-bit model and all-reduces LoRA gradients. fsdp: "
+        "FSDP2 shards every decoder layer's parameters, the 4-bit weights included (stored in the compute "
+        "dtype, bnb_4bit_quant_storage), so each worker holds about 1/num_workers of the model between its "
+        "layers' forward and backward passes: for bases that do not fit one GPU.")
     use_gpu: bool = Field(False, description="One GPU per worker.")
     accelerator_type: Optional[str] = Field(
         None, min_length=1, description="Ray accelerator type the workers must run on, e.g. A10G, A100, H100, L4 "
@@ -351,6 +356,7 @@ class JobConfig(Section):
                              "train.kernels=none on CPU, or set scaling.use_gpu=true")
         if self.quantization.bits != 16 and self.quantization.compute_dtype == "float16" and not self.scaling.use_gpu:
             raise ValueError("quantization.compute_dtype=float16 needs a GPU: use auto or float32 on CPU")
+        self._check_strategy()
         classifying = self.model.task == "sequence_classification"
         if classifying and self.data.format not in CLASSIFICATION_FORMATS:
             raise ValueError(f"model.task=sequence_classification needs labelled records, but data.format is "
@@ -368,6 +374,27 @@ class JobConfig(Section):
             raise ValueError("model.num_labels is set but model.task is causal_lm: set "
                              "model.task=sequence_classification, or remove num_labels")
         return self
+
+    def _check_strategy(self) -> None:
+        """What FSDP sharding cannot do, refused before any worker starts."""
+        if self.scaling.strategy != "fsdp":
+            return
+        if self.quantization.bits == 8:
+            raise ValueError("scaling.strategy=fsdp with quantization.bits=8: LLM.int8 weights keep their scales "
+                             "inside the parameter, which FSDP cannot shard: use quantization.bits=4 (or 16), or "
+                             "scaling.strategy=ddp")
+        if self.optimizer_to_use() in GPU_ONLY_OPTIMIZERS:
+            raise ValueError(f"scaling.strategy=fsdp with train.optimizer={self.optimizer_to_use()}: bitsandbytes "
+                             "optimizers keep their state in their own (paged or 8-bit) buffers, not in the "
+                             "sharded parameters, so it cannot be saved or restored per shard: use "
+                             "train.optimizer=adamw (LoRA optimizer state is small), or scaling.strategy=ddp")
+        if self.train.fused_cross_entropy:
+            raise ValueError("scaling.strategy=fsdp with train.fused_cross_entropy=true: the fused loss reads the "
+                             "output layer's weight outside the model's forward, where FSDP holds only this "
+                             "worker's shard of it: set train.fused_cross_entropy=false, or scaling.strategy=ddp")
+        if self.train.compile:
+            raise ValueError("scaling.strategy=fsdp with train.compile=true: compiled layers are not verified "
+                             "under FSDP2's per-layer hooks here: set train.compile=false, or scaling.strategy=ddp")
 
     @model_validator(mode="after")
     def _resolve_name_templates(self):

@@ -1,10 +1,17 @@
-"""Everything that knows about ranks: device choice, DDP wrapping, sharding, reductions, who writes.
+"""Everything that knows about ranks: device choice, DDP / FSDP wrapping, data shares, reductions,
+gathering sharded state, who writes.
 
 Ray Train sets up the process group (gloo on CPU, NCCL on GPU) before the worker loop starts; outside
 Ray (a single process) everything here degrades to world size 1.
+
+Under FSDP (scaling.strategy=fsdp) every forward pass is a collective: each decoder layer all-gathers its
+weights from all ranks. So every rank must run the same number of forward passes, in evaluation and
+generation too (`lockstep_share`), and full adapter / optimizer state exists only after a gather that all
+ranks join (`full_trainable_state`, `optimizer_state`).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +24,7 @@ class Context:
     rank: int
     world_size: int
     device: torch.device
+    sharded: bool = False  # parameters sharded over the ranks (FSDP): forward passes are collectives
 
     @property
     def is_writer(self) -> bool:
@@ -24,7 +32,7 @@ class Context:
         return self.rank == 0
 
 
-def context(use_gpu: bool) -> Context:
+def context(use_gpu: bool, strategy: str = "ddp") -> Context:
     try:
         import ray.train
         ctx = ray.train.get_context()
@@ -41,19 +49,118 @@ def context(use_gpu: bool) -> Context:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    return Context(rank, world, device)
+    return Context(rank, world, device, sharded=strategy == "fsdp" and world > 1)
 
 
-def wrap(model: nn.Module, ctx: Context) -> nn.Module:
-    """DDP over the LoRA model; only trainable (LoRA) parameters take part in the all-reduce."""
+def wrap(model: nn.Module, ctx: Context, strategy: str = "ddp") -> nn.Module:
+    """The model the training step calls. ddp: a DDP wrapper; only trainable (LoRA) parameters take part in
+    the all-reduce. fsdp: FSDP2 in place, one unit per decoder layer, one each for an untied input embedding
+    and output head (fp32 on a 4-bit base: gathered only while used, not for the whole step as the root's
+    parameters are), and the root (norms, a classifier's head); LoRA weights shard with their layer, so
+    gradients are reduce-scattered and optimizer states sharded too."""
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+        if not ctx.sharded:  # one worker: nothing to shard with, FSDP would only add copies
+            return model
+        for layer in decoder_layers(model):
+            fully_shard(layer)
+        embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+        if head is not None and head.weight is not embedding.weight:  # a tied pair must stay in one unit
+            fully_shard(embedding)
+            fully_shard(head)
+        fully_shard(model)
+        # peft's generate calls the inner model, which would bypass the root's hooks (they gather the root's
+        # parameters and start the layers' prefetching).
+        register_fsdp_forward_method(model, "generate")
+        return model
     if ctx.world_size == 1:
         return model
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks transformers marks as never to be split (`_no_split_modules`): FSDP's units."""
+    names = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        from qlora.errors import ConfigError
+        raise ConfigError(f"scaling.strategy=fsdp: {type(model).__name__} names no decoder layer class "
+                          "(_no_split_modules), so FSDP has no layers to shard one by one",
+                          "use scaling.strategy=ddp for this model")
+    return layers
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def gradient_sync(model: nn.Module, ctx: Context, sync: bool):
+    """Context for one micro-batch's backward: skip the gradient all-reduce / reduce-scatter unless `sync`
+    (the last micro-batch of a gradient-accumulation step)."""
+    if sync or ctx.world_size == 1:
+        return contextlib.nullcontext()
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        return _fsdp_no_sync(model)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP shard) gathered whole on every rank; other tensors as they are. A collective for
+    DTensors: every rank must call it."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor; other tensors as they are."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable parameter, whole, on the CPU, keyed as in model.state_dict() (what peft's
+    save_pretrained filters the adapter from). Every rank must call it; only trainable weights are
+    gathered, never the frozen 4-bit base."""
+    return {name: full(p.detach()).cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def optimizer_state(model: nn.Module, optimizer, ctx: Context) -> dict:
+    """The optimizer's state dict with every shard gathered (every rank must call it under FSDP)."""
+    if not ctx.sharded:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model: nn.Module, optimizer, state: dict, ctx: Context) -> None:
+    """The inverse of optimizer_state: each rank keeps its shard of the saved (whole) state."""
+    if not ctx.sharded:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def local_bytes(tensors) -> int:
+    """Bytes this rank holds of `tensors` (its shard of DTensors)."""
+    return sum(local(t).nbytes for t in tensors)
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+    """Clip to `max_norm` over all ranks' gradients (sharded gradients are reduced); returns the norm before."""
+    return float(full(torch.nn.utils.clip_grad_norm_(params, max_norm)))
 
 
 def shard(indices: list[int], ctx: Context) -> list[int]:
@@ -70,16 +177,33 @@ def shard_exact(items: list, ctx: Context) -> list:
     return items[ctx.rank::ctx.world_size]
 
 
+def lockstep_share(items: list, ctx: Context) -> tuple[list, int]:
+    """(this rank's share, how many of it are real). With sharded parameters every rank must run the same
+    forward passes, so shorter shares are padded with repeats of an item whose results the caller drops;
+    otherwise the share of shard_exact."""
+    mine = shard_exact(items, ctx)
+    if not ctx.sharded or not items:
+        return mine, len(mine)
+    per_rank = -(-len(items) // ctx.world_size)
+    return mine + [items[0]] * (per_rank - len(mine)), len(mine)
+
+
 def gather_shards(items: list, ctx: Context) -> list:
     """The inverse of shard_exact: every rank's share back in the original order (all ranks get it)."""
-    if ctx.world_size == 1:
-        return list(items)
-    shares = [None] * ctx.world_size
-    dist.all_gather_object(shares, list(items))
+    shares = per_rank(list(items), ctx)
     out = [None] * sum(len(s) for s in shares)
     for rank, share in enumerate(shares):
         out[rank::ctx.world_size] = share
     return out
+
+
+def per_rank(value, ctx: Context) -> list:
+    """Every rank's `value` (picklable), in rank order; a collective."""
+    if ctx.world_size == 1:
+        return [value]
+    values = [None] * ctx.world_size
+    dist.all_gather_object(values, value)
+    return values
 
 
 def all_sum(values: list[float], ctx: Context) -> list[float]:

@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora import (adapters, classification, kernels, memory, memory_estimate, modeling, multiple_choice, plan,
-                   preflight, tracking)
+from qlora import (adapters, classification, distributed, kernels, memory, memory_estimate, modeling,
+                   multiple_choice, plan, preflight, tracking)
 from qlora.config import JobConfig, flatten, redact_uri
 from qlora.data import IGNORE, PreparedData, prepare
 from qlora.errors import ConfigError, EnvironmentProblem, TrainingFailure, UserError
@@ -53,6 +53,8 @@ def prepare_job(cfg: JobConfig) -> Prepared:
     lora_model = modeling.meta_lora_model(cfg, source)
     if cfg.train.fused_cross_entropy:  # before Ray, not on the worker
         kernels.check_fused_loss(lora_model.config)
+    if cfg.scaling.strategy == "fsdp":  # the layers FSDP will shard exist
+        distributed.decoder_layers(lora_model)
     return Prepared(cfg, source, tokenizer, data, modeling.lora_param_count(lora_model),
                     memory_estimate.shape_of(lora_model), len(mc_items))
 

@@ -49,8 +49,12 @@ def eval_loss(model, examples: list[dict], pad_id: int, batch_size: int, ctx,
     model.eval()
     total, count = 0.0, 0
     vocab = model.get_output_embeddings().weight.shape[0]
-    for batch in batched(distributed.shard_exact(examples, ctx), batch_size):
-        rows = rows_per_forward(len(batch), max(len(e["input_ids"]) for e in batch), vocab, logit_budget)
+    mine, real = distributed.lockstep_share(examples, ctx)
+    mine = mine[:real] + [{**e, "labels": [IGNORE] * len(e["labels"])} for e in mine[real:]]  # count nothing
+    # Lockstep ranks must split every batch alike, so they size the split by the longest example of all.
+    longest = max((len(e["input_ids"]) for e in examples), default=1) if ctx.sharded else None
+    for batch in batched(mine, batch_size):
+        rows = rows_per_forward(len(batch), longest or max(len(e["input_ids"]) for e in batch), vocab, logit_budget)
         for part in batched(batch, rows):
             t = to_tensors(collate(part, pad_id), ctx.device)
             out = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"])
@@ -62,20 +66,22 @@ def eval_loss(model, examples: list[dict], pad_id: int, batch_size: int, ctx,
 
 
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], tokenizer, max_new_tokens: int, device: torch.device) -> list[str]:
-    """Greedy completions of already-tokenized prompts (left-padded batch)."""
+def generate(model, prompts: list[list[int]], tokenizer, max_new_tokens: int, device: torch.device,
+             synced: bool = False) -> list[str]:
+    """Greedy completions of already-tokenized prompts (left-padded batch). `synced`: ranks whose weights are
+    sharded keep stepping until every rank's batch has finished (each step is a collective)."""
     model.eval()
     t = to_tensors(collate([{"input_ids": p} for p in prompts], tokenizer.pad_token_id, pad_left=True), device)
     out = model.generate(input_ids=t["input_ids"], attention_mask=t["attention_mask"], max_new_tokens=max_new_tokens,
-                         do_sample=False, pad_token_id=tokenizer.pad_token_id, use_cache=True)
+                         do_sample=False, pad_token_id=tokenizer.pad_token_id, use_cache=True, synced_gpus=synced)
     return [tokenizer.decode(row[t["input_ids"].shape[1]:], skip_special_tokens=True).strip() for row in out]
 
 
-def answers(model, examples: list[dict], tokenizer, cfg, device: torch.device) -> list[str]:
+def answers(model, examples: list[dict], tokenizer, cfg, device: torch.device, synced: bool = False) -> list[str]:
     """Greedy answers to the examples' prompts; `cfg` is the evaluation section."""
     out: list[str] = []
     for batch in batched(examples, cfg.batch_size):
-        out += generate(model, [e["prompt_ids"] for e in batch], tokenizer, cfg.max_new_tokens, device)
+        out += generate(model, [e["prompt_ids"] for e in batch], tokenizer, cfg.max_new_tokens, device, synced)
     return out
 
 
@@ -116,9 +122,9 @@ def exact_match(model, examples: list[dict], tokenizer, cfg, ctx, predictions: l
     """Fraction of held-out prompts whose greedy answer equals the reference answer exactly (and, with
     cfg.answer_metric=final_number, whose final number does). This rank's prediction records are appended
     to `predictions` when it is given."""
-    chosen = distributed.shard_exact(examples[:cfg.num_generate], ctx)
-    records = prediction_records(chosen, answers(model, chosen, tokenizer, cfg, ctx.device), tokenizer,
-                                 cfg.answer_metric)
+    chosen, real = distributed.lockstep_share(examples[:cfg.num_generate], ctx)
+    predicted = answers(model, chosen, tokenizer, cfg, ctx.device, synced=ctx.sharded)
+    records = prediction_records(chosen[:real], predicted[:real], tokenizer, cfg.answer_metric)
     if predictions is not None:
         predictions.extend(records)
     n, hits, number_hits = distributed.all_sum(list(generation_metrics(records)), ctx)

@@ -22,8 +22,11 @@ case: every row full), h hidden size, I MLP size, L decoder layers, V the output
   total = weights + lora_and_optimizer + activations + max(logits, workspace): the loss and the layers' backward
   run one after the other, so their temporaries are never held together.
 
-DDP (the only strategy today) gives every worker the whole model, so the figure does not shrink with more
-workers; `shard_weights_over` is where a sharding strategy (FSDP) would divide weights and LoRA states.
+  gathered            FSDP only: weights a worker holds whole for a moment, beyond its shard: the decoder layer
+                      it computes and the next (prefetched), and the output head (its own unit, gathered in the
+                      loss).
+DDP gives every worker the whole model, so the figure does not shrink with more workers; FSDP divides the
+weights and the LoRA states (weights, gradients, optimizer) by the worker count and adds `gathered`.
 Held-out evaluation runs without gradients and without autocast: fp32 logits, 12 B each (logits, the
 reshaped copy token_losses makes, log-softmax), for as many rows of data.max_length tokens as
 evaluation.rows_per_forward lets one forward take (at most evaluation.batch_size), beside the weights.
@@ -93,6 +96,12 @@ class Setup:
     liger: bool  # Liger's kernels in the decoder layers
     workers: int
     eval_batch_size: int
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+
+    @property
+    def shards(self) -> int:
+        """Workers the weights and LoRA states are divided over."""
+        return self.workers if self.strategy == "fsdp" else 1
 
     @classmethod
     def from_config(cls, cfg: JobConfig) -> Setup:
@@ -104,7 +113,7 @@ class Setup:
                    batch_size=t.batch_size, max_length=cfg.data.max_length,
                    gradient_checkpointing=t.gradient_checkpointing, checkpointed_fraction=t.checkpointed_fraction,
                    loss=loss, liger=t.kernels == "liger", workers=cfg.scaling.num_workers,
-                   eval_batch_size=cfg.evaluation.batch_size)
+                   eval_batch_size=cfg.evaluation.batch_size, strategy=cfg.scaling.strategy)
 
     @property
     def tokens(self) -> int:
@@ -120,18 +129,24 @@ class Estimate:
     logits: int
     workspace: int
     evaluation: int  # peak of the held-out evaluation pass: weights, LoRA and optimizer, fp32 logits
+    gathered: int = 0  # FSDP: weights held whole beyond this worker's shard
 
     @property
     def total(self) -> int:
-        return self.weights + self.lora_and_optimizer + self.activations + max(self.logits, self.workspace)
+        return (self.weights + self.gathered + self.lora_and_optimizer + self.activations
+                + max(self.logits, self.workspace))
 
     def lines(self, setup: Setup, on_gpu: bool = True) -> list[str]:
         """What --dry-run prints; `setup` is the one the estimate was made for."""
         def gib(n: int) -> str:
             return f"{n / GIB:.2f}"
+        how = (f"FSDP over {setup.workers} workers: each holds 1/{setup.workers} of the weights and LoRA states"
+               if setup.shards > 1 else f"DDP over {setup.workers} worker(s): each holds the whole model")
+        gathered = f" + layers gathered whole {gib(self.gathered)}" if setup.shards > 1 else ""
         out = [f"GPU memory per worker, estimated: {gib(self.total)} GiB for a training step of {setup.batch_size} x "
-               f"{setup.max_length} tokens (DDP over {setup.workers} worker(s): each holds the whole model)",
-               f"  = weights {gib(self.weights)} + LoRA, gradients and optimizer {gib(self.lora_and_optimizer)} + "
+               f"{setup.max_length} tokens ({how})",
+               f"  = weights {gib(self.weights)}{gathered} + LoRA, gradients and optimizer "
+               f"{gib(self.lora_and_optimizer)} + "
                f"activations {gib(self.activations)} + the larger of the loss {gib(self.logits)} and one layer's "
                f"backward {gib(self.workspace)} (GiB)",
                f"  held-out evaluation (no gradients; fp32 logits of up to {setup.eval_batch_size} x "
@@ -145,21 +160,37 @@ class Estimate:
         return "\n".join(self.lines(setup, on_gpu))
 
 
-def weight_bytes(shape: ModelShape, bits: int, double_quant: bool) -> int:
+def quantized_bytes(shape: ModelShape, bits: int, double_quant: bool) -> int:
+    """The decoder's linear layers as stored: 16-bit, LLM.int8 with row scales, or 4-bit with block scales."""
     if bits == 16:
-        return 2 * (shape.quantized_params + shape.other_params)
+        return 2 * shape.quantized_params
     if bits == 8:
-        quantized = shape.quantized_params + 4 * shape.quantized_rows
-    else:
-        blocks = -(-shape.quantized_params // BLOCK)
-        absmax = blocks + 4 * -(-blocks // DOUBLE_QUANT_GROUP) if double_quant else 4 * blocks
-        quantized = shape.quantized_params // 2 + absmax
-    return quantized + 4 * shape.other_params
+        return shape.quantized_params + 4 * shape.quantized_rows
+    blocks = -(-shape.quantized_params // BLOCK)
+    absmax = blocks + 4 * -(-blocks // DOUBLE_QUANT_GROUP) if double_quant else 4 * blocks
+    return shape.quantized_params // 2 + absmax
 
 
-def trainable_bytes_per_param(optimizer: str, workers: int) -> int:
-    ddp_buckets = 4 if workers > 1 else 0  # DDP copies gradients into flat buckets for the all-reduce
+def other_bytes_per_param(bits: int) -> int:
+    return 2 if bits == 16 else 4  # on a 4/8-bit base prepare_model_for_kbit_training casts them to fp32
+
+
+def weight_bytes(shape: ModelShape, bits: int, double_quant: bool) -> int:
+    return quantized_bytes(shape, bits, double_quant) + other_bytes_per_param(bits) * shape.other_params
+
+
+def trainable_bytes_per_param(optimizer: str, workers: int, strategy: str = "ddp") -> int:
+    # DDP copies gradients into flat buckets for the all-reduce; FSDP reduce-scatters layer by layer.
+    ddp_buckets = 4 if workers > 1 and strategy == "ddp" else 0
     return 4 + 4 + OPTIMIZER_STATE_BYTES[optimizer] + ddp_buckets
+
+
+def gathered_bytes(shape: ModelShape, setup: Setup) -> int:
+    """FSDP: two decoder layers whole (the one computing, the next prefetched) and the output head."""
+    if setup.shards == 1:
+        return 0
+    per_layer = (quantized_bytes(shape, setup.bits, setup.double_quant) + 4 * shape.trainable_params) // shape.num_layers
+    return 2 * per_layer + other_bytes_per_param(setup.bits) * shape.head_rows * shape.hidden_size
 
 
 def layer_bytes(shape: ModelShape, tokens: int, liger: bool) -> int:
@@ -193,16 +224,16 @@ def workspace_bytes(shape: ModelShape, setup: Setup) -> int:
     return recomputed + setup.tokens * (W_HIDDEN * shape.hidden_size + W_MLP * shape.intermediate_size)
 
 
-def estimate(shape: ModelShape, setup: Setup, shard_weights_over: int = 1) -> Estimate:
-    """One worker's peak. `shard_weights_over`: workers that split the weights and LoRA states between them
-    (1 for DDP, which replicates them; a sharded strategy would pass the worker count)."""
-    weights = weight_bytes(shape, setup.bits, setup.double_quant) // shard_weights_over
-    lora = shape.trainable_params * trainable_bytes_per_param(setup.optimizer, setup.workers) // shard_weights_over
+def estimate(shape: ModelShape, setup: Setup) -> Estimate:
+    """One worker's peak under setup.strategy (see the module docstring)."""
+    weights = weight_bytes(shape, setup.bits, setup.double_quant) // setup.shards
+    lora = (shape.trainable_params * trainable_bytes_per_param(setup.optimizer, setup.workers, setup.strategy)
+            // setup.shards)
     eval_rows = rows_per_forward(setup.eval_batch_size, setup.max_length, shape.head_rows)  # as eval_loss splits
     eval_logits = EVAL_BYTES_PER_LOGIT * eval_rows * setup.max_length * shape.head_rows
     return Estimate(weights=weights, lora_and_optimizer=lora, activations=activation_bytes(shape, setup),
                     logits=logit_bytes(shape, setup), workspace=workspace_bytes(shape, setup),
-                    evaluation=weights + lora + eval_logits)
+                    evaluation=weights + lora + eval_logits, gathered=gathered_bytes(shape, setup))
 
 
 def shape_of(model) -> ModelShape:

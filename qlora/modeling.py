@@ -29,11 +29,15 @@ def compute_dtype(quant: QuantizationSection, device: torch.device) -> torch.dty
     return torch.float32
 
 
-def quantization_config(quant: QuantizationSection, dtype: torch.dtype):
+def quantization_config(quant: QuantizationSection, dtype: torch.dtype, shardable: bool = False):
+    """bitsandbytes settings. `shardable` (scaling.strategy=fsdp): pack the 4-bit weights into elements of the
+    compute dtype instead of uint8 (same bytes), a floating-point tensor FSDP shards and gathers like the
+    model's other parameters."""
     from transformers import BitsAndBytesConfig
     if quant.bits == 4:
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
-                                  bnb_4bit_use_double_quant=quant.double_quant, bnb_4bit_compute_dtype=dtype)
+                                  bnb_4bit_use_double_quant=quant.double_quant, bnb_4bit_compute_dtype=dtype,
+                                  bnb_4bit_quant_storage=dtype if shardable else torch.uint8)
     if quant.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
@@ -157,7 +161,7 @@ def load_base_model(cfg: JobConfig, source: ModelSource, device: torch.device, p
     if task_kwargs and pad_token_id is None:
         raise ValueError("load_base_model: a sequence_classification model needs the tokenizer's pad_token_id")
     dtype = compute_dtype(cfg.quantization, device)
-    qconf = quantization_config(cfg.quantization, dtype)
+    qconf = quantization_config(cfg.quantization, dtype, shardable=cfg.scaling.strategy == "fsdp")
     model = cls.from_pretrained(
         source.path, **task_kwargs, revision=None if source.is_local else cfg.model.revision,
         trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation,

@@ -80,8 +80,8 @@ def letter_logits(model, items: list[dict], pad_id: int, batch_size: int, device
 
 def accuracy(model, items: list[dict], pad_id: int, batch_size: int, ctx) -> dict:
     """Fraction of items whose highest-logit letter is the right one (each rank scores its share)."""
-    mine = distributed.shard_exact(items, ctx)
-    scores = letter_logits(model, mine, pad_id, batch_size, ctx.device)
+    mine, real = distributed.lockstep_share(items, ctx)
+    scores = letter_logits(model, mine, pad_id, batch_size, ctx.device)[:real]
     hits = sum(pick(torch.tensor(s), range(len(s))) == it["answer"] for s, it in zip(scores, mine))
-    hits, n = distributed.all_sum([hits, len(mine)], ctx)
+    hits, n = distributed.all_sum([hits, real], ctx)
     return {"mc_accuracy": hits / max(n, 1)}

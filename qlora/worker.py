@@ -6,7 +6,6 @@ metric Ray Tune or MLflow sees is computed here in plain sight.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import resource
@@ -120,7 +119,7 @@ def train_loop_per_worker(payload: dict) -> None:
     import ray.train
 
     cfg = JobConfig.from_json(payload["config"])  # validated again on this side of the Ray boundary
-    ctx = distributed.context(cfg.scaling.use_gpu)
+    ctx = distributed.context(cfg.scaling.use_gpu, cfg.scaling.strategy)
     torch.manual_seed(cfg.train.seed)
     source = resolve(cfg.model.name, cfg.model.gguf_file, cfg.model.revision)
     tokenizer = modeling.load_tokenizer(source, cfg)
@@ -129,8 +128,6 @@ def train_loop_per_worker(payload: dict) -> None:
     # A classifier's new head is initialised randomly inside from_pretrained: same seed, same head on every rank.
     torch.manual_seed(cfg.train.seed)
     base = modeling.load_base_model(cfg, source, ctx.device, tokenizer.pad_token_id)
-    # Bytes of the base's parameters and buffers as loaded (quantized weights + their scales), before LoRA.
-    weights_gib = base.get_memory_footprint() / 2**30
     mc_items = multiple_choice.prepare(cfg, tokenizer)
     if cfg.train.kernels == "liger":
         kernels.apply_liger(base)
@@ -145,7 +142,11 @@ def train_loop_per_worker(payload: dict) -> None:
     dtype = modeling.compute_dtype(cfg.quantization, ctx.device)
     flops = speed.FlopCounter(speed.base_param_count(model), base.config,
                               torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else None)
-    ddp = distributed.wrap(model, ctx)
+    trainer_state = resume_adapter(model, ctx)  # before sharding: each rank loads the whole saved adapter
+    ddp = distributed.wrap(model, ctx, cfg.scaling.strategy)
+    # Bytes of the frozen base this worker holds (quantized weights + scales + buffers; its shard under FSDP).
+    weights_gib = distributed.local_bytes([p for p in model.parameters() if not p.requires_grad]
+                                          + list(model.buffers())) / 2**30
     optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     plan = BatchPlan(len(data.train), cfg, ctx, [len(e["input_ids"]) for e in data.train])
     scheduler = make_scheduler(cfg, optimizer, plan.total_steps)
@@ -153,14 +154,8 @@ def train_loop_per_worker(payload: dict) -> None:
     sink = MetricsSink(payload.get("tracking_uri"), payload.get("mlflow_run_id")) if ctx.is_writer else None
 
     step, before = 0, None
-    resumed = ray.train.get_checkpoint()
-    if resumed:
-        with resumed.as_directory() as d:
-            try:
-                folder = checkpoint.latest_intact(Path(d), lambda m: log(ctx, m))
-            except checkpoint.CorruptCheckpoint as e:
-                raise TrainingFailure(f"{e}; start a new run (another tracking.run_name)") from None
-            saved = restore(folder, model, optimizer, scheduler)
+    if trainer_state:
+        saved = restore_trainer(trainer_state, model, optimizer, scheduler, ctx)
         step, before = saved["step"], saved.get("before")
         log(ctx, f"resumed from checkpoint at step {step}")
         if saved.get("final"):  # the run had finished: report its result again, train nothing
@@ -175,9 +170,14 @@ def train_loop_per_worker(payload: dict) -> None:
             sink.log(metrics, step)
         ckpt = None
         with tempfile.TemporaryDirectory() as tmp:
+            if save:  # every rank joins the gathers of sharded state; rank 0 writes
+                adapter_state = distributed.full_trainable_state(model) if ctx.sharded else None
+                optimizer_state = distributed.optimizer_state(model, optimizer, ctx)
+                rng_states = distributed.per_rank(checkpoint.rng_state(), ctx)
             if save and ctx.is_writer:
-                folder = checkpoint.save(Path(tmp) / "checkpoint", model, cfg, optimizer, scheduler,
-                                         {"step": step, "before": before, "final": final, "metrics": metrics})
+                folder = checkpoint.save(Path(tmp) / "checkpoint", model, cfg, optimizer_state, scheduler,
+                                         {"step": step, "before": before, "final": final, "metrics": metrics},
+                                         adapter_state, rng_states)
                 if final:  # beside the final adapter: what it was measured at, and what it generated
                     evaluation.write_results(folder, final_results(metrics, before, ctx.device), predictions or [])
                     checkpoint.write_manifest(folder)
@@ -197,7 +197,7 @@ def train_loop_per_worker(payload: dict) -> None:
                                                       cfg.data.packing), ctx.device)
             sync = micro == accum - 1
             try:
-                with (ddp.no_sync() if not sync and ctx.world_size > 1 else contextlib.nullcontext()):
+                with distributed.gradient_sync(ddp, ctx, sync):
                     with kernels.autocast(ctx.device, dtype):
                         loss_sum, n = kernels.forward_loss(ddp, model_inputs(batch), batch["labels"], hidden,
                                                            batch_losses)
@@ -213,8 +213,8 @@ def train_loop_per_worker(payload: dict) -> None:
         if not math.isfinite(step_loss):
             raise TrainingFailure(f"loss became {step_loss} at step {step + 1}; the last good checkpoint is kept "
                                   "(lower train.learning_rate or train.max_grad_norm)")
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                   cfg.train.max_grad_norm)
+        grad_norm = distributed.clip_grad_norm([p for p in model.parameters() if p.requires_grad],
+                                               cfg.train.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -230,7 +230,7 @@ def train_loop_per_worker(payload: dict) -> None:
         loss_avg, tok_all, slots_all, mfu_all = distributed.all_sum(
             [window_loss / window_steps, tokens, slots, mfu or 0.0], ctx)
         metrics = {"step": step, "epoch": epoch, "loss": loss_avg / ctx.world_size,
-                   "learning_rate": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                   "learning_rate": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                    "tokens_per_second": tok_all / elapsed, "peak_memory_gib": peak_memory_gib(ctx.device),
                    # Real (non-pad) tokens / batch slots: what packing or group_by_length save on padding.
                    "packing_efficiency": tok_all / max(slots_all, 1),
@@ -260,22 +260,36 @@ def final_results(metrics: dict, before: dict, device: torch.device) -> dict:
     return {"before": before, "after": after,
             "train": {k: metrics.get(k) for k in ("step", "loss", "train_seconds", "tokens_per_second")},
             "memory": {"weights_gib": metrics["weights_memory_gib"], "peak_gib": metrics["peak_memory_gib"],
-                       "weights_kind": "model.get_memory_footprint() of the loaded base before LoRA "
-                                       "(parameters + buffers)", "peak_kind": PEAK_MEMORY_KIND[device.type]}}
+                       "weights_kind": "bytes of the frozen base's parameters and buffers this worker "
+                                       "holds (its shard under scaling.strategy=fsdp)", "peak_kind": PEAK_MEMORY_KIND[device.type]}}
 
 
-def restore(folder: Path, model, optimizer, scheduler) -> dict:
-    """Load adapter weights and trainer state from a checkpoint folder; returns the saved loop state
-    (step, metrics before training, and for the final checkpoint its metrics)."""
+def resume_adapter(model, ctx: distributed.Context) -> dict | None:
+    """Load the adapter weights of the checkpoint Ray hands this worker (if any) into the unwrapped model;
+    returns that checkpoint's trainer state (optimizer, scheduler, RNG, loop state) for restore_trainer."""
+    import ray.train
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
-    state = checkpoint.load_trainer_state(folder)
-    weights = load_file(str(folder / "adapter" / "adapter_model.safetensors"), device=str(next(
-        p.device for p in model.parameters() if p.requires_grad)))
+    resumed = ray.train.get_checkpoint()
+    if not resumed:
+        return None
+    with resumed.as_directory() as d:
+        try:
+            folder = checkpoint.latest_intact(Path(d), lambda m: log(ctx, m))
+        except checkpoint.CorruptCheckpoint as e:
+            raise TrainingFailure(f"{e}; start a new run (another tracking.run_name)") from None
+        state = checkpoint.load_trainer_state(folder)
+        weights = load_file(str(folder / "adapter" / "adapter_model.safetensors"), device=str(next(
+            p.device for p in model.parameters() if p.requires_grad)))
     set_peft_model_state_dict(model, weights)
-    optimizer.load_state_dict(state["optimizer"])
+    return state
+
+
+def restore_trainer(state: dict, model, optimizer, scheduler, ctx: distributed.Context) -> dict:
+    """Optimizer, scheduler and RNG from a checkpoint's trainer state; returns the saved loop state (step,
+    metrics before training, and for the final checkpoint its metrics)."""
+    distributed.load_optimizer_state(model, optimizer, state["optimizer"], ctx)
     if state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
-    checkpoint.restore_rng(state["rng"])
+    checkpoint.restore_rng(state["rng"], ctx.rank)
     return state["state"]
-

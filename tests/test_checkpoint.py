@@ -20,7 +20,7 @@ def lora_model(tiny_model_dir):
 def test_save_verify_and_detect_corruption(tmp_path, lora_model):
     cfg, model = lora_model
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    folder = checkpoint.save(tmp_path / "ckpt", model, cfg, opt, None, {"step": 3})
+    folder = checkpoint.save(tmp_path / "ckpt", model, cfg, opt.state_dict(), None, {"step": 3})
     assert not (tmp_path / "ckpt.tmp").exists()
     checkpoint.verify(folder)
     assert checkpoint.load_trainer_state(folder)["state"]["step"] == 3

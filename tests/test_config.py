@@ -55,6 +55,25 @@ def test_bad_values_name_the_key(tmp_path, extra, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["quantization.bits=8"], "LLM.int8 weights keep their scales inside the parameter"),
+    (["scaling.use_gpu=true", "train.optimizer=paged_adamw_8bit"], "use train.optimizer=adamw"),
+    (["train.optimizer=adamw_8bit", "train.cpu_optimizer_fallback=adamw", "scaling.use_gpu=true"], "bitsandbytes"),
+    (["train.fused_cross_entropy=true"], "set train.fused_cross_entropy=false, or scaling.strategy=ddp"),
+    (["train.compile=true"], "set train.compile=false, or scaling.strategy=ddp"),
+])
+def test_fsdp_refuses_what_it_cannot_shard(tmp_path, overrides, message):
+    """Each refused combination names scaling.strategy=fsdp, the other key, and both ways out."""
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, BASE), ["scaling.strategy=fsdp", "scaling.num_workers=2", *overrides])
+    assert "scaling.strategy=fsdp" in str(err.value) and message in str(err.value)
+    load_config(write(tmp_path, BASE), ["scaling.strategy=ddp", "scaling.num_workers=2", *overrides])  # DDP can
+    # On CPU the GPU-only optimizer falls back to adamw, which FSDP can shard.
+    cfg = load_config(write(tmp_path, BASE), ["scaling.strategy=fsdp", "train.optimizer=adamw_8bit",
+                                              "train.cpu_optimizer_fallback=adamw"])
+    assert cfg.optimizer_to_use() == "adamw"
+
+
 def test_missing_data_section_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="missing required key 'data'"):
         load_config(write(tmp_path, "lora:\n  r: 8\n"))

@@ -73,10 +73,18 @@ def test_total_counts_the_larger_of_loss_and_layer_backward():
         assert est.total == est.weights + est.lora_and_optimizer + est.activations + max(est.logits, est.workspace)
 
 
-def test_sharding_divides_weights_and_lora_states():
-    one, two = me.estimate(SHAPE, SETUP), me.estimate(SHAPE, SETUP, shard_weights_over=2)
-    assert two.weights == one.weights // 2 and two.lora_and_optimizer == one.lora_and_optimizer // 2
-    assert two.activations == one.activations and two.logits == one.logits
+def test_fsdp_divides_weights_and_lora_states_and_adds_the_gathered_layers():
+    ddp2 = replace(SETUP, workers=2)
+    ddp, fsdp = me.estimate(SHAPE, ddp2), me.estimate(SHAPE, replace(ddp2, strategy="fsdp"))
+    assert fsdp.weights == ddp.weights // 2 and fsdp.activations == ddp.activations and fsdp.logits == ddp.logits
+    # DDP's gradient buckets (4 B per trainable param) do not exist under FSDP; the rest halves.
+    assert fsdp.lora_and_optimizer == (ddp.lora_and_optimizer - 4 * SHAPE.trainable_params) // 2
+    per_layer = (me.quantized_bytes(SHAPE, 4, True) + 4 * SHAPE.trainable_params) // SHAPE.num_layers
+    assert fsdp.gathered == 2 * per_layer + 4 * SHAPE.head_rows * SHAPE.hidden_size and ddp.gathered == 0
+    assert fsdp.total == ddp.total - (ddp.weights - fsdp.weights) - (ddp.lora_and_optimizer - fsdp.lora_and_optimizer) \
+        + fsdp.gathered
+    # One worker has nothing to shard with: FSDP there is DDP's figure.
+    assert me.estimate(SHAPE, replace(SETUP, strategy="fsdp")) == me.estimate(SHAPE, SETUP)
 
 
 def test_estimate_of_the_8b_benchmark_row():

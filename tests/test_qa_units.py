@@ -86,6 +86,18 @@ def test_gather_shards_restores_order_on_one_rank():
     assert distributed.gather_shards([3, 1, 2], CPU) == [3, 1, 2]
 
 
+def test_lockstep_shares_are_equal_in_length_and_count_each_item_once():
+    """Under FSDP every rank runs the same forwards: shorter shares are padded, and the padding is marked."""
+    items = list(range(7))
+    for world in (2, 3, 4):
+        shares = [distributed.lockstep_share(items, distributed.Context(r, world, CPU.device, sharded=True))
+                  for r in range(world)]
+        assert len({len(share) for share, _ in shares}) == 1  # lockstep: same number of items everywhere
+        assert sorted(i for share, real in shares for i in share[:real]) == items  # each real item once
+    assert distributed.lockstep_share(items, distributed.Context(1, 2, CPU.device)) == ([1, 3, 5], 3)  # DDP: as is
+    assert distributed.lockstep_share([], distributed.Context(1, 2, CPU.device, sharded=True)) == ([], 0)
+
+
 # --- tokenizer, model and data -------------------------------------------------------------------
 
 def _cfg(model_dir, **sections):

@@ -1,0 +1,133 @@
+"""scaling.strategy=fsdp on CPU: 2 Ray Train workers over gloo, a 4-bit (NF4) base with LoRA sharded by
+FSDP2. The run must train exactly as DDP does (same data, same steps), with each worker holding half the
+frozen weights; its adapter checkpoints must be whole (every LoRA tensor at full shape, gathered from both
+shards, loadable by plain peft in one process); a killed worker must resume from the sharded optimizer state
+to the uninterrupted result. Held-out sets of odd size make the ranks' shares unequal, which FSDP's
+collective forwards must survive (evaluation and generation in lockstep)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from test_recovery import registered_checkpoints, resumed_steps, train_worker_pids, wait_for
+
+NUM_GENERATE = 5  # odd: one rank generates for 3 prompts, the other for 2 plus a discarded repeat
+
+
+@pytest.fixture(scope="module")
+def untied_model_dir(tmp_path_factory, smollm_dir) -> Path:
+    """A 2-layer random Llama with its own output head (as Llama-3-8B/70B have), so FSDP gets separate
+    embedding and head units besides the decoder layers."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    tok = AutoTokenizer.from_pretrained(smollm_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    out = tmp_path_factory.mktemp("untied-llama")
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def job_cmd(folder: Path, model: Path, name: str, strategy: str, max_failures: int = 0) -> list[str]:
+    cfg = {"model": {"name": str(model)},
+           "data": {"path": str(ROOT / "data" / "people_json.jsonl"), "max_samples": 96, "eval_max_samples": 7,
+                    "max_length": 128},
+           "train": {"max_steps": 12, "batch_size": 4, "learning_rate": 5e-3, "log_every": 4, "save_every": 4,
+                     "seed": 7},
+           "evaluation": {"generate": True, "num_generate": NUM_GENERATE, "max_new_tokens": 8},
+           "scaling": {"num_workers": 2, "strategy": strategy, "storage_path": str(folder / "runs"),
+                       "max_failures": max_failures},
+           "tracking": {"uri": f"sqlite:///{folder / 'mlflow.db'}", "experiment": name, "run_name": name}}
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return [sys.executable, "-m", "ray_jobs.train", "--config", str(path)]
+
+
+def run_job(cmd: list[str]) -> dict:
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def adapter(result: dict) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(result["adapter"]) / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, untied_model_dir) -> dict:
+    folder = tmp_path_factory.mktemp("fsdp-runs")
+    return {s: run_job(job_cmd(folder, untied_model_dir, s, s)) for s in ("ddp", "fsdp")}
+
+
+def test_fsdp_trains_as_ddp_does_with_half_the_weights_per_worker(runs):
+    ddp, fsdp = runs["ddp"], runs["fsdp"]
+    assert fsdp["steps"] == ddp["steps"] == 12
+    a, b = adapter(ddp), adapter(fsdp)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+    for key in ("eval_loss", "exact_match"):
+        assert fsdp["metrics_after"][key] == pytest.approx(ddp["metrics_after"][key], rel=1e-4)
+    assert fsdp["metrics_after"]["eval_loss"] < fsdp["metrics_before"]["eval_loss"] - 0.1  # it learned
+    # Frozen base bytes per worker: FSDP holds one of two shards (up to the padding of odd-sized tensors).
+    assert fsdp["weights_memory_gib"] == pytest.approx(ddp["weights_memory_gib"] / 2, rel=0.02)
+    for result in (ddp, fsdp):  # every generated prediction once, none of the lockstep repeats
+        lines = (Path(result["checkpoint"]) / "predictions.jsonl").read_text().splitlines()
+        assert len(lines) == NUM_GENERATE
+
+
+def test_fsdp_adapter_checkpoint_is_whole_and_loads_in_one_process(runs, untied_model_dir):
+    """Gathered from both shards before rank 0 writes (an adapter saved from one shard is empty or half:
+    TRL #4416). Plain peft on a plain base loads it with nothing missing, and every LoRA B matrix, zero at
+    initialisation, has been trained."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    weights = adapter(runs["fsdp"])
+    base = AutoModelForCausalLM.from_pretrained(untied_model_dir)
+    model = PeftModel.from_pretrained(base, runs["fsdp"]["adapter"])
+    expected = {n: p.shape for n, p in model.named_parameters() if "lora_" in n}
+    assert len(weights) == len(expected) == 2 * 7 * 2  # A and B, 7 linear layers, 2 decoder layers
+    for name, tensor in weights.items():
+        loaded = name.replace(".weight", ".default.weight")
+        assert tensor.shape == expected[loaded], name
+        if "lora_B" in name:
+            assert tensor.abs().sum() > 0, f"{name} is still zero"
+    # The trainer state holds the whole optimizer state too: AdamW's moments at each LoRA tensor's full shape.
+    state = torch.load(Path(runs["fsdp"]["checkpoint"]) / "trainer_state.pt", weights_only=False)
+    moments = state["optimizer"]["state"]
+    assert {k.replace(".default", "") for k in moments} == weights.keys()
+    for key, moment in moments.items():
+        assert moment["exp_avg"].shape == moment["exp_avg_sq"].shape == weights[key.replace(".default", "")].shape
+
+
+def test_fsdp_resumes_a_killed_worker_from_its_sharded_state(tmp_path, runs, untied_model_dir):
+    cmd = job_cmd(tmp_path, untied_model_dir, "killed", "fsdp", max_failures=1)
+    log_path = tmp_path / "killed.log"
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: registered_checkpoints(tmp_path / "runs" / "killed"), proc, "a checkpoint")
+        victims = train_worker_pids()
+        assert len(victims) == 2
+        psutil.Process(victims[1]).kill()
+        assert proc.wait(timeout=600) == 0, log_path.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    log = log_path.read_text()
+    assert resumed_steps(log) and resumed_steps(log)[0] in (4, 8)
+    result = json.loads(log.strip().splitlines()[-1])
+    a, b = adapter(runs["fsdp"]), adapter(result)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+    assert result["metrics_after"]["eval_loss"] == pytest.approx(runs["fsdp"]["metrics_after"]["eval_loss"], abs=1e-5)
