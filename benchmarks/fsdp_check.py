@@ -12,6 +12,7 @@ the 2-rank path on CPU over gloo).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -37,11 +38,24 @@ def config(path: str, strategy: str, args) -> JobConfig:
         "scaling": {"use_gpu": DEVICE.type == "cuda", "strategy": strategy}})
 
 
+def host_memory_gib() -> dict:
+    """This process's host RAM (Linux): peak resident, private (anonymous) and file-backed resident. File pages
+    of the memory-mapped checkpoint are the page cache, shared by every worker on the node."""
+    fields = {}
+    for line in open("/proc/self/status"):
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "RssAnon", "RssFile"):
+            fields[key] = int(value.split()[0]) / 2**20  # kB -> GiB
+    return fields
+
+
 def run(strategy: str, args) -> dict:
     cfg = config(args.model, strategy, args)
     ctx = distributed.Context(0, 1, DEVICE, sharded=strategy == "fsdp")  # a one-rank mesh, FSDP all the same
     torch.cuda.reset_peak_memory_stats() if DEVICE.type == "cuda" else None
+    t = time.perf_counter()
     base = modeling.load_base_model(cfg, ModelSource(args.model, True, "benchmark"), DEVICE)
+    load_s, host_after_load = time.perf_counter() - t, host_memory_gib()
     storage = {str(p.dtype) for n, p in base.named_parameters() if "proj" in n}
     if args.kernels == "liger":
         kernels.apply_liger(base)
@@ -78,7 +92,7 @@ def run(strategy: str, args) -> dict:
     setup = memory_estimate.Setup.from_config(cfg)
     # From the meta model, as --dry-run does: a loaded 4-bit layer's numel counts packed storage elements.
     shape = memory_estimate.shape_of(modeling.meta_lora_model(cfg, ModelSource(args.model, True, "benchmark")))
-    row = {"strategy": strategy, "quantized_weight_dtypes": sorted(storage), "steps": args.steps,
+    row = {"strategy": strategy, "load_s": load_s, "host_gib_after_load": host_after_load, "quantized_weight_dtypes": sorted(storage), "steps": args.steps,
            "batch": f"{args.bs}x{args.seq}", "kernels": args.kernels,
            "step_s_median": statistics.median(times), "tokens_per_s": args.bs * args.seq / statistics.median(times),
            "peak_gib": peak, "losses": losses, "adapter_tensors": len(adapter),
@@ -88,6 +102,7 @@ def run(strategy: str, args) -> dict:
            "estimate_gathered_gib_at_2": memory_estimate.gathered_bytes(
                shape, memory_estimate.Setup(**{**setup.__dict__, "workers": 2, "strategy": "fsdp"})) / 2**30}
     del wrapped, model, base, optimizer
+    gc.collect()  # peft and FSDP hold reference cycles: without this the next strategy's peak includes this model
     torch.cuda.empty_cache() if DEVICE.type == "cuda" else None
     return row
 
@@ -102,19 +117,23 @@ def main():
     p.add_argument("--kernels", default="none", choices=["none", "liger"])
     p.add_argument("--tokenizer", help="tokenizer folder for the generation check (default: --model)")
     p.add_argument("--out", default="fsdp_check.jsonl")
+    p.add_argument("--strategies", default="ddp,fsdp", help="run in this order; the summary compares the first two")
     args = p.parse_args()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
     dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo", rank=0, world_size=1)
-    rows = [run(s, args) for s in ("ddp", "fsdp")]
-    diff = max(abs(a - b) for a, b in zip(rows[0]["losses"], rows[1]["losses"]))
-    summary = {"max_loss_diff_fsdp_vs_ddp": diff, "loss_first_last": [rows[0]["losses"][0], rows[0]["losses"][-1]],
-               "fsdp_vs_ddp_tokens_per_s": rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"],
-               "gpu": torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else "cpu"}
+    rows = []
     with open(args.out, "w") as f:
-        for row in rows + [summary]:
-            print(json.dumps(row), flush=True)
-            f.write(json.dumps(row) + "\n")
+        for strategy in args.strategies.split(","):
+            rows.append(run(strategy, args))
+            print(json.dumps(rows[-1]), flush=True)
+            f.write(json.dumps(rows[-1]) + "\n")
+        if len(rows) >= 2:
+            summary = {"max_loss_diff": max(abs(a - b) for a, b in zip(rows[0]["losses"], rows[1]["losses"])),
+                       "tokens_per_s_ratio": rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"],
+                       "gpu": torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else "cpu"}
+            print(json.dumps(summary), flush=True)
+            f.write(json.dumps(summary) + "\n")
     dist.destroy_process_group()
 
 

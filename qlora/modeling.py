@@ -153,6 +153,23 @@ def keep_cpu_weights_trainable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def store_4bit_as(model, dtype: torch.dtype) -> None:
+    """Re-type packed 4-bit weights stored as uint8 (pre-quantized checkpoints keep the storage they were saved
+    with, whatever quantization_config asks) as `dtype` elements, the same bytes: FSDP2 shards floating-point
+    parameters only (measured: uint8 storage fails on CUDA with "only Tensors of floating point dtype can
+    require gradients")."""
+    import bitsandbytes as bnb
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if not isinstance(w, bnb.nn.Params4bit) or w.dtype == dtype:
+            continue
+        packed = w.data.reshape(-1).view(dtype).reshape(-1, 1)  # bytes regrouped, nothing converted
+        module.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=w.quant_state, blocksize=w.blocksize,
+                                          compress_statistics=w.compress_statistics, quant_type=w.quant_type,
+                                          quant_storage=dtype, module=module, bnb_quantized=True)
+        module.quant_storage = dtype
+
+
 def load_base_model(cfg: JobConfig, source: ModelSource, device: torch.device, pad_token_id: int | None = None):
     """The frozen base model on `device`, quantized as the config says, ready for k-bit training.
     A sequence classifier needs the tokenizer's `pad_token_id`: it pools the last token that is not padding."""
@@ -171,6 +188,8 @@ def load_base_model(cfg: JobConfig, source: ModelSource, device: torch.device, p
     )
     model.config.use_cache = False
     keep_cpu_weights_trainable(model)
+    if qconf is not None and cfg.quantization.bits == 4 and cfg.scaling.strategy == "fsdp":
+        store_4bit_as(model, dtype)  # a pre-quantized checkpoint brings its own (uint8) storage
     fit_to_tokenizer(model, cfg, pad_token_id,
                      len(load_tokenizer(source, cfg)) if cfg.model.pad_token == "add" else None)
     if qconf is not None:

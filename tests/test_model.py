@@ -102,3 +102,21 @@ def test_an_evaluation_does_not_change_the_next_training_gradients(tiny_model_di
     assert fresh.keys() == after_eval.keys() and fresh
     for name in fresh:
         torch.testing.assert_close(after_eval[name], fresh[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_fsdp_loads_a_pre_quantized_checkpoint_with_floating_point_storage(tiny_model_dir, tmp_path):
+    """A pre-quantized NF4 checkpoint (what save_pretrained writes for a 4-bit model; the *-bnb-4bit hub
+    uploads) keeps its uint8 storage whatever quantization_config asks, and FSDP2 shards floating-point
+    tensors only. Under scaling.strategy=fsdp the packed bytes are re-typed, not converted: same logits."""
+    source = ModelSource(str(tiny_model_dir), True, "tiny")
+    modeling.load_base_model(_cfg(tiny_model_dir), source, torch.device("cpu")).save_pretrained(tmp_path / "nf4")
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    logits, storage = {}, {}
+    for strategy in ("ddp", "fsdp"):
+        cfg = JobConfig.model_validate({**_cfg(tmp_path / "nf4").model_dump(), "scaling": {"strategy": strategy}})
+        model = modeling.load_base_model(cfg, ModelSource(str(tmp_path / "nf4"), True, "nf4"), torch.device("cpu"))
+        storage[strategy] = {p.dtype for n, p in model.named_parameters() if "proj" in n}
+        with torch.no_grad():
+            logits[strategy] = model(input_ids=ids).logits
+    assert storage == {"ddp": {torch.uint8}, "fsdp": {torch.float32}}
+    torch.testing.assert_close(logits["fsdp"], logits["ddp"], rtol=0, atol=0)
