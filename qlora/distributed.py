@@ -129,11 +129,23 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
+def resharded(model: nn.Module) -> nn.Module:
+    """`model` with every FSDP unit holding only its shards, as the optimizer knows its parameters. After a
+    no-grad forward (evaluation) the root unit keeps its gathered parameters (FSDP2 expects a backward to
+    follow), and the module then holds other tensor objects than the optimizer does: state dicts keyed
+    through the module would miss them (a classifier's head lives in the root unit)."""
+    from torch.distributed.fsdp import FSDPModule
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    return model
+
+
 def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every trainable parameter, whole, on the CPU, keyed as in model.state_dict() (what peft's
     save_pretrained filters the adapter from). Every rank must call it; only trainable weights are
     gathered, never the frozen 4-bit base."""
-    return {name: full(p.detach()).cpu() for name, p in model.named_parameters() if p.requires_grad}
+    return {name: full(p.detach()).cpu() for name, p in resharded(model).named_parameters() if p.requires_grad}
 
 
 def optimizer_state(model: nn.Module, optimizer, ctx: Context) -> dict:
@@ -141,7 +153,8 @@ def optimizer_state(model: nn.Module, optimizer, ctx: Context) -> dict:
     if not ctx.sharded:
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_optimizer_state_dict(resharded(model), optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_optimizer_state(model: nn.Module, optimizer, state: dict, ctx: Context) -> None:

@@ -131,3 +131,38 @@ def test_fsdp_resumes_a_killed_worker_from_its_sharded_state(tmp_path, runs, unt
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
     assert result["metrics_after"]["eval_loss"] == pytest.approx(runs["fsdp"]["metrics_after"]["eval_loss"], abs=1e-5)
+
+
+def test_state_after_an_evaluation_keys_every_trainable_parameter(tiny_model_dir):
+    """A classifier's head is trainable and lives in FSDP's root unit, which keeps its gathered parameters
+    after a no-grad forward: gathering adapter and optimizer state right after an evaluation must still find
+    the head (it raised KeyError before `distributed.resharded`). One process, a one-rank mesh over gloo."""
+    import torch.distributed as dist
+
+    from qlora import distributed, modeling
+    from qlora.config import JobConfig
+    from qlora.model_source import ModelSource
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29600 + os.getpid() % 300))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        cfg = JobConfig.model_validate({"model": {"name": str(tiny_model_dir), "task": "sequence_classification",
+                                                  "num_labels": 2},
+                                        "data": {"path": "x.tsv", "format": "classification"},
+                                        "scaling": {"strategy": "fsdp"}})
+        base = modeling.load_base_model(cfg, ModelSource(str(tiny_model_dir), True, "tiny"), torch.device("cpu"), 0)
+        model = modeling.attach_lora(base, cfg.lora, "sequence_classification")
+        ctx = distributed.Context(0, 1, torch.device("cpu"), sharded=True)
+        distributed.wrap(model, ctx, "fsdp")
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+        model(input_ids=ids).logits.sum().backward()
+        optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=ids)  # evaluation
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert any("score" in n for n in trainable)
+        assert sorted(distributed.optimizer_state(model, optimizer, ctx)["state"]) == sorted(trainable)
+        assert sorted(distributed.full_trainable_state(model)) == sorted(trainable)
+    finally:
+        dist.destroy_process_group()
