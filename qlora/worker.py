@@ -143,7 +143,7 @@ def train_loop_per_worker(payload: dict) -> None:
     flops = speed.FlopCounter(speed.base_param_count(model), base.config,
                               torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else None)
     trainer_state = resume_adapter(model, ctx)  # before sharding: each rank loads the whole saved adapter
-    ddp = distributed.wrap(model, ctx, cfg.scaling.strategy)
+    wrapped = distributed.wrap(model, ctx, cfg.scaling.strategy)
     # Bytes of the frozen base this worker holds (quantized weights + scales + buffers; its shard under FSDP).
     weights_gib = distributed.local_bytes([p for p in model.parameters() if not p.requires_grad]
                                           + list(model.buffers())) / 2**30
@@ -189,7 +189,7 @@ def train_loop_per_worker(payload: dict) -> None:
     train_start = time.perf_counter()
     accum = cfg.train.gradient_accumulation
     while step < plan.total_steps:
-        ddp.train()
+        wrapped.train()
         step_loss = 0.0
         for micro in range(accum):
             epoch, idx = plan.micro_batch(step * accum + micro)
@@ -197,10 +197,10 @@ def train_loop_per_worker(payload: dict) -> None:
                                                       cfg.data.packing), ctx.device)
             sync = micro == accum - 1
             try:
-                with distributed.gradient_sync(ddp, ctx, sync):
+                with distributed.gradient_sync(wrapped, ctx, sync):
                     with kernels.autocast(ctx.device, dtype):
-                        loss_sum, n = kernels.forward_loss(ddp, model_inputs(batch), batch["labels"], hidden,
-                                                           batch_losses)
+                        loss_sum, n = kernels.forward_loss(wrapped, model_inputs(batch), batch["labels"],
+                                                           hidden, batch_losses)
                     loss = loss_sum / n.clamp(min=1)
                     (loss / accum).backward()
             except torch.OutOfMemoryError:
@@ -261,7 +261,8 @@ def final_results(metrics: dict, before: dict, device: torch.device) -> dict:
             "train": {k: metrics.get(k) for k in ("step", "loss", "train_seconds", "tokens_per_second")},
             "memory": {"weights_gib": metrics["weights_memory_gib"], "peak_gib": metrics["peak_memory_gib"],
                        "weights_kind": "bytes of the frozen base's parameters and buffers this worker "
-                                       "holds (its shard under scaling.strategy=fsdp)", "peak_kind": PEAK_MEMORY_KIND[device.type]}}
+                                       "holds (its shard under scaling.strategy=fsdp)",
+                       "peak_kind": PEAK_MEMORY_KIND[device.type]}}
 
 
 def resume_adapter(model, ctx: distributed.Context) -> dict | None:
