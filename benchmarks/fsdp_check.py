@@ -34,7 +34,7 @@ def config(path: str, strategy: str, args) -> JobConfig:
         "model": {"name": path}, "data": {"path": "unused.jsonl", "max_length": args.seq},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
         "train": {"batch_size": args.bs, "gradient_checkpointing": True, "learning_rate": 1e-3,
-                  "kernels": args.kernels},
+                  "kernels": args.kernels, "fused_cross_entropy": args.fused},
         "scaling": {"use_gpu": DEVICE.type == "cuda", "strategy": strategy}})
 
 
@@ -61,7 +61,8 @@ def run(strategy: str, args) -> dict:
         kernels.apply_liger(base)
     torch.manual_seed(0)
     model = modeling.attach_lora(base, cfg.lora)
-    wrapped = distributed.wrap(model, ctx, strategy)
+    hidden = kernels.HiddenStates(model, args.kernels == "liger") if args.fused else None
+    wrapped = distributed.wrap(model, ctx, strategy, fused_loss=args.fused)
     optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     dtype = modeling.compute_dtype(cfg.quantization, DEVICE)
     g = torch.Generator().manual_seed(1234)
@@ -72,7 +73,8 @@ def run(strategy: str, args) -> dict:
         t = time.perf_counter()
         wrapped.train()
         with kernels.autocast(DEVICE, dtype):
-            loss_sum, n = kernels.forward_loss(wrapped, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ids)
+            loss_sum, n = kernels.forward_loss(wrapped, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ids,
+                                               hidden)
         (loss_sum / n).backward()
         distributed.clip_grad_norm([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
@@ -93,7 +95,7 @@ def run(strategy: str, args) -> dict:
     # From the meta model, as --dry-run does: a loaded 4-bit layer's numel counts packed storage elements.
     shape = memory_estimate.shape_of(modeling.meta_lora_model(cfg, ModelSource(args.model, True, "benchmark")))
     row = {"strategy": strategy, "load_s": load_s, "host_gib_after_load": host_after_load, "quantized_weight_dtypes": sorted(storage), "steps": args.steps,
-           "batch": f"{args.bs}x{args.seq}", "kernels": args.kernels,
+           "batch": f"{args.bs}x{args.seq}", "kernels": args.kernels, "fused_cross_entropy": args.fused,
            "step_s_median": statistics.median(times), "tokens_per_s": args.bs * args.seq / statistics.median(times),
            "peak_gib": peak, "losses": losses, "adapter_tensors": len(adapter),
            "adapter_nonzero_B": sum(int(v.abs().sum() > 0) for k, v in adapter.items() if "lora_B" in k),
@@ -115,6 +117,7 @@ def main():
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--kernels", default="none", choices=["none", "liger"])
+    p.add_argument("--fused", action="store_true", help="train.fused_cross_entropy (Liger's with --kernels liger)")
     p.add_argument("--tokenizer", help="tokenizer folder for the generation check (default: --model)")
     p.add_argument("--out", default="fsdp_check.jsonl")
     p.add_argument("--strategies", default="ddp,fsdp", help="run in this order; the summary compares the first two")

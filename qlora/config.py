@@ -388,10 +388,6 @@ class JobConfig(Section):
                              "optimizers keep their state in their own (paged or 8-bit) buffers, not in the "
                              "sharded parameters, so it cannot be saved or restored per shard: use "
                              "train.optimizer=adamw (LoRA optimizer state is small), or scaling.strategy=ddp")
-        if self.train.fused_cross_entropy:
-            raise ValueError("scaling.strategy=fsdp with train.fused_cross_entropy=true: the fused loss reads the "
-                             "output layer's weight outside the model's forward, where FSDP holds only this "
-                             "worker's shard of it: set train.fused_cross_entropy=false, or scaling.strategy=ddp")
         if self.train.compile:
             raise ValueError("scaling.strategy=fsdp with train.compile=true: compiled layers are not verified "
                              "under FSDP2's per-layer hooks here: set train.compile=false, or scaling.strategy=ddp")

@@ -52,22 +52,25 @@ def context(use_gpu: bool, strategy: str = "ddp") -> Context:
     return Context(rank, world, device, sharded=strategy == "fsdp" and world > 1)
 
 
-def wrap(model: nn.Module, ctx: Context, strategy: str = "ddp") -> nn.Module:
+def wrap(model: nn.Module, ctx: Context, strategy: str = "ddp", fused_loss: bool = False) -> nn.Module:
     """The model the training step calls. ddp: a DDP wrapper; only trainable (LoRA) parameters take part in
     the all-reduce. fsdp: FSDP2 in place, one unit per decoder layer, one each for an untied input embedding
     and output head (fp32 on a 4-bit base: gathered only while used, not for the whole step as the root's
     parameters are), and the root (norms, a classifier's head); LoRA weights shard with their layer, so
-    gradients are reduce-scattered and optimizer states sharded too."""
+    gradients are reduce-scattered and optimizer states sharded too. With `fused_loss` the head stays in
+    the root: the fused loss multiplies by its weight after the forward pass, which the root keeps gathered
+    until the backward pass ends."""
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
         if not ctx.sharded:  # one worker: nothing to shard with, FSDP would only add copies
             return model
-        for layer in decoder_layers(model):
+        for layer in fsdp_layers(model):
             fully_shard(layer)
         embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
         if head is not None and head.weight is not embedding.weight:  # a tied pair must stay in one unit
             fully_shard(embedding)
-            fully_shard(head)
+            if not fused_loss:
+                fully_shard(head)
         fully_shard(model)
         # peft's generate calls the inner model, which would bypass the root's hooks (they gather the root's
         # parameters and start the layers' prefetching).
@@ -79,16 +82,14 @@ def wrap(model: nn.Module, ctx: Context, strategy: str = "ddp") -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks transformers marks as never to be split (`_no_split_modules`): FSDP's units."""
-    names = set()
-    for module in model.modules():
-        names.update(getattr(module, "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if type(m).__name__ in names]
+def fsdp_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers FSDP shards one by one; a ConfigError if the model has none."""
+    from qlora.kernels import decoder_layers
+    layers = decoder_layers(model)
     if not layers:
         from qlora.errors import ConfigError
-        raise ConfigError(f"scaling.strategy=fsdp: {type(model).__name__} names no decoder layer class "
-                          "(_no_split_modules), so FSDP has no layers to shard one by one",
+        raise ConfigError(f"scaling.strategy=fsdp: {type(model).__name__} has no transformers decoder layer "
+                          "(GradientCheckpointingLayer), so FSDP has no layers to shard one by one",
                           "use scaling.strategy=ddp for this model")
     return layers
 

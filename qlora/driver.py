@@ -54,7 +54,7 @@ def prepare_job(cfg: JobConfig) -> Prepared:
     if cfg.train.fused_cross_entropy:  # before Ray, not on the worker
         kernels.check_fused_loss(lora_model.config)
     if cfg.scaling.strategy == "fsdp":  # the layers FSDP will shard exist
-        distributed.decoder_layers(lora_model)
+        distributed.fsdp_layers(lora_model)
     return Prepared(cfg, source, tokenizer, data, modeling.lora_param_count(lora_model),
                     memory_estimate.shape_of(lora_model), len(mc_items))
 

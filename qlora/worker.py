@@ -143,7 +143,7 @@ def train_loop_per_worker(payload: dict) -> None:
     flops = speed.FlopCounter(speed.base_param_count(model), base.config,
                               torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else None)
     trainer_state = resume_adapter(model, ctx)  # before sharding: each rank loads the whole saved adapter
-    wrapped = distributed.wrap(model, ctx, cfg.scaling.strategy)
+    wrapped = distributed.wrap(model, ctx, cfg.scaling.strategy, fused_loss=hidden is not None)
     # Bytes of the frozen base this worker holds (quantized weights + scales + buffers; its shard under FSDP).
     weights_gib = distributed.local_bytes([p for p in model.parameters() if not p.requires_grad]
                                           + list(model.buffers())) / 2**30

@@ -59,7 +59,6 @@ def test_bad_values_name_the_key(tmp_path, extra, message):
     (["quantization.bits=8"], "LLM.int8 weights keep their scales inside the parameter"),
     (["scaling.use_gpu=true", "train.optimizer=paged_adamw_8bit"], "use train.optimizer=adamw"),
     (["train.optimizer=adamw_8bit", "train.cpu_optimizer_fallback=adamw", "scaling.use_gpu=true"], "bitsandbytes"),
-    (["train.fused_cross_entropy=true"], "set train.fused_cross_entropy=false, or scaling.strategy=ddp"),
     (["train.compile=true"], "set train.compile=false, or scaling.strategy=ddp"),
 ])
 def test_fsdp_refuses_what_it_cannot_shard(tmp_path, overrides, message):

@@ -166,3 +166,49 @@ def test_state_after_an_evaluation_keys_every_trainable_parameter(tiny_model_dir
         assert sorted(distributed.full_trainable_state(model)) == sorted(trainable)
     finally:
         dist.destroy_process_group()
+
+
+def test_fused_loss_under_fsdp_gives_the_plain_gradients(tmp_path):
+    """train.fused_cross_entropy multiplies by the head's weight after the forward pass; under FSDP the head
+    stays in the root unit, which keeps it gathered through the backward pass. One process, a one-rank mesh
+    over gloo, an untied 4-bit Llama: the loss and every LoRA gradient equal those without FSDP."""
+    import torch.distributed as dist
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qlora import distributed, evaluation, kernels, modeling
+    from qlora.config import JobConfig
+    from qlora.model_source import ModelSource
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+                     ).save_pretrained(tmp_path / "untied")
+    cfg = JobConfig.model_validate({"model": {"name": str(tmp_path / "untied")}, "data": {"path": "x.jsonl"},
+                                    "lora": {"dropout": 0.0}, "train": {"fused_cross_entropy": True},
+                                    "scaling": {"strategy": "fsdp"}})
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29300 + os.getpid() % 300))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        results = []
+        for sharded in (False, True):
+            base = modeling.load_base_model(cfg, ModelSource(str(tmp_path / "untied"), True, "untied"),
+                                            torch.device("cpu"))
+            torch.manual_seed(0)
+            model = modeling.attach_lora(base, cfg.lora)
+            for name, p in model.named_parameters():
+                if "lora_B" in name:  # B starts at zero: give the A matrices a gradient too
+                    p.data.normal_(0, 0.05)
+            hidden = kernels.HiddenStates(model)
+            ctx = distributed.Context(0, 1, torch.device("cpu"), sharded=sharded)
+            wrapped = distributed.wrap(model, ctx, "fsdp", fused_loss=True)
+            loss, n = kernels.forward_loss(wrapped, {"input_ids": ids}, ids, hidden, evaluation.token_losses)
+            (loss / n).backward()
+            results.append((loss.item(), {k: distributed.full(p.grad) for k, p in model.named_parameters()
+                                          if p.grad is not None}))
+        (plain_loss, plain_grads), (fsdp_loss, fsdp_grads) = results
+        assert fsdp_loss == pytest.approx(plain_loss, rel=1e-6)
+        assert plain_grads.keys() == fsdp_grads.keys() and len(plain_grads) == 2 * 7 * 2
+        for k in plain_grads:
+            torch.testing.assert_close(fsdp_grads[k], plain_grads[k], rtol=1e-4, atol=1e-7, msg=k)
+    finally:
+        dist.destroy_process_group()
