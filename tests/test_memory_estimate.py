@@ -140,3 +140,12 @@ def test_dry_run_prints_the_estimate(tmp_path, monkeypatch, tiny_model_dir):
     assert "same accounting, as a GPU estimate" in text  # the config trains on CPU
     summary = json.loads(text.strip().splitlines()[-1])
     assert summary["gpu_memory_estimate_gib"] > 0 and summary["gpu_memory_evaluation_gib"] > 0
+    # The same job sharded over 2 workers: the estimate says so and counts the gathered layers.
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["--config", "job.yaml", "--dry-run", "--set", "scaling.strategy=fsdp",
+                     "--set", "scaling.num_workers=2"]) == 0
+    text = out.getvalue()
+    assert "(FSDP over 2 workers: each holds 1/2 of the weights and LoRA states)" in text
+    assert "layers gathered whole" in text
+    assert json.loads(text.strip().splitlines()[-1])["gpu_memory_estimate_gib"] != summary["gpu_memory_estimate_gib"]
