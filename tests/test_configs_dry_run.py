@@ -5,6 +5,7 @@ GPU configs name hub models that cannot be downloaded here, so the test builds a
 cache (HF_HOME in a temporary folder, models--ORG--NAME/snapshots/<sha>/ + refs/main) holding each
 model's published config.json values and a real tokenizer from ../shared/data/tokenizers:
   meta-llama/Meta-Llama-3-8B   Llama 3's own tiktoken BPE ranks (128,000 tokens) + its 256 special tokens
+  meta-llama/Meta-Llama-3-70B  the same tokenizer
   huggyllama/llama-7b          Meta's LLaMA SentencePiece model (the 32,000-token file Llama 2 also uses)
   Qwen/Qwen2.5-7B-Instruct     the Qwen2 tokenizer (same BPE and ChatML; Qwen2.5's template adds a default
                                system prompt this one lacks)
@@ -40,6 +41,13 @@ HUB_MODELS = {
         "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 4096,
         "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 8192,
         "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+        "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 500000.0,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 128256}),
+    "meta-llama/Meta-Llama-3-70B": ("llama3", {
+        "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 8192,
+        "initializer_range": 0.02, "intermediate_size": 28672, "max_position_embeddings": 8192,
+        "model_type": "llama", "num_attention_heads": 64, "num_hidden_layers": 80, "num_key_value_heads": 8,
         "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 500000.0,
         "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 128256}),
     "huggyllama/llama-7b": ("llama_sp", {
