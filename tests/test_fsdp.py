@@ -42,8 +42,10 @@ def job_cmd(folder: Path, model: Path, name: str, strategy: str, max_failures: i
     cfg = {"model": {"name": str(model)},
            "data": {"path": str(ROOT / "data" / "people_json.jsonl"), "max_samples": 96, "eval_max_samples": 7,
                     "max_length": 128},
-           "train": {"max_steps": 12, "batch_size": 4, "learning_rate": 5e-3, "log_every": 4, "save_every": 4,
-                     "seed": 7},
+           # Two micro-batches per step: the gradient sync is skipped on the first (DDP no_sync, FSDP
+           # set_requires_gradient_sync), and both must still train alike.
+           "train": {"max_steps": 12, "batch_size": 4, "gradient_accumulation": 2, "learning_rate": 5e-3,
+                     "log_every": 4, "save_every": 4, "seed": 7},
            "evaluation": {"generate": True, "num_generate": NUM_GENERATE, "max_new_tokens": 8},
            "scaling": {"num_workers": 2, "strategy": strategy, "storage_path": str(folder / "runs"),
                        "max_failures": max_failures},
