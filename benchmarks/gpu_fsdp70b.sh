@@ -9,10 +9,8 @@ mkdir -p "$OUT"
 M=/tmp/rand-llama-70b-nf4
 
 main() {
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/base/*.whl || return 1
-  export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-  date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; df -h /tmp | tail -1; free -g | head -2
+  . benchmarks/gpu_base_env.sh || return 1
+  df -h /tmp | tail -1; free -g | head -2
   [ -f $M/config.json ] || timeout 240 python3 benchmarks/make_random_nf4.py --shape 70b $M 2>&1 | grep "^{\|Error" || return 1
   du -sh $M
   timeout 420 python3 benchmarks/fsdp_check.py --model $M --bs 2 --seq 2048 --steps 3 --warmup 1 --strategies ddp,fsdp \

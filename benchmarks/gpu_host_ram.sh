@@ -20,23 +20,14 @@ loads() {  # $1 model, $2 strategy, $3 how many at once
 }
 
 main() {
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/base/*.whl || return 1
-  export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-  date -u; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc
+  . benchmarks/gpu_base_env.sh || return 1
+  nproc
   [ -f $M70/config.json ] || timeout 240 python3 benchmarks/make_random_nf4.py --shape 70b $M70 2>&1 | grep "^{\|Error" || return 1
   echo "=== 70B NF4 checkpoint: one process, then two at once (fsdp: storage re-typed)"
   loads $M70 ddp 1
   loads $M70 fsdp 2
   rm -rf $M70
-  timeout 120 python3 - <<'PY' || return 1
-import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
-cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
-with torch.device("cuda"):
-    AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained("/tmp/rand-llama-8b", max_shard_size="5GB")
-PY
+  make_random_8b $M8 || return 1
   echo "=== 8B bf16 checkpoint quantized on load: one process, then two at once"
   loads $M8 ddp 1
   loads $M8 ddp 2

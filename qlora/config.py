@@ -221,8 +221,8 @@ class ScalingSection(Section):
     num_workers: int = Field(1, gt=0, description="Ray Train workers (data-parallel ranks).")
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp", description="ddp: every worker holds the whole 4-bit model and all-reduces LoRA gradients. fsdp: "
-        "FSDP2 shards every decoder layer's parameters, the 4-bit weights included (stored in the compute "
-        "dtype, bnb_4bit_quant_storage), so each worker holds about 1/num_workers of the model between its "
+        "FSDP2 shards every decoder layer's parameters, the 4-bit weights included (their packed bytes typed as "
+        "the compute dtype), so each worker holds about 1/num_workers of the model between its "
         "layers' forward and backward passes: for bases that do not fit one GPU.")
     use_gpu: bool = Field(False, description="One GPU per worker.")
     accelerator_type: Optional[str] = Field(

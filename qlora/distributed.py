@@ -103,11 +103,7 @@ def gradient_sync(model: nn.Module, ctx: Context, sync: bool):
     (the last micro-batch of a gradient-accumulation step)."""
     if sync or ctx.world_size == 1:
         return contextlib.nullcontext()
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        return _fsdp_no_sync(model)
-    return contextlib.nullcontext()
+    return _fsdp_no_sync(model) if ctx.sharded else model.no_sync()
 
 
 @contextlib.contextmanager

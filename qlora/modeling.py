@@ -29,15 +29,11 @@ def compute_dtype(quant: QuantizationSection, device: torch.device) -> torch.dty
     return torch.float32
 
 
-def quantization_config(quant: QuantizationSection, dtype: torch.dtype, shardable: bool = False):
-    """bitsandbytes settings. `shardable` (scaling.strategy=fsdp): pack the 4-bit weights into elements of the
-    compute dtype instead of uint8 (same bytes), a floating-point tensor FSDP shards and gathers like the
-    model's other parameters."""
+def quantization_config(quant: QuantizationSection, dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
     if quant.bits == 4:
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
-                                  bnb_4bit_use_double_quant=quant.double_quant, bnb_4bit_compute_dtype=dtype,
-                                  bnb_4bit_quant_storage=dtype if shardable else torch.uint8)
+                                  bnb_4bit_use_double_quant=quant.double_quant, bnb_4bit_compute_dtype=dtype)
     if quant.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
@@ -154,10 +150,11 @@ def keep_cpu_weights_trainable(model) -> None:
 
 
 def store_4bit_as(model, dtype: torch.dtype) -> None:
-    """Re-type packed 4-bit weights stored as uint8 (pre-quantized checkpoints keep the storage they were saved
-    with, whatever quantization_config asks) as `dtype` elements, the same bytes: FSDP2 shards floating-point
-    parameters only (measured: uint8 storage fails on CUDA with "only Tensors of floating point dtype can
-    require gradients")."""
+    """Re-type the packed 4-bit weights (uint8) as `dtype` elements, the same bytes, as bitsandbytes'
+    bnb_4bit_quant_storage does at quantization: FSDP2 shards floating-point parameters only (measured: uint8
+    storage fails on CUDA with "only Tensors of floating point dtype can require gradients"). Done after
+    loading rather than through quant_storage because a pre-quantized checkpoint keeps the storage it was
+    saved with, whatever quantization_config asks."""
     import bitsandbytes as bnb
     for module in model.modules():
         w = getattr(module, "weight", None)
@@ -178,7 +175,7 @@ def load_base_model(cfg: JobConfig, source: ModelSource, device: torch.device, p
     if task_kwargs and pad_token_id is None:
         raise ValueError("load_base_model: a sequence_classification model needs the tokenizer's pad_token_id")
     dtype = compute_dtype(cfg.quantization, device)
-    qconf = quantization_config(cfg.quantization, dtype, shardable=cfg.scaling.strategy == "fsdp")
+    qconf = quantization_config(cfg.quantization, dtype)
     model = cls.from_pretrained(
         source.path, **task_kwargs, revision=None if source.is_local else cfg.model.revision,
         trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation,
@@ -188,8 +185,8 @@ def load_base_model(cfg: JobConfig, source: ModelSource, device: torch.device, p
     )
     model.config.use_cache = False
     keep_cpu_weights_trainable(model)
-    if qconf is not None and cfg.quantization.bits == 4 and cfg.scaling.strategy == "fsdp":
-        store_4bit_as(model, dtype)  # a pre-quantized checkpoint brings its own (uint8) storage
+    if cfg.quantization.bits == 4 and cfg.scaling.strategy == "fsdp":
+        store_4bit_as(model, dtype)
     fit_to_tokenizer(model, cfg, pad_token_id,
                      len(load_tokenizer(source, cfg)) if cfg.model.pad_token == "add" else None)
     if qconf is not None:

@@ -27,20 +27,25 @@ def smollm_tokenizer(smollm_dir):
     return AutoTokenizer.from_pretrained(smollm_dir)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, smollm_dir) -> Path:
-    """A 2-layer random Llama with SmolLM2's tokenizer: real text pipeline, trains in seconds."""
+def write_tiny_llama(out: Path, tokenizer_dir: Path, tie_word_embeddings: bool = True) -> Path:
+    """A 2-layer random Llama (seed 0) with the tokenizer of `tokenizer_dir`, saved to `out`."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    tok = AutoTokenizer.from_pretrained(smollm_dir)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
-    out = tmp_path_factory.mktemp("tiny-llama")
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      tie_word_embeddings=tie_word_embeddings)
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm_dir) -> Path:
+    """A 2-layer random Llama with SmolLM2's tokenizer: real text pipeline, trains in seconds."""
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm_dir)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, write_tiny_llama
 from test_recovery import registered_checkpoints, resumed_steps, train_worker_pids, wait_for
 
 NUM_GENERATE = 5  # odd: one rank generates for 3 prompts, the other for 2 plus a discarded repeat
@@ -24,18 +24,9 @@ NUM_GENERATE = 5  # odd: one rank generates for 3 prompts, the other for 2 plus 
 
 @pytest.fixture(scope="module")
 def untied_model_dir(tmp_path_factory, smollm_dir) -> Path:
-    """A 2-layer random Llama with its own output head (as Llama-3-8B/70B have), so FSDP gets separate
-    embedding and head units besides the decoder layers."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    tok = AutoTokenizer.from_pretrained(smollm_dir)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
-    out = tmp_path_factory.mktemp("untied-llama")
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    """The tiny Llama with its own output head (as Llama-3-8B/70B have), so FSDP gets separate embedding and
+    head units besides the decoder layers."""
+    return write_tiny_llama(tmp_path_factory.mktemp("untied-llama"), smollm_dir, tie_word_embeddings=False)
 
 
 def job_cmd(folder: Path, model: Path, name: str, strategy: str, max_failures: int = 0) -> list[str]:

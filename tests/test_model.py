@@ -104,7 +104,7 @@ def test_an_evaluation_does_not_change_the_next_training_gradients(tiny_model_di
         torch.testing.assert_close(after_eval[name], fresh[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
-def test_fsdp_loads_a_pre_quantized_checkpoint_with_floating_point_storage(tiny_model_dir, tmp_path):
+def test_fsdp_loads_4bit_weights_with_floating_point_storage(tiny_model_dir, tmp_path):
     """A pre-quantized NF4 checkpoint (what save_pretrained writes for a 4-bit model; the *-bnb-4bit hub
     uploads) keeps its uint8 storage whatever quantization_config asks, and FSDP2 shards floating-point
     tensors only. Under scaling.strategy=fsdp the packed bytes are re-typed, not converted: same logits."""
@@ -120,3 +120,8 @@ def test_fsdp_loads_a_pre_quantized_checkpoint_with_floating_point_storage(tiny_
             logits[strategy] = model(input_ids=ids).logits
     assert storage == {"ddp": {torch.uint8}, "fsdp": {torch.float32}}
     torch.testing.assert_close(logits["fsdp"], logits["ddp"], rtol=0, atol=0)
+    # Quantized on load from 16-bit weights, the same re-typing applies.
+    fresh = modeling.load_base_model(JobConfig.model_validate({**_cfg(tiny_model_dir).model_dump(),
+                                                               "scaling": {"strategy": "fsdp"}}),
+                                     source, torch.device("cpu"))
+    assert {p.dtype for n, p in fresh.named_parameters() if "proj" in n} == {torch.float32}
