@@ -2,7 +2,8 @@
 the job's first training step, and each step's tokens/s as the worker reported it.
 
     python3 benchmarks/submit_timing.py --address http://127.0.0.1:8265 -- --config CONFIG [--set k=v ...]
-Prints one JSON line. Needs RAY_AUTH_MODE=token (as the cluster) and `ray` on PATH.
+Prints one JSON line, with each rank's peak GPU memory (run the cluster with RAY_DEDUP_LOGS=0, or Ray folds
+the ranks' repeated report lines into one). Needs RAY_AUTH_MODE=token (as the cluster) and `ray` on PATH.
 """
 import argparse
 import json
@@ -14,6 +15,8 @@ import time
 
 NUMBER = r"([\d.]+(?:e[+-]\d+)?)"  # the worker prints 4 significant digits: 2.568e+04
 STEP = re.compile(rf"\[qlora\] step (\d+)/\d+ .*?tokens_per_second={NUMBER}.*?peak_memory_gib={NUMBER}")
+# Every rank's own report (Ray Train logs it): its peak GPU memory, which rank 0's step line does not show.
+RANK_REPORT = re.compile(rf"Reporting training result \d+: .*?'peak_memory_gib': {NUMBER}.*? from rank (\d+)")
 MARKS = {"job_started": "Job '", "workers_started": "Started training worker group",
          "before_eval_done": "[qlora] before training"}
 
@@ -28,7 +31,7 @@ def main() -> None:
     cmd = ["ray", "job", "submit", "--address", args.address, "--", sys.executable, "-m", "ray_jobs.train", *job_args]
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    marks, steps, tail = {}, {}, []
+    marks, steps, tail, rank_peaks = {}, {}, [], {}
     log = open(args.log, "w") if args.log else None
     for line in proc.stdout:
         t = round(time.time() - t0, 2)
@@ -38,6 +41,9 @@ def main() -> None:
         for name, text in MARKS.items():
             if text in line and name not in marks:
                 marks[name] = t
+        if m := RANK_REPORT.search(line):
+            rank = int(m.group(2))
+            rank_peaks[rank] = max(rank_peaks.get(rank, 0.0), float(m.group(1)))
         if m := STEP.search(line):
             steps[int(m.group(1))] = {"t": t, "tok_s": float(m.group(2)), "peak_gib": float(m.group(3))}
     rc = proc.wait()
@@ -45,6 +51,7 @@ def main() -> None:
     print(json.dumps({"rc": rc, "submit_to_first_step_s": steps[min(steps)]["t"] if steps else None, **marks,
                       "steps": len(steps), "median_tok_s": statistics.median(timed) if timed else None,
                       "peak_gib": max((s["peak_gib"] for s in steps.values()), default=None),
+                      "peak_gib_by_rank": dict(sorted(rank_peaks.items())),
                       "wall_s": round(time.time() - t0, 1), "tail": tail if rc else None}), flush=True)
 
 
