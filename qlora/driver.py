@@ -5,6 +5,7 @@ or MLflow are touched, so bad input fails in seconds with exit code 2 and leaves
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import time
@@ -36,6 +37,10 @@ class Prepared:
 
 def prepare_job(cfg: JobConfig) -> Prepared:
     """All checks that need no cluster: model source, tokenizer, data, LoRA targets (on the meta device)."""
+    if cfg.scaling.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise EnvironmentProblem("scaling.strategy=deepspeed but the deepspeed package is not installed here",
+                                 "pip install 'qlora-ray[deepspeed]' on the driver and every worker node, or set "
+                                 "scaling.strategy=ddp (or fsdp)")
     if cfg.model.trust_remote_code:
         print("[qlora] WARNING: model.trust_remote_code=true runs Python code from the model repository", flush=True)
     if cfg.optimizer_to_use() != cfg.train.optimizer:

@@ -9,6 +9,9 @@ case: every row full), h hidden size, I MLP size, L decoder layers, V the output
                       peft's prepare_model_for_kbit_training casts them to fp32. A 16-bit base: 2 B per param.
   lora_and_optimizer  per trainable param: fp32 weight 4 + fp32 gradient 4 + optimizer state (AdamW 8, 8-bit
                       AdamW 2, SGD's momentum 4) + 4 for DDP's gradient buckets when there are several workers.
+                      DeepSpeed ZeRO (scaling.strategy=deepspeed): weight 4 + gradient 4 + its reduce bucket 4,
+                      and divided by the workers its fp32 master copy 4 and optimizer state (ZeRO-1), and the
+                      reduced gradients 4 (ZeRO-2); for LoRA this saves little: the states are small.
   activations         what the forward pass keeps for the backward: with gradient checkpointing, round(f x L)
                       layers keep only their input, T*h*a (a = 4: a 4/8-bit base's fp32 embedding keeps the residual
                       stream in fp32 under bf16 autocast; a = 2 for a 16-bit base), the others a full layer,
@@ -96,7 +99,8 @@ class Setup:
     liger: bool  # Liger's kernels in the decoder layers
     workers: int
     eval_batch_size: int
-    strategy: Literal["ddp", "fsdp"] = "ddp"
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    zero_stage: int = 2  # with strategy=deepspeed
 
     @property
     def shards(self) -> int:
@@ -113,7 +117,8 @@ class Setup:
                    batch_size=t.batch_size, max_length=cfg.data.max_length,
                    gradient_checkpointing=t.gradient_checkpointing, checkpointed_fraction=t.checkpointed_fraction,
                    loss=loss, liger=t.kernels == "liger", workers=cfg.scaling.num_workers,
-                   eval_batch_size=cfg.evaluation.batch_size, strategy=cfg.scaling.strategy)
+                   eval_batch_size=cfg.evaluation.batch_size, strategy=cfg.scaling.strategy,
+                   zero_stage=cfg.scaling.zero_stage)
 
     @property
     def tokens(self) -> int:
@@ -140,8 +145,13 @@ class Estimate:
         """What --dry-run prints; `setup` is the one the estimate was made for."""
         def gib(n: int) -> str:
             return f"{n / GIB:.2f}"
-        how = (f"FSDP over {setup.workers} workers: each holds 1/{setup.workers} of the weights and LoRA states"
-               if setup.shards > 1 else f"DDP over {setup.workers} worker(s): each holds the whole model")
+        if setup.shards > 1:
+            how = f"FSDP over {setup.workers} workers: each holds 1/{setup.workers} of the weights and LoRA states"
+        elif setup.strategy == "deepspeed" and setup.workers > 1:
+            how = (f"DeepSpeed ZeRO-{setup.zero_stage} over {setup.workers} workers: each holds the whole model "
+                   f"and 1/{setup.workers} of the LoRA optimizer state")
+        else:
+            how = f"DDP over {setup.workers} worker(s): each holds the whole model"
         gathered = f" + layers gathered whole {gib(self.gathered)}" if setup.shards > 1 else ""
         out = [f"GPU memory per worker, estimated: {gib(self.total)} GiB for a training step of {setup.batch_size} x "
                f"{setup.max_length} tokens ({how})",
@@ -179,10 +189,14 @@ def weight_bytes(shape: ModelShape, bits: int, double_quant: bool) -> int:
     return quantized_bytes(shape, bits, double_quant) + other_bytes_per_param(bits) * shape.other_params
 
 
-def trainable_bytes_per_param(optimizer: str, workers: int, strategy: str = "ddp") -> int:
+def trainable_bytes_per_param(optimizer: str, workers: int, strategy: str = "ddp", zero_stage: int = 2) -> float:
+    state = OPTIMIZER_STATE_BYTES[optimizer]
+    if strategy == "deepspeed" and workers > 1:
+        partitioned = 4 + state + (4 if zero_stage == 2 else 0)  # master copy, state, (ZeRO-2) reduced gradients
+        return 4 + 4 + 4 + (0 if zero_stage == 2 else 4) + partitioned / workers
     # DDP copies gradients into flat buckets for the all-reduce; FSDP reduce-scatters layer by layer.
     ddp_buckets = 4 if workers > 1 and strategy == "ddp" else 0
-    return 4 + 4 + OPTIMIZER_STATE_BYTES[optimizer] + ddp_buckets
+    return 4 + 4 + state + ddp_buckets
 
 
 def gathered_bytes(shape: ModelShape, setup: Setup) -> int:
@@ -227,8 +241,8 @@ def workspace_bytes(shape: ModelShape, setup: Setup) -> int:
 def estimate(shape: ModelShape, setup: Setup) -> Estimate:
     """One worker's peak under setup.strategy (see the module docstring)."""
     weights = weight_bytes(shape, setup.bits, setup.double_quant) // setup.shards
-    lora = (shape.trainable_params * trainable_bytes_per_param(setup.optimizer, setup.workers, setup.strategy)
-            // setup.shards)
+    lora = int(shape.trainable_params * trainable_bytes_per_param(setup.optimizer, setup.workers, setup.strategy,
+                                                                  setup.zero_stage) // setup.shards)
     eval_rows = rows_per_forward(setup.eval_batch_size, setup.max_length, shape.head_rows)  # as eval_loss splits
     eval_logits = EVAL_BYTES_PER_LOGIT * eval_rows * setup.max_length * shape.head_rows
     return Estimate(weights=weights, lora_and_optimizer=lora, activations=activation_bytes(shape, setup),

@@ -148,6 +148,8 @@ def train_loop_per_worker(payload: dict) -> None:
     weights_gib = distributed.local_bytes([p for p in model.parameters() if not p.requires_grad]
                                           + list(model.buffers())) / 2**30
     optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    wrapped = distributed.with_deepspeed(wrapped, optimizer, ctx, cfg.scaling.zero_stage, cfg.train.batch_size,
+                                         cfg.train.gradient_accumulation, cfg.train.max_grad_norm)
     plan = BatchPlan(len(data.train), cfg, ctx, [len(e["input_ids"]) for e in data.train])
     scheduler = make_scheduler(cfg, optimizer, plan.total_steps)
     batch_losses = classification.losses if cfg.model.task == "sequence_classification" else evaluation.token_losses
@@ -155,7 +157,7 @@ def train_loop_per_worker(payload: dict) -> None:
 
     step, before = 0, None
     if trainer_state:
-        saved = restore_trainer(trainer_state, model, optimizer, scheduler, ctx)
+        saved = restore_trainer(trainer_state, wrapped, optimizer, scheduler, ctx)
         step, before = saved["step"], saved.get("before")
         log(ctx, f"resumed from checkpoint at step {step}")
         if saved.get("final"):  # the run had finished: report its result again, train nothing
@@ -172,7 +174,7 @@ def train_loop_per_worker(payload: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             if save:  # every rank joins the gathers of sharded state; rank 0 writes
                 adapter_state = distributed.full_trainable_state(model) if ctx.sharded else None
-                optimizer_state = distributed.optimizer_state(model, optimizer, ctx)
+                optimizer_state = distributed.optimizer_state(wrapped, optimizer, ctx)
                 rng_states = distributed.per_rank(checkpoint.rng_state(), ctx)
             if save and ctx.is_writer:
                 folder = checkpoint.save(Path(tmp) / "checkpoint", model, cfg, optimizer_state, scheduler,
@@ -202,7 +204,7 @@ def train_loop_per_worker(payload: dict) -> None:
                         loss_sum, n = kernels.forward_loss(wrapped, model_inputs(batch), batch["labels"],
                                                            hidden, batch_losses)
                     loss = loss_sum / n.clamp(min=1)
-                    (loss / accum).backward()
+                    distributed.backward(wrapped, loss, accum, ctx)
             except torch.OutOfMemoryError:
                 loss_sum = loss = None  # drop the failed step's tensors before measuring
                 raise memory.OutOfMemory(memory.describe(model, cfg, ctx.device, step, batch["input_ids"].numel())) from None
@@ -213,11 +215,8 @@ def train_loop_per_worker(payload: dict) -> None:
         if not math.isfinite(step_loss):
             raise TrainingFailure(f"loss became {step_loss} at step {step + 1}; the last good checkpoint is kept "
                                   "(lower train.learning_rate or train.max_grad_norm)")
-        grad_norm = distributed.clip_grad_norm([p for p in model.parameters() if p.requires_grad],
-                                               cfg.train.max_grad_norm)
-        optimizer.step()
+        grad_norm = distributed.apply_update(wrapped, optimizer, cfg.train.max_grad_norm, ctx)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         step += 1
         window_loss, window_steps = window_loss + step_loss, window_steps + 1
         last = step == plan.total_steps
@@ -288,7 +287,7 @@ def resume_adapter(model, ctx: distributed.Context) -> dict | None:
 
 def restore_trainer(state: dict, model, optimizer, scheduler, ctx: distributed.Context) -> dict:
     """Optimizer, scheduler and RNG from a checkpoint's trainer state; returns the saved loop state (step,
-    metrics before training, and for the final checkpoint its metrics)."""
+    metrics before training, and for the final checkpoint its metrics). `model` as the step calls it."""
     distributed.load_optimizer_state(model, optimizer, state["optimizer"], ctx)
     if state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])

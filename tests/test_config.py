@@ -73,6 +73,23 @@ def test_fsdp_refuses_what_it_cannot_shard(tmp_path, overrides, message):
     assert cfg.optimizer_to_use() == "adamw"
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["scaling.zero_stage=3"], "scaling.zero_stage=3 (partitioned parameters) is not supported"),
+    (["quantization.bits=8"], "use quantization.bits=4 (or 16), or scaling.strategy=ddp"),
+    (["train.optimizer=sgd"], "set train.optimizer=adamw, or scaling.strategy=ddp"),
+    (["scaling.use_gpu=true", "train.optimizer=paged_adamw_8bit"], "set train.optimizer=adamw"),
+    (["train.compile=true"], "set train.compile=false, or scaling.strategy=ddp"),
+])
+def test_deepspeed_refuses_what_is_not_verified(tmp_path, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, BASE), ["scaling.strategy=deepspeed", "scaling.num_workers=2", *overrides])
+    assert message in str(err.value)
+    load_config(write(tmp_path, BASE), ["scaling.strategy=ddp", "scaling.num_workers=2", *overrides])  # DDP can
+    for stage in (1, 2):
+        cfg = load_config(write(tmp_path, BASE), ["scaling.strategy=deepspeed", f"scaling.zero_stage={stage}"])
+        assert cfg.scaling.zero_stage == stage
+
+
 def test_missing_data_section_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="missing required key 'data'"):
         load_config(write(tmp_path, "lora:\n  r: 8\n"))
@@ -145,3 +162,19 @@ def test_a_gpu_only_optimizer_falls_back_on_cpu_only_when_the_config_says_so(tmp
     assert isinstance(make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(2))]), torch.optim.SGD)
     on_gpu = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"use_gpu": True})})
     assert on_gpu.optimizer_to_use() == "paged_adamw_32bit"  # the fallback is for CPU only
+
+
+def test_deepspeed_without_the_package_fails_before_anything_loads(tmp_path, monkeypatch):
+    """The driver's first check: no model, tokenizer or data is read (the data file here does not exist)
+    and no cluster starts. The package is installed in this environment, so its absence is simulated."""
+    import importlib.util
+
+    from qlora import driver
+    from qlora.errors import EnvironmentProblem
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real_find_spec(name, *a))
+    cfg = load_config(write(tmp_path, BASE), ["scaling.strategy=deepspeed", "scaling.num_workers=2",
+                                              f"data.path={tmp_path / 'absent.jsonl'}"])
+    with pytest.raises(EnvironmentProblem) as err:
+        driver.prepare_job(cfg)
+    assert "deepspeed package is not installed" in str(err.value) and "qlora-ray[deepspeed]" in str(err.value)

@@ -1,9 +1,12 @@
-"""scaling.strategy=fsdp on CPU: 2 Ray Train workers over gloo, a 4-bit (NF4) base with LoRA sharded by
-FSDP2. The run must train exactly as DDP does (same data, same steps), with each worker holding half the
-frozen weights; its adapter checkpoints must be whole (every LoRA tensor at full shape, gathered from both
-shards, loadable by plain peft in one process); a killed worker must resume from the sharded optimizer state
-to the uninterrupted result. Held-out sets of odd size make the ranks' shares unequal, which FSDP's
-collective forwards must survive (evaluation and generation in lockstep)."""
+"""The sharded strategies on CPU: 2 Ray Train workers over gloo, a 4-bit (NF4) base with LoRA.
+
+scaling.strategy=fsdp (FSDP2 shards every layer): the run must train exactly as DDP does (same data, same
+steps), with each worker holding half the frozen weights; its adapter checkpoints must be whole (every LoRA
+tensor at full shape, gathered from both shards, loadable by plain peft in one process); a killed worker must
+resume from the sharded optimizer state to the uninterrupted result. Held-out sets of odd size make the ranks'
+shares unequal, which FSDP's collective forwards must survive (evaluation and generation in lockstep).
+scaling.strategy=deepspeed (a ZeRO-2 engine partitions the optimizer state): a killed worker resumes from the
+partitioned state to DDP's uninterrupted result, with a checkpoint in DDP's format."""
 import json
 import os
 import subprocess
@@ -103,8 +106,10 @@ def test_fsdp_adapter_checkpoint_is_whole_and_loads_in_one_process(runs, untied_
         assert moment["exp_avg"].shape == moment["exp_avg_sq"].shape == weights[key.replace(".default", "")].shape
 
 
-def test_fsdp_resumes_a_killed_worker_from_its_sharded_state(tmp_path, runs, untied_model_dir):
-    cmd = job_cmd(tmp_path, untied_model_dir, "killed", "fsdp", max_failures=1)
+def killed_and_resumed(tmp_path: Path, model: Path, strategy: str) -> dict:
+    """The runs' job under `strategy`, one of its 2 workers killed after the first checkpoint (max_failures=1):
+    the final result after Ray Train restarted the group and it resumed."""
+    cmd = job_cmd(tmp_path, model, "killed", strategy, max_failures=1)
     log_path = tmp_path / "killed.log"
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -119,11 +124,35 @@ def test_fsdp_resumes_a_killed_worker_from_its_sharded_state(tmp_path, runs, unt
             os.killpg(proc.pid, 9)
     log = log_path.read_text()
     assert resumed_steps(log) and resumed_steps(log)[0] in (4, 8)
-    result = json.loads(log.strip().splitlines()[-1])
+    return json.loads(log.strip().splitlines()[-1])
+
+
+def test_fsdp_resumes_a_killed_worker_from_its_sharded_state(tmp_path, runs, untied_model_dir):
+    result = killed_and_resumed(tmp_path, untied_model_dir, "fsdp")
     a, b = adapter(runs["fsdp"]), adapter(result)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
     assert result["metrics_after"]["eval_loss"] == pytest.approx(runs["fsdp"]["metrics_after"]["eval_loss"], abs=1e-5)
+
+
+def test_deepspeed_zero2_resumes_a_killed_worker_to_ddps_result(tmp_path, runs, untied_model_dir):
+    """ZeRO-2 partitions the AdamW moments over the 2 workers; checkpoints hold them whole (DeepSpeed's
+    tensor-fragment API), in torch's format as DDP writes it, and a restarted group splits them again. The
+    resumed run ends where uninterrupted DDP does: same data, same steps, same update."""
+    result = killed_and_resumed(tmp_path, untied_model_dir, "deepspeed")
+    assert result["steps"] == 12
+    a, b = adapter(runs["ddp"]), adapter(result)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+    assert result["metrics_after"]["eval_loss"] == pytest.approx(runs["ddp"]["metrics_after"]["eval_loss"], rel=1e-4)
+    ours, ddps = (torch.load(Path(r["checkpoint"]) / "trainer_state.pt", weights_only=False)["optimizer"]
+                  for r in (result, runs["ddp"]))
+    assert ours["state"].keys() == ddps["state"].keys() and len(ours["state"]) == 2 * 7 * 2
+    for i, moments in ddps["state"].items():
+        assert ours["state"][i]["step"] == moments["step"] == 12
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(ours["state"][i][key], moments[key], rtol=1e-3, atol=1e-9)
 
 
 def test_state_after_an_evaluation_keys_every_trainable_parameter(tiny_model_dir):

@@ -87,6 +87,22 @@ def test_fsdp_divides_weights_and_lora_states_and_adds_the_gathered_layers():
     assert me.estimate(SHAPE, replace(SETUP, strategy="fsdp")) == me.estimate(SHAPE, SETUP)
 
 
+def test_deepspeed_divides_only_the_partitioned_lora_states():
+    """ZeRO keeps the whole model and LoRA weights on every worker; ZeRO-2 partitions the fp32 master copy,
+    the reduced gradients and the optimizer state (AdamW: 4 + 4 + 8 B per trainable param) over the workers,
+    beside the weight, its gradient and one reduce bucket (4 B each)."""
+    ddp2 = replace(SETUP, workers=2)
+    ddp, zero2 = me.estimate(SHAPE, ddp2), me.estimate(SHAPE, replace(ddp2, strategy="deepspeed"))
+    assert zero2.weights == ddp.weights and zero2.gathered == 0 and zero2.activations == ddp.activations
+    assert zero2.lora_and_optimizer == SHAPE.trainable_params * (12 + 16 // 2)
+    zero1 = me.estimate(SHAPE, replace(ddp2, strategy="deepspeed", zero_stage=1))
+    assert zero1.lora_and_optimizer == SHAPE.trainable_params * (16 + 12 // 2)
+    four = me.estimate(SHAPE, replace(ddp2, strategy="deepspeed", workers=4))
+    assert four.lora_and_optimizer == SHAPE.trainable_params * (12 + 16 // 4) < zero2.lora_and_optimizer
+    # One worker: no engine (the worker trains as ddp), so DDP's figure.
+    assert me.estimate(SHAPE, replace(SETUP, strategy="deepspeed")) == me.estimate(SHAPE, SETUP)
+
+
 def test_estimate_of_the_8b_benchmark_row():
     """The Liger row of benchmarks/RESULTS.md (8B, 4 x 2048, NF4, full checkpointing): 15.26 GiB measured."""
     est = me.estimate(SHAPE, replace(SETUP, loss="liger", liger=True))
