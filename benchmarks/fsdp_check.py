@@ -1,11 +1,13 @@
-"""scaling.strategy=fsdp's GPU path against the DDP path on one GPU: same model, seed, batches and step.
+"""scaling.strategy=fsdp's (and deepspeed's) GPU path against the DDP path on one GPU: same model, seed,
+batches and step.
 
 One GPU cannot show the sharding itself (a one-rank mesh holds every shard); what it shows is that the
 CUDA path works end to end with the worker's own pieces: bitsandbytes NF4 weights stored in bf16
 (bnb_4bit_quant_storage) under FSDP2's per-layer all-gathers, LoRA training to the same losses as without
 FSDP, whole adapters and optimizer state gathered for a checkpoint, generation in lockstep mode, and what
-FSDP's gathered copies cost in memory and time. Multi-GPU numbers need a 2-GPU host (tests/test_fsdp.py runs
-the 2-rank path on CPU over gloo).
+FSDP's gathered copies cost in memory and time. With `--strategies ddp,deepspeed`: a ZeRO-2 engine on the
+one rank (fp32 mode under autocast), its update and its optimizer state through the tensor-fragment API.
+Multi-GPU numbers need a 2-GPU host (tests/test_fsdp.py runs the 2-rank paths on CPU over gloo).
 
     python3 benchmarks/fsdp_check.py --model /tmp/rand-llama-1b-v49k --steps 8 --out fsdp.jsonl
 """
@@ -51,7 +53,8 @@ def host_memory_gib() -> dict:
 
 def run(strategy: str, args) -> dict:
     cfg = config(args.model, strategy, args)
-    ctx = distributed.Context(0, 1, DEVICE, sharded=strategy == "fsdp")  # a one-rank mesh, FSDP all the same
+    # A one-rank mesh, FSDP (or a DeepSpeed engine) all the same.
+    ctx = distributed.Context(0, 1, DEVICE, sharded=strategy == "fsdp", deepspeed=strategy == "deepspeed")
     torch.cuda.reset_peak_memory_stats() if DEVICE.type == "cuda" else None
     t = time.perf_counter()
     base = modeling.load_base_model(cfg, ModelSource(args.model, True, "benchmark"), DEVICE)
@@ -64,6 +67,7 @@ def run(strategy: str, args) -> dict:
     hidden = kernels.HiddenStates(model, args.kernels == "liger") if args.fused else None
     wrapped = distributed.wrap(model, ctx, strategy, fused_loss=args.fused)
     optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    wrapped = distributed.with_deepspeed(wrapped, optimizer, ctx, 2, args.bs, 1, 1.0)
     dtype = modeling.compute_dtype(cfg.quantization, DEVICE)
     g = torch.Generator().manual_seed(1234)
     losses, times = [], []
@@ -75,17 +79,15 @@ def run(strategy: str, args) -> dict:
         with kernels.autocast(DEVICE, dtype):
             loss_sum, n = kernels.forward_loss(wrapped, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ids,
                                                hidden)
-        (loss_sum / n).backward()
-        distributed.clip_grad_norm([p for p in model.parameters() if p.requires_grad], 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        distributed.backward(wrapped, loss_sum / n, 1, ctx)
+        distributed.apply_update(wrapped, optimizer, 1.0, ctx)
         losses.append((loss_sum / n).item())
         torch.cuda.synchronize() if DEVICE.type == "cuda" else None
         if step >= args.warmup:
             times.append(time.perf_counter() - t)
     peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE.type == "cuda" else None
     adapter = distributed.full_trainable_state(model)
-    opt_state = distributed.optimizer_state(model, optimizer, ctx)
+    opt_state = distributed.optimizer_state(wrapped, optimizer, ctx)
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     tok.pad_token = tok.pad_token or tok.eos_token
