@@ -67,8 +67,8 @@ def run(strategy: str, args) -> dict:
     hidden = kernels.HiddenStates(model, args.kernels == "liger") if args.fused else None
     wrapped = distributed.wrap(model, ctx, strategy, fused_loss=args.fused)
     optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
-    wrapped = distributed.with_deepspeed(wrapped, optimizer, ctx, 2, args.bs, 1, 1.0)
     dtype = modeling.compute_dtype(cfg.quantization, DEVICE)
+    wrapped = distributed.with_deepspeed(wrapped, optimizer, ctx, 2, args.bs, 1, 1.0, kernels.autocast_dtype(DEVICE, dtype))
     g = torch.Generator().manual_seed(1234)
     losses, times = [], []
     for step in range(args.warmup + args.steps):

@@ -2,9 +2,10 @@
 # Issue 9 on 2 x H200 (nvidia-h200-x2): Ray Train jobs submitted with `ray job submit` to a `ray start --head`
 # cluster of 2 GPUs, timed by benchmarks/submit_timing.py (tokens/s over all workers, every rank's peak GPU
 # memory, seconds from submit to the first step), with nvidia-smi sampling both GPUs beside each job.
-#   PART=scaling: DDP at 1 and 2 workers (1B shape, 8B shape), then 8B with fsdp at 2 workers.
-#   PART=70b:     the Llama-3-70B shape (random NF4 checkpoint, benchmarks/make_random_nf4.py) at 2 workers,
-#                 fsdp then ddp.
+#   PART=scaling: DDP at 1 and 2 workers (1B shape, 8B shape).
+#   PART=8b:      the 8B shape at 2 workers with fsdp, then deepspeed (ZeRO-2).
+#   PART=70b:     8B with deepspeed again (after the autocast fix), then the Llama-3-70B shape (random NF4
+#                 checkpoint, benchmarks/make_random_nf4.py) at 2 workers, fsdp then ddp.
 #   run(command="PART=scaling bash benchmarks/gpu_multi.sh", kind="nvidia-h200-x2", carry=[".whl"])
 # Same settings as benchmarks/ray_overhead.yaml (NF4, LoRA r=16 all linear, alpaca packed into 2048-token
 # rows, fused loss + Liger, full checkpointing); the batch is per worker, so 2 workers take twice the rows.
@@ -32,7 +33,7 @@ estimate() {  # the --dry-run estimate per worker for the same settings
 
 main() {
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/base/*.whl .whl/ray/*.whl || return 1
+    .whl/base/*.whl .whl/ray/*.whl .whl/ds/*.whl || return 1
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-dash .whl/dash/*.whl || return 1
   export PYTHONPATH=/tmp/site:/tmp/site-dash:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0 \
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_AUTH_MODE=token RAY_DEDUP_LOGS=0
@@ -41,27 +42,27 @@ main() {
   python3 -c "import torch, transformers, peft, bitsandbytes, ray; print('torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| bnb', bitsandbytes.__version__, '| ray', ray.__version__, '| nccl', torch.cuda.nccl.version())"
   cp .whl/alpaca_en_demo.json /tmp/alpaca_en_demo.json
   ray get-auth-token --generate > /dev/null
-  if [ "$PART" = scaling ]; then
-    python3 benchmarks/make_random_llama.py $M1 | tail -1 || return 1
-    timeout 120 python3 benchmarks/make_random_nf4.py --shape 8b $M8 2>&1 | grep "^{\|Error" || return 1
-  else
-    timeout 240 python3 benchmarks/make_random_nf4.py --shape 70b $M70 2>&1 | grep "^{\|Error" || return 1
-  fi
+  [ "$PART" = scaling ] && { python3 benchmarks/make_random_llama.py $M1 | tail -1 || return 1; }
+  [ "$PART" = 70b ] && { timeout 240 python3 benchmarks/make_random_nf4.py --shape 70b $M70 2>&1 | grep "^{\|Error" || return 1; }
+  [ -f $M8/config.json ] || { timeout 120 python3 benchmarks/make_random_nf4.py --shape 8b $M8 2>&1 | grep "^{\|Error" || return 1; }
+  S8="--set model.name=$M8 --set train.max_steps=10"
   ray start --head --num-gpus=2 --dashboard-host=127.0.0.1 --disable-usage-stats > "$OUT/ray_start.txt" 2>&1 \
     || { cat "$OUT/ray_start.txt"; return 1; }
   if [ "$PART" = scaling ]; then
     job 1b_ddp_w1 --set scaling.num_workers=1
     job 1b_ddp_w2 --set scaling.num_workers=2
-    S8="--set model.name=$M8 --set train.max_steps=10"
     job 8b_ddp_w1 $S8 --set scaling.num_workers=1
     job 8b_ddp_w2 $S8 --set scaling.num_workers=2
+  elif [ "$PART" = 8b ]; then
     job 8b_fsdp_w2 $S8 --set scaling.num_workers=2 --set scaling.strategy=fsdp
-    for s in ddp fsdp; do echo "estimate 8b $s w2:"; estimate $S8 --set scaling.num_workers=2 --set scaling.strategy=$s; done
+    job 8b_deepspeed_w2 $S8 --set scaling.num_workers=2 --set scaling.strategy=deepspeed
+    for s in ddp fsdp deepspeed; do echo "estimate 8b $s w2:"; estimate $S8 --set scaling.num_workers=2 --set scaling.strategy=$s; done
   else
+    job 8b_deepspeed_w2 $S8 --set scaling.num_workers=2 --set scaling.strategy=deepspeed
     S70="--set model.name=$M70 --set train.max_steps=6 --set train.batch_size=2 --set data.eval_max_samples=4"
     JOB_TIMEOUT=300 job 70b_fsdp_w2 $S70 --set scaling.num_workers=2 --set scaling.strategy=fsdp
+    echo "estimate 70b fsdp w2:"; estimate $S70 --set scaling.num_workers=2 --set scaling.strategy=fsdp
     JOB_TIMEOUT=300 job 70b_ddp_w2 $S70 --set scaling.num_workers=2
-    for s in ddp fsdp; do echo "estimate 70b $s w2:"; estimate $S70 --set scaling.num_workers=2 --set scaling.strategy=$s; done
   fi
   ray stop --force > /dev/null 2>&1
 }

@@ -69,10 +69,14 @@ def compile_layers(model) -> int:
     return len(layers)
 
 
+def autocast_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
+    """What `autocast` casts to: bf16 on CUDA; None elsewhere (fp32 on CPU; fp16 would need a gradient scaler)."""
+    return torch.bfloat16 if device.type == "cuda" and dtype == torch.bfloat16 else None
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
-    """bf16 autocast on CUDA; nothing elsewhere (fp32 on CPU; fp16 would need a gradient scaler)."""
-    if device.type == "cuda" and dtype == torch.bfloat16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if autocast_dtype(device, dtype) is not None:
+        return torch.autocast(device.type, dtype=autocast_dtype(device, dtype))
     return contextlib.nullcontext()
 
 

@@ -149,7 +149,8 @@ def train_loop_per_worker(payload: dict) -> None:
                                           + list(model.buffers())) / 2**30
     optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     wrapped = distributed.with_deepspeed(wrapped, optimizer, ctx, cfg.scaling.zero_stage, cfg.train.batch_size,
-                                         cfg.train.gradient_accumulation, cfg.train.max_grad_norm)
+                                         cfg.train.gradient_accumulation, cfg.train.max_grad_norm,
+                                         kernels.autocast_dtype(ctx.device, dtype))
     plan = BatchPlan(len(data.train), cfg, ctx, [len(e["input_ids"]) for e in data.train])
     scheduler = make_scheduler(cfg, optimizer, plan.total_steps)
     batch_losses = classification.losses if cfg.model.task == "sequence_classification" else evaluation.token_losses
