@@ -1,0 +1,122 @@
+"""GPU paths that CPU runs cannot reach, on small random models (run on the GPU host: pytest -m gpu).
+
+Each compares the optimized or distributed CUDA path with the plain one on the same weights and batches:
+- Liger's kernels and the fused loss against transformers' own layers and loss (bf16 autocast, NF4 base);
+- the fsdp wrapper and the DeepSpeed ZeRO-2 engine, each on a one-rank NCCL group, against the plain step;
+- the DeepSpeed engine's forward under the step's bf16 autocast (DeepSpeed turns an outer CUDA autocast off
+  unless its own config enables it: the 8B step once ran in fp32 at 0.57x DDP's speed).
+"""
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from qlora import distributed, kernels, modeling  # noqa: E402
+from qlora.config import JobConfig  # noqa: E402
+from qlora.model_source import ModelSource  # noqa: E402
+from qlora.worker import make_optimizer  # noqa: E402
+
+CUDA = torch.device("cuda", 0)
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def one_rank_group():
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29700 + os.getpid() % 200))
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("llama")
+    LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+                     ).save_pretrained(path)
+    return path
+
+
+def config(path, strategy: str = "ddp", **train) -> JobConfig:
+    """The strategy is part of the config: under fsdp the loader stores the 4-bit weights as floats."""
+    return JobConfig.model_validate({"model": {"name": str(path)}, "data": {"path": "unused.jsonl"},
+                                     "lora": {"dropout": 0.0}, "train": {"learning_rate": 5e-3, **train},
+                                     "scaling": {"use_gpu": True, "strategy": strategy}})
+
+
+def lora_model(cfg: JobConfig, liger: bool = False):
+    base = modeling.load_base_model(cfg, ModelSource(cfg.model.name, True, "random"), CUDA)
+    if liger:
+        kernels.apply_liger(base)
+    torch.manual_seed(0)
+    model = modeling.attach_lora(base, cfg.lora)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: give the A matrices gradients too
+            p.data.normal_(0, 0.02)
+    return model
+
+
+def batches(n: int) -> list[torch.Tensor]:
+    """One random batch n times: the adapter memorizes it, so the loss falls far below ln(VOCAB) and a
+    path that computed a different loss or gradient would fall differently."""
+    ids = torch.randint(0, VOCAB, (2, 128), generator=torch.Generator().manual_seed(1)).to(CUDA)
+    return [ids] * n
+
+
+def train_losses(cfg: JobConfig, steps: int = 8, liger: bool = False) -> list[float]:
+    """The worker's step (autocast, backward, clip, update) on a one-rank group, the config's strategy."""
+    strategy = cfg.scaling.strategy
+    model = lora_model(cfg, liger)
+    hidden = kernels.HiddenStates(model, liger) if cfg.train.fused_cross_entropy else None
+    ctx = distributed.Context(0, 1, CUDA, sharded=strategy == "fsdp", deepspeed=strategy == "deepspeed")
+    wrapped = distributed.wrap(model, ctx, strategy, fused_loss=hidden is not None)
+    optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    dtype = modeling.compute_dtype(cfg.quantization, CUDA)
+    wrapped = distributed.with_deepspeed(wrapped, optimizer, ctx, 2, 2, 1, 1.0, kernels.autocast_dtype(CUDA, dtype))
+    losses = []
+    for ids in batches(steps):
+        with kernels.autocast(CUDA, dtype):
+            loss_sum, n = kernels.forward_loss(wrapped, {"input_ids": ids}, ids, hidden)
+        distributed.backward(wrapped, loss_sum / n, 1, ctx)
+        distributed.apply_update(wrapped, optimizer, 1.0, ctx)
+        losses.append((loss_sum / n).item())
+    return losses
+
+
+def test_liger_and_fused_loss_train_as_the_plain_layers_do(llama_dir):
+    plain = train_losses(config(llama_dir))
+    fused = train_losses(config(llama_dir, fused_cross_entropy=True))
+    liger = train_losses(config(llama_dir, fused_cross_entropy=True, kernels="liger"), liger=True)
+    assert plain[-1] < 0.8 * plain[0]  # it memorizes the batch
+    for other in (fused, liger):  # bf16 rounding differs between the paths; the training does not
+        assert other == pytest.approx(plain, rel=2e-2)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
+def test_sharded_strategies_train_as_the_plain_step_does(llama_dir, one_rank_group, strategy):
+    plain, other = train_losses(config(llama_dir)), train_losses(config(llama_dir, strategy))
+    assert other[0] == pytest.approx(plain[0], abs=1e-4)  # same weights, same batch: the first loss is equal
+    assert plain[-1] < 0.8 * plain[0] and other == pytest.approx(plain, rel=2e-2)
+
+
+def test_deepspeed_engine_computes_under_the_steps_bf16_autocast(llama_dir, one_rank_group):
+    seen = {}
+    for dtype in (None, torch.bfloat16):
+        cfg = config(llama_dir)
+        model = lora_model(cfg)
+        model.base_model.model.model.layers[0].self_attn.o_proj.register_forward_hook(
+            lambda m, i, out, key=dtype: seen.__setitem__(key, out.dtype))
+        optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+        ctx = distributed.Context(0, 1, CUDA, deepspeed=True)
+        engine = distributed.with_deepspeed(model, optimizer, ctx, 2, 2, 1, 1.0, autocast_dtype=dtype)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            engine(input_ids=batches(1)[0])
+    # Without the dtype passed on, the engine switched the step's autocast off: fp32 matmuls.
+    assert seen == {None: torch.float32, torch.bfloat16: torch.bfloat16}
