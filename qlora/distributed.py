@@ -131,10 +131,6 @@ def fsdp_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def gradient_sync(model: nn.Module, ctx: Context, sync: bool):
     """Context for one micro-batch's backward: skip the gradient all-reduce / reduce-scatter unless `sync`
     (the last micro-batch of a gradient-accumulation step)."""
