@@ -75,9 +75,8 @@ def autocast_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype | No
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
-    if autocast_dtype(device, dtype) is not None:
-        return torch.autocast(device.type, dtype=autocast_dtype(device, dtype))
-    return contextlib.nullcontext()
+    cast = autocast_dtype(device, dtype)
+    return contextlib.nullcontext() if cast is None else torch.autocast(device.type, dtype=cast)
 
 
 def check_fused_loss(model_config) -> None:

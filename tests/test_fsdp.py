@@ -155,46 +155,48 @@ def test_deepspeed_zero2_resumes_a_killed_worker_to_ddps_result(tmp_path, runs, 
             torch.testing.assert_close(ours["state"][i][key], moments[key], rtol=1e-3, atol=1e-9)
 
 
-def test_state_after_an_evaluation_keys_every_trainable_parameter(tiny_model_dir):
+@pytest.fixture
+def one_rank_group():
+    """A one-rank process group over gloo, for the in-process tests of FSDP units and the DeepSpeed engine."""
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29000 + os.getpid() % 900))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_state_after_an_evaluation_keys_every_trainable_parameter(tiny_model_dir, one_rank_group):
     """A classifier's head is trainable and lives in FSDP's root unit, which keeps its gathered parameters
     after a no-grad forward: gathering adapter and optimizer state right after an evaluation must still find
     the head (it raised KeyError before `distributed.resharded`). One process, a one-rank mesh over gloo."""
-    import torch.distributed as dist
-
     from qlora import distributed, modeling
     from qlora.config import JobConfig
     from qlora.model_source import ModelSource
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29600 + os.getpid() % 300))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        cfg = JobConfig.model_validate({"model": {"name": str(tiny_model_dir), "task": "sequence_classification",
-                                                  "num_labels": 2},
-                                        "data": {"path": "x.tsv", "format": "classification"},
-                                        "scaling": {"strategy": "fsdp"}})
-        base = modeling.load_base_model(cfg, ModelSource(str(tiny_model_dir), True, "tiny"), torch.device("cpu"), 0)
-        model = modeling.attach_lora(base, cfg.lora, "sequence_classification")
-        ctx = distributed.Context(0, 1, torch.device("cpu"), sharded=True)
-        distributed.wrap(model, ctx, "fsdp")
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-        ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))
-        model(input_ids=ids).logits.sum().backward()
-        optimizer.step()
-        model.eval()
-        with torch.no_grad():
-            model(input_ids=ids)  # evaluation
-        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-        assert any("score" in n for n in trainable)
-        assert sorted(distributed.optimizer_state(model, optimizer, ctx)["state"]) == sorted(trainable)
-        assert sorted(distributed.full_trainable_state(model)) == sorted(trainable)
-    finally:
-        dist.destroy_process_group()
+    cfg = JobConfig.model_validate({"model": {"name": str(tiny_model_dir), "task": "sequence_classification",
+                                              "num_labels": 2},
+                                    "data": {"path": "x.tsv", "format": "classification"},
+                                    "scaling": {"strategy": "fsdp"}})
+    base = modeling.load_base_model(cfg, ModelSource(str(tiny_model_dir), True, "tiny"), torch.device("cpu"), 0)
+    model = modeling.attach_lora(base, cfg.lora, "sequence_classification")
+    ctx = distributed.Context(0, 1, torch.device("cpu"), sharded=True)
+    distributed.wrap(model, ctx, "fsdp")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids).logits.sum().backward()
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)  # evaluation
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("score" in n for n in trainable)
+    assert sorted(distributed.optimizer_state(model, optimizer, ctx)["state"]) == sorted(trainable)
+    assert sorted(distributed.full_trainable_state(model)) == sorted(trainable)
 
 
-def test_fused_loss_under_fsdp_gives_the_plain_gradients(tmp_path):
+def test_fused_loss_under_fsdp_gives_the_plain_gradients(tmp_path, one_rank_group):
     """train.fused_cross_entropy multiplies by the head's weight after the forward pass; under FSDP the head
     stays in the root unit, which keeps it gathered through the backward pass. One process, a one-rank mesh
     over gloo, an untied 4-bit Llama: the loss and every LoRA gradient equal those without FSDP."""
-    import torch.distributed as dist
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from qlora import distributed, evaluation, kernels, modeling
@@ -208,60 +210,49 @@ def test_fused_loss_under_fsdp_gives_the_plain_gradients(tmp_path):
                                     "lora": {"dropout": 0.0}, "train": {"fused_cross_entropy": True},
                                     "scaling": {"strategy": "fsdp"}})
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29300 + os.getpid() % 300))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        results = []
-        for sharded in (False, True):
-            base = modeling.load_base_model(cfg, ModelSource(str(tmp_path / "untied"), True, "untied"),
-                                            torch.device("cpu"))
-            torch.manual_seed(0)
-            model = modeling.attach_lora(base, cfg.lora)
-            for name, p in model.named_parameters():
-                if "lora_B" in name:  # B starts at zero: give the A matrices a gradient too
-                    p.data.normal_(0, 0.05)
-            hidden = kernels.HiddenStates(model)
-            ctx = distributed.Context(0, 1, torch.device("cpu"), sharded=sharded)
-            wrapped = distributed.wrap(model, ctx, "fsdp", fused_loss=True)
-            loss, n = kernels.forward_loss(wrapped, {"input_ids": ids}, ids, hidden, evaluation.token_losses)
-            (loss / n).backward()
-            results.append((loss.item(), {k: distributed.full(p.grad) for k, p in model.named_parameters()
-                                          if p.grad is not None}))
-        (plain_loss, plain_grads), (fsdp_loss, fsdp_grads) = results
-        assert fsdp_loss == pytest.approx(plain_loss, rel=1e-6)
-        assert plain_grads.keys() == fsdp_grads.keys() and len(plain_grads) == 2 * 7 * 2
-        for k in plain_grads:
-            torch.testing.assert_close(fsdp_grads[k], plain_grads[k], rtol=1e-4, atol=1e-7, msg=k)
-    finally:
-        dist.destroy_process_group()
+    results = []
+    for sharded in (False, True):
+        base = modeling.load_base_model(cfg, ModelSource(str(tmp_path / "untied"), True, "untied"),
+                                        torch.device("cpu"))
+        torch.manual_seed(0)
+        model = modeling.attach_lora(base, cfg.lora)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero: give the A matrices a gradient too
+                p.data.normal_(0, 0.05)
+        hidden = kernels.HiddenStates(model)
+        ctx = distributed.Context(0, 1, torch.device("cpu"), sharded=sharded)
+        wrapped = distributed.wrap(model, ctx, "fsdp", fused_loss=True)
+        loss, n = kernels.forward_loss(wrapped, {"input_ids": ids}, ids, hidden, evaluation.token_losses)
+        (loss / n).backward()
+        results.append((loss.item(), {k: distributed.full(p.grad) for k, p in model.named_parameters()
+                                      if p.grad is not None}))
+    (plain_loss, plain_grads), (fsdp_loss, fsdp_grads) = results
+    assert fsdp_loss == pytest.approx(plain_loss, rel=1e-6)
+    assert plain_grads.keys() == fsdp_grads.keys() and len(plain_grads) == 2 * 7 * 2
+    for k in plain_grads:
+        torch.testing.assert_close(fsdp_grads[k], plain_grads[k], rtol=1e-4, atol=1e-7, msg=k)
 
 
-def test_deepspeed_engine_runs_the_forward_under_the_steps_autocast():
+def test_deepspeed_engine_runs_the_forward_under_the_steps_autocast(one_rank_group):
     """On CUDA, DeepSpeed's engine turns an outer torch.autocast off inside its forward unless its own config
     asks for autocast (measured on 2 H200s: the 8B step ran in fp32, 0.57x DDP's speed). with_deepspeed puts
     the step's autocast dtype into that config, so the engine casts by itself: here, with no outer autocast,
     the decoder's linear layers compute in bf16 when it is passed and in fp32 when not. One process, a
     one-rank group over gloo, CPU autocast standing in for the GPU's (DeepSpeed only ever disables CUDA's)."""
-    import torch.distributed as dist
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from qlora import distributed
     torch.manual_seed(0)
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29000 + os.getpid() % 300))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        seen = {}
-        for dtype in (None, torch.bfloat16):
-            model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128,
-                                                 num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
-            q_proj = model.model.layers[0].self_attn.q_proj
-            q_proj.register_forward_hook(lambda m, i, out, key=dtype: seen.__setitem__(key, out.dtype))
-            optimizer = torch.optim.AdamW(model.parameters())
-            ctx = distributed.Context(0, 1, torch.device("cpu"), deepspeed=True)
-            engine = distributed.with_deepspeed(model, optimizer, ctx, 2, 2, 1, 1.0, autocast_dtype=dtype)
-            assert engine is not model and model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
-            engine(input_ids=ids)
-        assert seen == {None: torch.float32, torch.bfloat16: torch.bfloat16}
-    finally:
-        dist.destroy_process_group()
+    seen = {}
+    for dtype in (None, torch.bfloat16):
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+        q_proj = model.model.layers[0].self_attn.q_proj
+        q_proj.register_forward_hook(lambda m, i, out, key=dtype: seen.__setitem__(key, out.dtype))
+        optimizer = torch.optim.AdamW(model.parameters())
+        ctx = distributed.Context(0, 1, torch.device("cpu"), deepspeed=True)
+        engine = distributed.with_deepspeed(model, optimizer, ctx, 2, 2, 1, 1.0, autocast_dtype=dtype)
+        assert engine is not model and model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+        engine(input_ids=ids)
+    assert seen == {None: torch.float32, torch.bfloat16: torch.bfloat16}
