@@ -207,11 +207,15 @@ def pack_examples(examples: Sequence[dict], max_length: int) -> list[dict]:
     return out
 
 
-def collate_packed(rows: Sequence[dict], pad_id: int) -> dict:
-    """Right-pad packed rows to the longest. No attention_mask on purpose: the model must see only
-    position_ids to detect the packed examples. Padding gets its own positions from 0, so it is one more
-    separate sequence that no real token attends to; `token_mask` marks real tokens (for counting)."""
-    width = max(len(r["input_ids"]) for r in rows)
+def collate_packed(rows: Sequence[dict], pad_id: int, width: Optional[int] = None) -> dict:
+    """Right-pad packed rows to the longest, or to `width` (compiled layers: one shape every step, no
+    recompiling). No attention_mask on purpose: the model must see only position_ids to detect the packed
+    examples. Padding gets its own positions from 0, so it is one more separate sequence that no real token
+    attends to; `token_mask` marks real tokens (for counting)."""
+    longest = max(len(r["input_ids"]) for r in rows)
+    if width is not None and width < longest:
+        raise ValueError(f"a packed row of {longest} tokens does not fit width {width}")
+    width = width or longest
     out = {"input_ids": [], "labels": [], "position_ids": [], "token_mask": []}
     for r in rows:
         n = len(r["input_ids"])

@@ -5,7 +5,10 @@
   [tokens x vocab] logits (4 GB in fp32 for 8k tokens of a 128k vocabulary) never exist at once. Liger's
   fused linear cross-entropy kernel on GPU with kernels=liger; a chunked torch version (which recomputes
   each chunk's logits in the backward pass) otherwise, so the same path runs and is tested on CPU.
-- `train.compile`: torch.compile of the decoder layers (fuses LoRA's and the norms' small ops).
+- `train.compile`: torch.compile of the decoder layers (fuses LoRA's and the norms' small ops). Liger's layer
+  kernels are left out under compile (Inductor fuses those ops itself; Liger's RMSNorm breaks the graph).
+- `train.compile_memory_budget`: what a compiled layer keeps for backward instead of recomputing it
+  (AOTAutograd's activation memory budget), an alternative to checkpointing whole layers.
 - `train.checkpointed_fraction`: selective activation checkpointing, recompute only some decoder layers.
 - bf16 autocast on GPUs, as HF Trainer does: without it the fp32 residual stream that
   prepare_model_for_kbit_training leaves makes LoRA, attention and the head run in fp32.
@@ -26,13 +29,18 @@ from qlora.evaluation import token_losses
 CHUNK_TOKENS = 4096  # rows of hidden states per chunk of the torch fused loss: [4096 x vocab] logits at a time
 
 
-def apply_liger(model) -> None:
-    """Patch Liger's RMSNorm, SwiGLU and RoPE kernels into this model instance (not its loss: see below)."""
+def require_liger() -> None:
     try:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        import liger_kernel.transformers  # noqa: F401
     except ImportError as e:
         raise ConfigError(f"train.kernels=liger needs the liger-kernel package ({e})",
                           "pip install liger-kernel on the GPU nodes, or set train.kernels=none") from None
+
+
+def apply_liger(model) -> None:
+    """Patch Liger's RMSNorm, SwiGLU and RoPE kernels into this model instance (not its loss: see below)."""
+    require_liger()
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     model_type = model.config.model_type
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
@@ -60,13 +68,42 @@ def select_checkpointed_layers(model, fraction: float) -> list[int]:
     return sorted(chosen)
 
 
-def compile_layers(model) -> int:
+def compile_layers(model, memory_budget: Optional[float] = None) -> int:
     """torch.compile every decoder layer in place ("regional" compilation: the layers share code, so the
-    graph compiled for the first is reused by the rest). Returns how many layers were compiled."""
+    graph compiled for the first is reused by the rest). Returns how many layers were compiled.
+    `memory_budget` (0-1]: see set_activation_memory_budget; None keeps the compiler's default."""
+    set_activation_memory_budget(1.0 if memory_budget is None else memory_budget)
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile()
     return len(layers)
+
+
+def set_activation_memory_budget(budget: float) -> None:
+    """Let compiled graphs keep `budget` of the activation memory they would keep by default (1.0) for the
+    backward pass and recompute the rest, choosing what to recompute by its FLOPs (AOTAutograd's knapsack).
+    Process-wide; read when a graph compiles. bitsandbytes' 4-bit matmul is a custom op, which the
+    partitioner would otherwise recompute as if it were free (it bans only built-in matmuls from
+    recomputation): it is weighed by its FLOPs, which are registered with torch's FLOP counter."""
+    count_4bit_matmul_flops()
+    torch._functorch.config.is_non_builtin_to_include = True  # custom ops go through the knapsack, not free
+    torch._functorch.config.activation_memory_budget = budget
+
+
+def count_4bit_matmul_flops() -> None:
+    """Teach torch's FLOP counter bitsandbytes' gemm_4bit (A [..., K] times a 4-bit [N, K] weight): 2 M N K."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+    try:
+        import bitsandbytes  # noqa: F401  (defines torch.ops.bitsandbytes)
+        op = torch.ops.bitsandbytes.gemm_4bit
+    except (ImportError, AttributeError):
+        return  # no 4-bit layers to count
+    if op in flop_registry:
+        return
+
+    @register_flop_formula(op)
+    def gemm_4bit_flops(a_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * out_shape.numel() * a_shape[-1]
 
 
 def autocast_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype | None:

@@ -15,7 +15,8 @@ case: every row full), h hidden size, I MLP size, L decoder layers, V the output
   activations         what the forward pass keeps for the backward: with gradient checkpointing, round(f x L)
                       layers keep only their input, T*h*a (a = 4: a 4/8-bit base's fp32 embedding keeps the residual
                       stream in fp32 under bf16 autocast; a = 2 for a 16-bit base), the others a full layer,
-                      T*(c1*h + c2*I); plus the final norm's input T*h*a.
+                      T*(c1*h + c2*I), or the part of it train.compile_memory_budget keeps; plus the final
+                      norm's input T*h*a.
   logits              the loss: 12 B per logit (the fp32 log-softmax output, its gradient and the gradient of its
                       input are alive together in the loss's backward) for T rows, for one chunk of CHUNK_TOKENS
                       rows with the chunked torch loss, for none with Liger's fused kernel; plus the bf16 copy of
@@ -56,6 +57,13 @@ DOUBLE_QUANT_GROUP = 256  # double quant: the 8-bit absmax values get one fp32 s
 # (By count: LoRA's dropout masks and bf16 copies of each adapted input, fp32 norms, the SwiGLU halves.)
 C_HIDDEN = 31
 C_MLP = 11
+# Compiled layers (train.compile) keep as much as Liger's: 1.93 GiB per layer left un-checkpointed, measured
+# on an H200 (8B shape, T=8192), as the constants above give. Under train.compile_memory_budget b < 1 a layer
+# keeps KEPT_AT_ZERO_BUDGET + KEPT_PER_BUDGET * b of that (least squares over the five 8B rows at b = 0.2 to
+# 0.6, same H200: benchmarks/memory_estimate_check.py; the compiler's knapsack moves in steps, so single rows
+# are off by up to 8%); the compiler's own choice (b = 1) keeps it all.
+KEPT_AT_ZERO_BUDGET = 0.11
+KEPT_PER_BUDGET = 0.68
 # Without Liger, transformers' RMSNorm also keeps its normalized fp32 input (4*h, two norms per layer) and
 # SiLU(gate)*up keeps the SiLU output (2*I): counted from the ops, not measured.
 C_HIDDEN_NO_LIGER = 8
@@ -96,11 +104,12 @@ class Setup:
     gradient_checkpointing: bool
     checkpointed_fraction: float
     loss: Loss
-    liger: bool  # Liger's kernels in the decoder layers
+    fused_layers: bool  # Liger's kernels in the decoder layers, or compiled layers (they keep alike: measured)
     workers: int
     eval_batch_size: int
     strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
     zero_stage: int = 2  # with strategy=deepspeed
+    compile_memory_budget: float | None = None
 
     @property
     def shards(self) -> int:
@@ -116,9 +125,9 @@ class Setup:
         return cls(bits=cfg.quantization.bits, double_quant=cfg.quantization.double_quant, optimizer=cfg.optimizer_to_use(),
                    batch_size=t.batch_size, max_length=cfg.data.max_length,
                    gradient_checkpointing=t.gradient_checkpointing, checkpointed_fraction=t.checkpointed_fraction,
-                   loss=loss, liger=t.kernels == "liger", workers=cfg.scaling.num_workers,
+                   loss=loss, fused_layers=t.kernels == "liger" or t.compile, workers=cfg.scaling.num_workers,
                    eval_batch_size=cfg.evaluation.batch_size, strategy=cfg.scaling.strategy,
-                   zero_stage=cfg.scaling.zero_stage)
+                   zero_stage=cfg.scaling.zero_stage, compile_memory_budget=t.compile_memory_budget)
 
     @property
     def tokens(self) -> int:
@@ -207,11 +216,18 @@ def gathered_bytes(shape: ModelShape, setup: Setup) -> int:
     return 2 * per_layer + other_bytes_per_param(setup.bits) * shape.head_rows * shape.hidden_size
 
 
-def layer_bytes(shape: ModelShape, tokens: int, liger: bool) -> int:
+def layer_bytes(shape: ModelShape, tokens: int, fused: bool) -> int:
     """Activations a decoder layer keeps for its backward when it is not checkpointed."""
-    c_hidden = C_HIDDEN + (0 if liger else C_HIDDEN_NO_LIGER)
-    c_mlp = C_MLP + (0 if liger else C_MLP_NO_LIGER)
+    c_hidden = C_HIDDEN + (0 if fused else C_HIDDEN_NO_LIGER)
+    c_mlp = C_MLP + (0 if fused else C_MLP_NO_LIGER)
     return tokens * (c_hidden * shape.hidden_size + c_mlp * shape.intermediate_size)
+
+
+def kept_fraction(compile_memory_budget: float | None) -> float:
+    """Of a full layer's activations, what a layer that is not checkpointed keeps."""
+    if compile_memory_budget is None or compile_memory_budget == 1:
+        return 1.0
+    return min(1.0, KEPT_AT_ZERO_BUDGET + KEPT_PER_BUDGET * compile_memory_budget)
 
 
 def checkpointed_layers(shape: ModelShape, setup: Setup) -> int:
@@ -223,7 +239,8 @@ def activation_bytes(shape: ModelShape, setup: Setup) -> int:
     residual = setup.tokens * shape.hidden_size * (2 if setup.bits == 16 else 4)
     kept = checkpointed_layers(shape, setup)
     full = shape.num_layers - kept
-    return (kept + 1) * residual + full * layer_bytes(shape, setup.tokens, setup.liger)
+    layer = layer_bytes(shape, setup.tokens, setup.fused_layers)
+    return (kept + 1) * residual + full * int(kept_fraction(setup.compile_memory_budget) * layer)
 
 
 def logit_bytes(shape: ModelShape, setup: Setup) -> int:
@@ -234,7 +251,7 @@ def logit_bytes(shape: ModelShape, setup: Setup) -> int:
 
 
 def workspace_bytes(shape: ModelShape, setup: Setup) -> int:
-    recomputed = layer_bytes(shape, setup.tokens, setup.liger) if checkpointed_layers(shape, setup) else 0
+    recomputed = layer_bytes(shape, setup.tokens, setup.fused_layers) if checkpointed_layers(shape, setup) else 0
     return recomputed + setup.tokens * (W_HIDDEN * shape.hidden_size + W_MLP * shape.intermediate_size)
 
 

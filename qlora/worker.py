@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -77,10 +78,11 @@ class BatchPlan:
         return epoch, self._order[b * bs:(b + 1) * bs]
 
 
-def train_batch(examples: list[dict], pad_id: int, packed: bool) -> dict:
-    """A micro-batch as lists: padded examples, or packed rows (position_ids, no attention_mask)."""
+def train_batch(examples: list[dict], pad_id: int, packed: bool, packed_width: Optional[int] = None) -> dict:
+    """A micro-batch as lists: padded examples, or packed rows (position_ids, no attention_mask) padded to
+    the longest or to `packed_width`."""
     if packed:
-        return collate_packed(examples, pad_id)
+        return collate_packed(examples, pad_id, packed_width)
     batch = collate(examples, pad_id)
     batch["token_mask"] = batch["attention_mask"]
     return batch
@@ -129,7 +131,9 @@ def train_loop_per_worker(payload: dict) -> None:
     torch.manual_seed(cfg.train.seed)
     base = modeling.load_base_model(cfg, source, ctx.device, tokenizer.pad_token_id)
     mc_items = multiple_choice.prepare(cfg, tokenizer)
-    if cfg.train.kernels == "liger":
+    if cfg.train.kernels == "liger" and cfg.train.compile:
+        kernels.require_liger()  # only Liger's loss: Inductor fuses the layers' ops itself, and faster
+    elif cfg.train.kernels == "liger":
         kernels.apply_liger(base)
     if cfg.train.gradient_checkpointing and cfg.train.checkpointed_fraction < 1:
         kept = kernels.select_checkpointed_layers(base, cfg.train.checkpointed_fraction)
@@ -137,7 +141,8 @@ def train_loop_per_worker(payload: dict) -> None:
     torch.manual_seed(cfg.train.seed)  # identical LoRA init on every rank
     model = modeling.attach_lora(base, cfg.lora, cfg.model.task)
     if cfg.train.compile:
-        log(ctx, f"compiling {kernels.compile_layers(model)} decoder layers (the first steps include the compile)")
+        n = kernels.compile_layers(model, cfg.train.compile_memory_budget)
+        log(ctx, f"compiling {n} decoder layers (the first steps include the compile)")
     hidden = kernels.HiddenStates(model, cfg.train.kernels == "liger") if cfg.train.fused_cross_entropy else None
     dtype = modeling.compute_dtype(cfg.quantization, ctx.device)
     flops = speed.FlopCounter(speed.base_param_count(model), base.config,
@@ -191,13 +196,14 @@ def train_loop_per_worker(payload: dict) -> None:
     tokens, slots, window_loss, window_steps, t0 = 0, 0, 0.0, 0, time.perf_counter()
     train_start = time.perf_counter()
     accum = cfg.train.gradient_accumulation
+    packed_width = cfg.data.max_length if cfg.train.compile else None  # compiled: the same shape every step
     while step < plan.total_steps:
         wrapped.train()
         step_loss = 0.0
         for micro in range(accum):
             epoch, idx = plan.micro_batch(step * accum + micro)
             batch = evaluation.to_tensors(train_batch([data.train[i] for i in idx], tokenizer.pad_token_id,
-                                                      cfg.data.packing), ctx.device)
+                                                      cfg.data.packing, packed_width), ctx.device)
             sync = micro == accum - 1
             try:
                 with distributed.gradient_sync(wrapped, ctx, sync):

@@ -2,6 +2,7 @@
 
 Each compares the optimized or distributed CUDA path with the plain one on the same weights and batches:
 - Liger's kernels and the fused loss against transformers' own layers and loss (bf16 autocast, NF4 base);
+- compiled layers, with and without a compile memory budget, against the plain layers;
 - the fsdp wrapper and the DeepSpeed ZeRO-2 engine, each on a one-rank NCCL group, against the plain step;
 - the DeepSpeed engine's forward under the step's bf16 autocast (DeepSpeed turns an outer CUDA autocast off
   unless its own config enables it: the 8B step once ran in fp32 at 0.57x DDP's speed).
@@ -70,10 +71,14 @@ def batches(n: int) -> list[torch.Tensor]:
     return [ids] * n
 
 
-def train_losses(cfg: JobConfig, steps: int = 8, liger: bool = False) -> list[float]:
-    """The worker's step (autocast, backward, clip, update) on a one-rank group, the config's strategy."""
+def train_losses(cfg: JobConfig, steps: int = 8) -> list[float]:
+    """The worker's step (autocast, backward, clip, update) on a one-rank group, the config's strategy and
+    speed levers (as the worker: compiled layers get only Liger's loss, not its layer kernels)."""
     strategy = cfg.scaling.strategy
-    model = lora_model(cfg, liger)
+    liger = cfg.train.kernels == "liger"
+    model = lora_model(cfg, liger=liger and not cfg.train.compile)
+    if cfg.train.compile:
+        kernels.compile_layers(model, cfg.train.compile_memory_budget)
     hidden = kernels.HiddenStates(model, liger) if cfg.train.fused_cross_entropy else None
     ctx = distributed.Context(0, 1, CUDA, sharded=strategy == "fsdp", deepspeed=strategy == "deepspeed")
     wrapped = distributed.wrap(model, ctx, strategy, fused_loss=hidden is not None)
@@ -93,10 +98,24 @@ def train_losses(cfg: JobConfig, steps: int = 8, liger: bool = False) -> list[fl
 def test_liger_and_fused_loss_train_as_the_plain_layers_do(llama_dir):
     plain = train_losses(config(llama_dir))
     fused = train_losses(config(llama_dir, fused_cross_entropy=True))
-    liger = train_losses(config(llama_dir, fused_cross_entropy=True, kernels="liger"), liger=True)
+    liger = train_losses(config(llama_dir, fused_cross_entropy=True, kernels="liger"))
     assert plain[-1] < 0.8 * plain[0]  # it memorizes the batch
     for other in (fused, liger):  # bf16 rounding differs between the paths; the training does not
         assert other == pytest.approx(plain, rel=2e-2)
+
+
+@pytest.mark.parametrize("budget", [None, 0.2])
+def test_compiled_layers_train_as_the_plain_layers_do(llama_dir, budget):
+    """train.compile (Liger's loss, Inductor's fused layers), with and without compile_memory_budget (the
+    compiler recomputes part of each layer, chosen by FLOPs, the 4-bit matmuls counted)."""
+    plain = train_losses(config(llama_dir))
+    try:
+        compiled = train_losses(config(llama_dir, fused_cross_entropy=True, kernels="liger", compile=True,
+                                       compile_memory_budget=budget))
+    finally:
+        kernels.set_activation_memory_budget(1.0)
+        torch._dynamo.reset()
+    assert plain[-1] < 0.8 * plain[0] and compiled == pytest.approx(plain, rel=2e-2)
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])

@@ -19,7 +19,7 @@ SHAPE = me.ModelShape(quantized_params=6_979_321_856, quantized_rows=1_376_256, 
                       trainable_params=41_943_040, hidden_size=4096, intermediate_size=14336, num_layers=32,
                       head_rows=128256)
 SETUP = me.Setup(bits=4, double_quant=True, optimizer="adamw", batch_size=4, max_length=2048,
-                 gradient_checkpointing=True, checkpointed_fraction=1.0, loss="full", liger=False, workers=1,
+                 gradient_checkpointing=True, checkpointed_fraction=1.0, loss="full", fused_layers=False, workers=1,
                  eval_batch_size=16)
 T = 4 * 2048
 
@@ -47,7 +47,7 @@ def test_lora_state_bytes_per_optimizer(optimizer, per_param):
 def test_checkpointed_fraction_trades_recompute_for_kept_layers():
     full = me.estimate(SHAPE, SETUP)
     half = me.estimate(SHAPE, replace(SETUP, checkpointed_fraction=0.5))
-    layer = me.layer_bytes(SHAPE, T, liger=False)
+    layer = me.layer_bytes(SHAPE, T, fused=False)
     residual = T * SHAPE.hidden_size * 4  # a checkpointed layer keeps its fp32 input only
     assert half.activations - full.activations == 16 * (layer - residual)
     # Fully checkpointed: 32 inputs + the final norm's input; one layer is recomputed in the backward.
@@ -55,6 +55,23 @@ def test_checkpointed_fraction_trades_recompute_for_kept_layers():
     assert full.workspace - me.estimate(SHAPE, replace(SETUP, gradient_checkpointing=False)).workspace == layer
     # A 16-bit base keeps a bf16 residual stream.
     assert me.estimate(SHAPE, replace(SETUP, bits=16)).activations == 33 * residual // 2
+
+
+def test_compile_memory_budget_keeps_part_of_each_uncheckpointed_layer():
+    layer = me.layer_bytes(SHAPE, T, fused=True)
+    compiled = replace(SETUP, fused_layers=True, gradient_checkpointing=False)
+    full = me.estimate(SHAPE, compiled)
+    residual = T * SHAPE.hidden_size * 4
+    assert full.activations == residual + SHAPE.num_layers * layer
+    assert me.estimate(SHAPE, replace(compiled, compile_memory_budget=1.0)) == full  # the compiler's default
+    low = me.estimate(SHAPE, replace(compiled, compile_memory_budget=0.2))
+    kept = me.KEPT_AT_ZERO_BUDGET + 0.2 * me.KEPT_PER_BUDGET
+    assert low.activations == residual + SHAPE.num_layers * int(kept * layer)
+    assert low.workspace == full.workspace  # no layer is recomputed whole
+    # Checkpointed layers keep only their input whatever the budget.
+    half = replace(compiled, gradient_checkpointing=True, checkpointed_fraction=0.5, compile_memory_budget=0.2)
+    kept_layers = SHAPE.num_layers // 2
+    assert me.estimate(SHAPE, half).activations == (kept_layers + 1) * residual + kept_layers * int(kept * layer)
 
 
 def test_fused_loss_removes_the_tokens_by_vocabulary_term():
@@ -105,7 +122,7 @@ def test_deepspeed_divides_only_the_partitioned_lora_states():
 
 def test_estimate_of_the_8b_benchmark_row():
     """The Liger row of benchmarks/RESULTS.md (8B, 4 x 2048, NF4, full checkpointing): 15.26 GiB measured."""
-    est = me.estimate(SHAPE, replace(SETUP, loss="liger", liger=True))
+    est = me.estimate(SHAPE, replace(SETUP, loss="liger", fused_layers=True))
     assert est.total / me.GIB == pytest.approx(15.26, rel=0.15)
 
 

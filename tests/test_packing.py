@@ -49,6 +49,12 @@ def test_collate_packed_pads_with_a_separate_sequence_and_no_attention_mask():
                             {"input_ids": [3, 4, 5, 6], "labels": [IGNORE, 4, 5, 6], "position_ids": [0, 1, 2, 3]}], 0)
     assert short["position_ids"][0] == [0, 1, 0, 1] and short["labels"][0] == [IGNORE, 2, IGNORE, IGNORE]
     assert short["token_mask"] == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    # A fixed width (compiled layers): every row padded to it the same way.
+    fixed = collate_packed(rows, pad_id=0, width=7)
+    assert fixed["input_ids"] == [[6, 7, 8, 9, 10, 0, 0], [1, 2, 3, 4, 5, 0, 0]]
+    assert fixed["position_ids"][1] == [0, 1, 2, 0, 1, 0, 1] and fixed["token_mask"][0] == [1] * 5 + [0] * 2
+    with pytest.raises(ValueError, match="a packed row of 5 tokens does not fit width 4"):
+        collate_packed(rows, pad_id=0, width=4)
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +82,8 @@ def random_examples(seed, lengths, n_prompt=3):
     return [ex(torch.randint(1, 97, (n,), generator=g).tolist(), n_prompt) for n in lengths]
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_row_has_exactly_the_losses_of_its_examples_run_alone(tiny_lora_llama, attn):
+@pytest.mark.parametrize("attn, width", [("sdpa", None), ("eager", None), ("sdpa", 48)])
+def test_packed_row_has_exactly_the_losses_of_its_examples_run_alone(tiny_lora_llama, attn, width):
     from qlora.evaluation import to_tensors
     from qlora.worker import model_inputs, train_batch
     model = tiny_lora_llama
@@ -85,7 +91,7 @@ def test_packed_row_has_exactly_the_losses_of_its_examples_run_alone(tiny_lora_l
     examples = random_examples(1, [17, 9, 30, 5, 12, 20])
     rows = pack_examples(examples, max_length=40)
     assert len(rows) < len(examples)
-    batch = to_tensors(train_batch(rows, pad_id=0, packed=True), torch.device("cpu"))
+    batch = to_tensors(train_batch(rows, pad_id=0, packed=True, packed_width=width), torch.device("cpu"))
     with torch.no_grad():
         packed = per_token_losses(model(**model_inputs(batch)).logits, batch["labels"])
         for r, row in enumerate(rows):

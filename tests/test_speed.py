@@ -106,28 +106,90 @@ def test_mfu_formula_reproduces_the_issue_baseline():
     assert speed.example_lengths({"input_ids": [5] * 4}) == [4]
 
 
-def test_base_param_count_unpacks_4bit_weights():
+def tiny_4bit_llama(layers: int = 2):
+    """(NF4 model on CPU, parameter count of the same model unquantized)."""
     from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
     import tempfile
-    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2)
     plain = LlamaForCausalLM(cfg)
-    expected = sum(p.numel() for p in plain.parameters())
     with tempfile.TemporaryDirectory() as d:
         plain.save_pretrained(d)
         q = LlamaForCausalLM.from_pretrained(d, quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32), device_map={"": "cpu"})
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32), device_map={"": "cpu"})
+    q.config.use_cache = False
+    q.train()  # in eval mode bitsandbytes' CPU backend repacks the weights for another (inference) kernel
+    return q, sum(p.numel() for p in plain.parameters())
+
+
+def test_base_param_count_unpacks_4bit_weights():
+    q, expected = tiny_4bit_llama()
     assert sum(p.numel() for p in q.parameters()) < expected  # packed
     assert speed.base_param_count(q) == expected
+
+
+def test_the_flop_counter_knows_the_4bit_matmul():
+    """Compile's memory budget weighs what to recompute by FLOPs; bitsandbytes' matmul must not count as 0."""
+    from torch.utils.flop_counter import FlopCounterMode
+    q, _ = tiny_4bit_llama()
+    kernels.count_4bit_matmul_flops()
+    layer = q.model.layers[0].mlp.gate_proj  # [128 x 64], 4-bit
+    x = torch.randn(3, 5, 64)
+    with FlopCounterMode(display=False) as counter:
+        layer(x)
+    assert counter.get_total_flops() == 2 * 15 * 128 * 64
+
+
+def test_compiled_layers_under_a_memory_budget_give_the_eager_loss_and_gradients():
+    """train.compile + compile_memory_budget on a 4-bit base: the compiler recomputes part of each layer in
+    the backward pass; the loss and the LoRA gradients are the eager ones."""
+    def lora(budget=None):
+        q, _ = tiny_4bit_llama(layers=3)
+        torch.manual_seed(1)
+        model = attach_lora(q, LoraSection(r=4, alpha=8, dropout=0.0))  # dropout: compiled RNG differs
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero: give A gradients too
+                p.data.normal_(0, 0.02)
+        if budget is not None:
+            assert kernels.compile_layers(model, budget) == 3
+        return model
+
+    from torch._dynamo.utils import counters
+    eager_loss, eager = loss_and_grads(lora())
+    graphs = counters["stats"]["unique_graphs"]
+    try:
+        compiled_loss, compiled = loss_and_grads(lora(budget=0.2))
+        assert counters["stats"]["unique_graphs"] > graphs  # the layers did run compiled
+    finally:
+        kernels.set_activation_memory_budget(1.0)  # process-wide: leave the default to later tests
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-4, atol=1e-4)
+    assert compiled.keys() == eager.keys() and len(eager) == 3 * 7 * 2
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k], rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.parametrize("override, message", [
     ("train.kernels=liger", "train.kernels=liger runs Triton GPU kernels and scaling.use_gpu is false"),
     ("train.checkpointed_fraction=0.5", "has no effect without train.gradient_checkpointing"),
+    ("train.compile_memory_budget=0.2", "set train.compile=true, or remove compile_memory_budget"),
+    ("train.compile_memory_budget=1.5", "train.compile_memory_budget: Input should be less than or equal to 1"),
 ])
 def test_gpu_only_and_meaningless_speed_options_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(ROOT / "configs" / "quickstart.yaml", [override])
+
+
+def test_a_memory_budget_needs_layers_that_are_not_checkpointed():
+    quickstart = ROOT / "configs" / "quickstart.yaml"
+    with pytest.raises(ConfigError, match="no effect while every layer is checkpointed"):
+        load_config(quickstart, ["train.compile=true", "train.gradient_checkpointing=true",
+                                 "train.compile_memory_budget=0.2"])
+    for ok in (["train.gradient_checkpointing=false"],
+               ["train.gradient_checkpointing=true", "train.checkpointed_fraction=0.5"]):
+        cfg = load_config(quickstart, ["train.compile=true", "train.compile_memory_budget=0.2", *ok])
+        assert cfg.train.compile_memory_budget == 0.2
 
 
 def test_fused_loss_on_a_softcapping_model_fails_before_ray(tmp_path, smollm_tokenizer, people_data):
