@@ -6,6 +6,8 @@
 #   PART=8b:      the 8B shape at 2 workers with fsdp, then deepspeed (ZeRO-2).
 #   PART=70b:     the Llama-3-70B shape (random NF4 checkpoint, benchmarks/make_random_nf4.py) at 2 workers
 #                 with fsdp (then ddp, with NO_DDP_70B unset and time left).
+#   PART=compile: (one GPU is enough) the GPU-marked tests, then the 8B shape at 1 worker with train.compile
+#                 and compile_memory_budget=0.2, no whole-layer checkpointing (issue 8's fastest setting).
 #   run(command="PART=scaling bash benchmarks/gpu_multi.sh", kind="nvidia-h200-x2", carry=[".whl"])
 # Same settings as benchmarks/ray_overhead.yaml (NF4, LoRA r=16 all linear, alpaca packed into 2048-token
 # rows, fused loss + Liger, full checkpointing); the batch is per worker, so 2 workers take twice the rows.
@@ -46,13 +48,22 @@ main() {
   [ "$PART" = 70b ] && { timeout 240 python3 benchmarks/make_random_nf4.py --shape 70b $M70 2>&1 | grep "^{\|Error" || return 1; }
   [ "$PART" = 70b ] || [ -f $M8/config.json ] || { timeout 120 python3 benchmarks/make_random_nf4.py --shape 8b $M8 2>&1 | grep "^{\|Error" || return 1; }
   S8="--set model.name=$M8 --set train.max_steps=10"
-  ray start --head --num-gpus=2 --dashboard-host=127.0.0.1 --disable-usage-stats > "$OUT/ray_start.txt" 2>&1 \
+  if [ "$PART" = compile ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/test/*.whl || return 1
+    timeout 240 python3 -m pytest -m gpu -q tests/test_gpu.py -p no:cacheprovider > "$OUT/pytest_gpu.txt" 2>&1
+    echo "pytest -m gpu: exit $?"; grep -E "passed|failed|Error|^E " "$OUT/pytest_gpu.txt" | head -20
+  fi
+  ray start --head --num-gpus=$(nvidia-smi -L | wc -l) --dashboard-host=127.0.0.1 --disable-usage-stats > "$OUT/ray_start.txt" 2>&1 \
     || { cat "$OUT/ray_start.txt"; return 1; }
   if [ "$PART" = scaling ]; then
     job 1b_ddp_w1 --set scaling.num_workers=1
     job 1b_ddp_w2 --set scaling.num_workers=2
     job 8b_ddp_w1 $S8 --set scaling.num_workers=1
     job 8b_ddp_w2 $S8 --set scaling.num_workers=2
+  elif [ "$PART" = compile ]; then
+    C8="$S8 --set scaling.num_workers=1 --set train.compile=true --set train.gradient_checkpointing=false"
+    job 8b_compile_budget_w1 $C8 --set train.compile_memory_budget=0.2
+    echo "estimate 8b compile budget 0.2:"; estimate $C8 --set train.compile_memory_budget=0.2
   elif [ "$PART" = 8b ]; then
     job 8b_fsdp_w2 $S8 --set scaling.num_workers=2 --set scaling.strategy=fsdp
     job 8b_deepspeed_w2 $S8 --set scaling.num_workers=2 --set scaling.strategy=deepspeed

@@ -1,4 +1,4 @@
-"""The --dry-run memory estimate (qlora/memory_estimate.py) against the peaks measured on an H100.
+"""The --dry-run memory estimate (qlora/memory_estimate.py) against the peaks measured on an H100 and an H200.
 
 Builds the two benchmark shapes on the meta device (no weights, CPU, seconds), attaches LoRA as the job does,
 and prints one table row per measured peak of benchmarks/RESULTS.md (torch.cuda.max_memory_allocated of
@@ -25,6 +25,7 @@ SHAPES = {  # the random-weight models of the GPU benchmarks (../shared/gpu/peer
 }
 FUSED = {"fused_cross_entropy": True}
 LIGER = {"fused_cross_entropy": True, "kernels": "liger"}
+COMPILED = {**LIGER, "compile": True}
 
 
 @dataclass
@@ -34,7 +35,7 @@ class Row:
     measured_gib: float | None  # None: the run went out of memory on the 80 GiB H100
     train: dict = field(default_factory=dict)
     batch_size: int = 4
-    fitted: bool = False  # one of the rows C_HIDDEN and C_MLP were fitted to
+    fitted: bool = False  # one of the rows C_HIDDEN and C_MLP, or the KEPT_* constants, were fitted to
 
 
 ROWS = [
@@ -60,6 +61,15 @@ ROWS = [
     # Measured after the estimate was written (H200, 2026-11-29, gpu_ray_overhead.sh): out of sample.
     Row("1B-v49k", "Liger, packed alpaca rows, no Ray (speed.py)", 3.98, LIGER),
     Row("1B-v49k", "Liger, packed alpaca rows, the ray job submit'ed Ray Train job", 3.93, LIGER),
+    # H200, 2026-11-29 (gpu_speed_h200.sh PART=checkpointing and PART=budget): compiled layers (no Liger layer kernels under compile),
+    # Liger's fused loss; the budget rows without whole-layer checkpointing.
+    Row("8B", "compile", 15.30, COMPILED),
+    Row("8B", "compile + checkpointed_fraction 0.85", 25.24, {**COMPILED, "checkpointed_fraction": 0.85}),
+    Row("8B", "compile + checkpointed_fraction 0.7", 35.19, {**COMPILED, "checkpointed_fraction": 0.7}),
+    Row("8B", "compile, no checkpointing", 77.17, {**COMPILED, "gradient_checkpointing": False}),
+    *[Row("8B", f"compile, compile_memory_budget {b}", gib, {**COMPILED, "gradient_checkpointing": False,
+                                                             "compile_memory_budget": b}, fitted=True)
+      for b, gib in ((0.2, 26.52), (0.3, 33.11), (0.4, 33.11), (0.5, 39.89), (0.6, 46.68))],
 ]
 LORA = LoraSection(r=16, alpha=32, dropout=0.05, target_modules="all-linear")
 

@@ -8,6 +8,9 @@ given. The step is the worker's own: kernels.autocast + kernels.forward_loss + b
     python3 benchmarks/speed.py --model /tmp/rand-llama-8b --bs 4 --seq 2048 \\
         --variants fp32-residual,autocast,fused-ce,liger,selective:0.5,bs:8 --out results.jsonl
 
+--first-measured K applies the first K variants without timing them; --profile N runs N more steps of each
+measured variant under torch.profiler and prints where the GPU time went (kernel categories, top kernels).
+
 MFU: useful FLOPs (4N per token + 12 L h s^2 per row, qlora/speed.py) over time over the GPU's peak.
 """
 from __future__ import annotations
@@ -56,7 +59,7 @@ def batches(vocab: int, bs: int, seq: int, n: int, device):
         yield {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def real_batches(args, packed: bool, device) -> list[dict]:
+def real_batches(args, packed: bool, device, width: int | None = None) -> list[dict]:
     """Micro-batches of real instruction data (--data, alpaca format) tokenized with --tokenizer: `bs`
     examples padded to the longest (the peer's loop), or `bs` rows of examples packed up to --seq tokens."""
     import random
@@ -72,10 +75,46 @@ def real_batches(args, packed: bool, device) -> list[dict]:
     enc = Encoder(tok, "alpaca", DataSection(path=args.data, format="alpaca", max_length=args.seq))
     examples = [enc.encode(r) for r in records]
     items = pack_examples(examples, args.seq) if packed else examples
-    groups = [train_batch(items[i:i + args.bs], tok.pad_token_id, packed) for i in range(0, len(items), args.bs)]
+    groups = [train_batch(items[i:i + args.bs], tok.pad_token_id, packed, width) for i in range(0, len(items), args.bs)]
     need = args.warmup + args.steps
     groups = (groups * (need // len(groups) + 1))[:need]
     return [to_tensors(g, device) for g in groups]
+
+
+KERNEL_KINDS = (  # substring of a CUDA kernel's lower-cased name -> category, first match wins
+    ("dequant", "bnb dequantize"), ("flash", "attention"), ("fmha", "attention"), ("attention", "attention"),
+    ("gemm", "matmul"), ("cutlass", "matmul"), ("xmma", "matmul"), ("nvjet", "matmul"), ("cublas", "matmul"),
+    ("triton", "triton (inductor, liger)"), ("memcpy", "copy"), ("memset", "copy"), ("copy", "copy"),
+    ("elementwise", "aten elementwise"), ("reduce", "aten reduce"))
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for key, kind in KERNEL_KINDS if key in low), "other")
+
+
+def profile_steps(step, steps: list[dict]) -> dict:
+    """GPU kernel time of `steps` by category and the top kernels, per step, against the wall time."""
+    from torch.profiler import ProfilerActivity, profile
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        for b in steps:
+            step(b)
+        sync()
+        wall = (time.perf_counter() - t) / len(steps)
+    kernels_ms: dict[str, float] = {}
+    for e in prof.key_averages():
+        us = e.self_device_time_total
+        if us > 0:
+            kernels_ms[e.key] = kernels_ms.get(e.key, 0.0) + us / 1e3 / len(steps)
+    by_kind: dict[str, float] = {}
+    for name, ms in kernels_ms.items():
+        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + ms
+    top = sorted(kernels_ms.items(), key=lambda kv: -kv[1])[:25]
+    return {"wall_ms": round(wall * 1e3, 1), "kernel_ms": round(sum(kernels_ms.values()), 1),
+            "by_kind_ms": {k: round(v, 1) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms": [[name[:110], round(ms, 2)] for name, ms in top]}
 
 
 def run_variant(cfg, model, hidden, use_autocast: bool, init: dict, args, flops: speed.FlopCounter,
@@ -93,19 +132,23 @@ def run_variant(cfg, model, hidden, use_autocast: bool, init: dict, args, flops:
     times, losses, useful = [], [], []
     dtype = torch.bfloat16 if use_autocast else torch.float32
     flops.reset()
-    steps = data or batches(model.config.vocab_size, args.bs, args.seq, args.warmup + args.steps, device)
-    for i, b in enumerate(steps):
-        inputs = model_inputs(b)
-        sync()
-        t = time.perf_counter()
+    steps = data or list(batches(model.config.vocab_size, args.bs, args.seq,
+                                 args.warmup + args.steps + args.profile, device))
+
+    def step(b):
         with kernels.autocast(device, dtype):
-            loss_sum, n = kernels.forward_loss(model, inputs, b["labels"], hidden)
+            loss_sum, n = kernels.forward_loss(model, model_inputs(b), b["labels"], hidden)
         loss = loss_sum / n
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())  # synchronizes
+        return loss.item()  # synchronizes
+
+    for i, b in enumerate(steps[:args.warmup + args.steps]):
+        sync()
+        t = time.perf_counter()
+        losses.append(step(b))
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
             mask = b.get("token_mask", b.get("attention_mask"))
@@ -116,7 +159,8 @@ def run_variant(cfg, model, hidden, use_autocast: bool, init: dict, args, flops:
     total = sum(times)
     step_s = sorted(times)[len(times) // 2]
     mfu = flops.mfu(total)
-    return {"step_s": round(step_s, 4), "tok_s": round(sum(useful) / total),
+    profiled = {"profile": profile_steps(step, steps[-args.profile:])} if args.profile and CUDA else {}
+    return {**profiled, "step_s": round(step_s, 4), "tok_s": round(sum(useful) / total),
             "slots_per_step": int(b["input_ids"].numel()), "useful_per_step": round(sum(useful) / len(useful)),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if CUDA else None,
             "mfu": round(mfu, 4) if mfu is not None else None,
@@ -134,6 +178,8 @@ def main():
     p.add_argument("--out", default="speed.jsonl")
     p.add_argument("--data", help="alpaca-format file: measure useful (non-pad) tokens/s on real data")
     p.add_argument("--tokenizer", help="tokenizer folder for --data")
+    p.add_argument("--first-measured", type=int, default=0, help="apply the variants before this index untimed")
+    p.add_argument("--profile", type=int, default=0, help="profile this many more steps of each measured variant")
     args = p.parse_args()
     cfg, base, model, load_s = build(args.model, args.bs, args.seq, gc=True)
     from peft import get_peft_model_state_dict
@@ -147,6 +193,8 @@ def main():
             use_autocast = True
         elif name == "fused-ce":
             hidden = kernels.HiddenStates(model, liger="liger" in applied)
+        elif name == "liger-ce":  # Liger's fused linear cross-entropy alone, the layers left as they are
+            hidden.liger = True
         elif name == "liger":
             kernels.apply_liger(base)
             if hidden is not None:
@@ -157,6 +205,9 @@ def main():
             kernels.select_checkpointed_layers(base, float(value))
         elif name == "compile":
             kernels.compile_layers(model)
+        elif name == "budget":  # train.compile_memory_budget (1.0: the compiler's default), then recompile
+            kernels.set_activation_memory_budget(float(value))
+            torch._dynamo.reset()
         elif name == "packed":  # real data packed into rows of --seq tokens from here on
             packed = True
         elif name == "bs":  # a larger micro-batch for the variants from here on
@@ -164,8 +215,11 @@ def main():
         elif name != "fp32-residual":
             raise SystemExit(f"unknown variant {variant}")
         applied.append(variant)
+        if len(applied) <= args.first_measured:
+            continue
         try:
-            data = real_batches(args, packed, DEVICE) if args.data else None
+            width = args.seq if "compile" in applied else None  # as the worker: compiled, one row width
+            data = real_batches(args, packed, DEVICE, width) if args.data else None
             result = run_variant(cfg, model, hidden, use_autocast, init, args, flops, data)
         except torch.OutOfMemoryError:
             result = {"oom": True}
