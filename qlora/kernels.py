@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Optional
 
 import torch
@@ -82,28 +83,32 @@ def compile_layers(model, memory_budget: Optional[float] = None) -> int:
 def set_activation_memory_budget(budget: float) -> None:
     """Let compiled graphs keep `budget` of the activation memory they would keep by default (1.0) for the
     backward pass and recompute the rest, choosing what to recompute by its FLOPs (AOTAutograd's knapsack).
-    Process-wide; read when a graph compiles. bitsandbytes' 4-bit matmul is a custom op, which the
-    partitioner would otherwise recompute as if it were free (it bans only built-in matmuls from
-    recomputation): it is weighed by its FLOPs, which are registered with torch's FLOP counter."""
-    count_4bit_matmul_flops()
+    Process-wide; read when a graph compiles. bitsandbytes' matmuls are custom ops, which the partitioner
+    would otherwise recompute as if they were free (it bans only built-in matmuls from recomputation):
+    they are weighed by their FLOPs, which are registered with torch's FLOP counter."""
+    count_bitsandbytes_matmul_flops()
     torch._functorch.config.is_non_builtin_to_include = True  # custom ops go through the knapsack, not free
     torch._functorch.config.activation_memory_budget = budget
 
 
-def count_4bit_matmul_flops() -> None:
-    """Teach torch's FLOP counter bitsandbytes' gemm_4bit (A [..., K] times a 4-bit [N, K] weight): 2 M N K."""
+def count_bitsandbytes_matmul_flops() -> None:
+    """Teach torch's FLOP counter bitsandbytes' matmuls (it counts unknown ops as 0): 2 M N K each, for
+    gemm_4bit (A [..., K] times a packed 4-bit weight: N from the output) and the int8 matmuls of 8-bit
+    layers (an int8 A, or its int8 copy CA, times an int8 [N, K] weight)."""
     from torch.utils.flop_counter import flop_registry, register_flop_formula
     try:
         import bitsandbytes  # noqa: F401  (defines torch.ops.bitsandbytes)
-        op = torch.ops.bitsandbytes.gemm_4bit
-    except (ImportError, AttributeError):
-        return  # no 4-bit layers to count
-    if op in flop_registry:
-        return
-
-    @register_flop_formula(op)
-    def gemm_4bit_flops(a_shape, *args, out_shape=None, **kwargs) -> int:
-        return 2 * out_shape.numel() * a_shape[-1]
+    except ImportError:
+        return  # no quantized layers to count
+    formulas = {
+        "gemm_4bit": lambda a, *args, out_shape=None, **kwargs: 2 * math.prod(out_shape) * a[-1],
+        "int8_scaled_mm": lambda a, b, *args, **kwargs: 2 * math.prod(a) * b[0],
+        "int8_mixed_scaled_mm": lambda a, ca, cb, *args, **kwargs: 2 * math.prod(ca) * cb[0],
+    }
+    for name, formula in formulas.items():
+        op = getattr(torch.ops.bitsandbytes, name, None)
+        if op is not None and op not in flop_registry:
+            register_flop_formula(op)(formula)
 
 
 def autocast_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype | None:

@@ -129,16 +129,24 @@ def test_base_param_count_unpacks_4bit_weights():
     assert speed.base_param_count(q) == expected
 
 
-def test_the_flop_counter_knows_the_4bit_matmul():
-    """Compile's memory budget weighs what to recompute by FLOPs; bitsandbytes' matmul must not count as 0."""
+def test_the_flop_counter_knows_the_bitsandbytes_matmuls():
+    """Compile's memory budget weighs what to recompute by FLOPs; bitsandbytes' matmuls must not count as 0."""
     from torch.utils.flop_counter import FlopCounterMode
     q, _ = tiny_4bit_llama()
-    kernels.count_4bit_matmul_flops()
+    kernels.count_bitsandbytes_matmul_flops()
     layer = q.model.layers[0].mlp.gate_proj  # [128 x 64], 4-bit
     x = torch.randn(3, 5, 64)
     with FlopCounterMode(display=False) as counter:
         layer(x)
     assert counter.get_total_flops() == 2 * 15 * 128 * 64
+    # The int8 matmuls of 8-bit layers (on GPU; called directly here): [15 x 64] int8 times [128 x 64] int8.
+    ops = torch.ops.bitsandbytes
+    a = torch.randint(-127, 127, (15, 64), dtype=torch.int8)
+    b = torch.randint(-127, 127, (128, 64), dtype=torch.int8)
+    with FlopCounterMode(display=False) as counter:
+        ops.int8_scaled_mm(a, b, torch.rand(15), torch.rand(128))
+        ops.int8_mixed_scaled_mm(torch.randn(15, 64, dtype=torch.float16), a, b, torch.rand(15), torch.rand(128))
+    assert counter.get_total_flops() == 2 * (2 * 15 * 128 * 64)
 
 
 def test_compiled_layers_under_a_memory_budget_give_the_eager_loss_and_gradients():
