@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from qlora.config import TrainSection
 from qlora.data import IGNORE
 from qlora.errors import ConfigError
 from qlora.evaluation import token_losses
@@ -36,6 +37,18 @@ def require_liger() -> None:
     except ImportError as e:
         raise ConfigError(f"train.kernels=liger needs the liger-kernel package ({e})",
                           "pip install liger-kernel on the GPU nodes, or set train.kernels=none") from None
+
+
+def apply_layer_kernels(model, train: TrainSection) -> None:
+    """train.kernels=liger: Liger's layer kernels patched into the base model, except under train.compile,
+    where only Liger's fused loss is used (Inductor fuses the layers' ops itself, and faster: Liger's RMSNorm
+    breaks the compiled graph; benchmarks/RESULTS.md)."""
+    if train.kernels != "liger":
+        return
+    if train.compile:
+        require_liger()
+    else:
+        apply_liger(model)
 
 
 def apply_liger(model) -> None:

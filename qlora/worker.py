@@ -131,10 +131,7 @@ def train_loop_per_worker(payload: dict) -> None:
     torch.manual_seed(cfg.train.seed)
     base = modeling.load_base_model(cfg, source, ctx.device, tokenizer.pad_token_id)
     mc_items = multiple_choice.prepare(cfg, tokenizer)
-    if cfg.train.kernels == "liger" and cfg.train.compile:
-        kernels.require_liger()  # only Liger's loss: Inductor fuses the layers' ops itself, and faster
-    elif cfg.train.kernels == "liger":
-        kernels.apply_liger(base)
+    kernels.apply_layer_kernels(base, cfg.train)
     if cfg.train.gradient_checkpointing and cfg.train.checkpointed_fraction < 1:
         kept = kernels.select_checkpointed_layers(base, cfg.train.checkpointed_fraction)
         log(ctx, f"activation checkpointing in {len(kept)} decoder layers: {kept}")

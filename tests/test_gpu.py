@@ -52,10 +52,9 @@ def config(path, strategy: str = "ddp", **train) -> JobConfig:
                                      "scaling": {"use_gpu": True, "strategy": strategy}})
 
 
-def lora_model(cfg: JobConfig, liger: bool = False):
+def lora_model(cfg: JobConfig):
     base = modeling.load_base_model(cfg, ModelSource(cfg.model.name, True, "random"), CUDA)
-    if liger:
-        kernels.apply_liger(base)
+    kernels.apply_layer_kernels(base, cfg.train)
     torch.manual_seed(0)
     model = modeling.attach_lora(base, cfg.lora)
     for name, p in model.named_parameters():
@@ -75,11 +74,10 @@ def train_losses(cfg: JobConfig, steps: int = 8) -> list[float]:
     """The worker's step (autocast, backward, clip, update) on a one-rank group, the config's strategy and
     speed levers (as the worker: compiled layers get only Liger's loss, not its layer kernels)."""
     strategy = cfg.scaling.strategy
-    liger = cfg.train.kernels == "liger"
-    model = lora_model(cfg, liger=liger and not cfg.train.compile)
+    model = lora_model(cfg)
     if cfg.train.compile:
         kernels.compile_layers(model, cfg.train.compile_memory_budget)
-    hidden = kernels.HiddenStates(model, liger) if cfg.train.fused_cross_entropy else None
+    hidden = kernels.HiddenStates(model, cfg.train.kernels == "liger") if cfg.train.fused_cross_entropy else None
     ctx = distributed.Context(0, 1, CUDA, sharded=strategy == "fsdp", deepspeed=strategy == "deepspeed")
     wrapped = distributed.wrap(model, ctx, strategy, fused_loss=hidden is not None)
     optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
