@@ -7,6 +7,7 @@ given. The step is the worker's own: kernels.autocast + kernels.forward_loss + b
 
     python3 benchmarks/speed.py --model /tmp/rand-llama-8b --bs 4 --seq 2048 \\
         --variants fp32-residual,autocast,fused-ce,liger,selective:0.5,bs:8 --out results.jsonl
+    (also: compile, budget:B, real and packed (need --data/--tokenizer), attn:flex_attention)
 
 --first-measured K applies the first K variants without timing them; --profile N runs N more steps of each
 measured variant under torch.profiler and prints where the GPU time went (kernel categories, top kernels).
@@ -176,7 +177,8 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--variants", default="fp32-residual,autocast,fused-ce,liger,selective:0.5")
     p.add_argument("--out", default="speed.jsonl")
-    p.add_argument("--data", help="alpaca-format file: measure useful (non-pad) tokens/s on real data")
+    p.add_argument("--data", help="alpaca-format file for the variants `real` and `packed`: useful (non-pad) "
+                   "tokens/s on real data (random tokens before them)")
     p.add_argument("--tokenizer", help="tokenizer folder for --data")
     p.add_argument("--first-measured", type=int, default=0, help="apply the variants before this index untimed")
     p.add_argument("--profile", type=int, default=0, help="profile this many more steps of each measured variant")
@@ -186,7 +188,7 @@ def main():
     init = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
     flops = speed.FlopCounter(speed.base_param_count(model), base.config,
                               torch.cuda.get_device_name(0) if CUDA else None)
-    hidden, use_autocast, applied, packed = None, False, [], False
+    hidden, use_autocast, applied, real, packed = None, False, [], False, False
     for variant in args.variants.split(","):
         name, _, value = variant.partition(":")
         if name == "autocast":
@@ -208,8 +210,13 @@ def main():
         elif name == "budget":  # train.compile_memory_budget (1.0: the compiler's default), then recompile
             kernels.set_activation_memory_budget(float(value))
             torch._dynamo.reset()
-        elif name == "packed":  # real data packed into rows of --seq tokens from here on
-            packed = True
+        elif name == "attn":  # another attention implementation (model.attn_implementation), e.g. flex_attention
+            base.set_attn_implementation(value)
+            torch._dynamo.reset()
+        elif name == "real":  # real examples (--data), padded to the longest, from here on
+            real = True
+        elif name == "packed":  # real examples packed into rows of --seq tokens from here on
+            real = packed = True
         elif name == "bs":  # a larger micro-batch for the variants from here on
             args.bs = int(value)
         elif name != "fp32-residual":
@@ -218,8 +225,8 @@ def main():
         if len(applied) <= args.first_measured:
             continue
         try:
-            width = args.seq if "compile" in applied else None  # as the worker: compiled, one row width
-            data = real_batches(args, packed, DEVICE, width) if args.data else None
+            width = args.seq  # as the worker: packed rows padded to one width
+            data = real_batches(args, packed, DEVICE, width) if real else None
             result = run_variant(cfg, model, hidden, use_autocast, init, args, flops, data)
         except torch.OutOfMemoryError:
             result = {"oom": True}

@@ -2,7 +2,8 @@
 the job's first training step, and each step's tokens/s as the worker reported it.
 
     python3 benchmarks/submit_timing.py --address http://127.0.0.1:8265 -- --config CONFIG [--set k=v ...]
-Prints one JSON line, with each rank's peak GPU memory (run the cluster with RAY_DEDUP_LOGS=0, or Ray folds
+Prints one JSON line, with the job's throughput by the clock (its last JSON line), the steps whose window fell
+under 80% of the median, the recompiles TORCH_LOGS=recompiles logged, and each rank's peak GPU memory (run the cluster with RAY_DEDUP_LOGS=0, or Ray folds
 the ranks' repeated report lines into one). Needs RAY_AUTH_MODE=token (as the cluster) and `ray` on PATH.
 """
 import argparse
@@ -17,6 +18,9 @@ NUMBER = r"([\d.]+(?:e[+-]\d+)?)"  # the worker prints 4 significant digits: 2.5
 STEP = re.compile(rf"\[qlora\] step (\d+)/\d+ .*?tokens_per_second={NUMBER}.*?peak_memory_gib={NUMBER}")
 # Every rank's own report (Ray Train logs it): its peak GPU memory, which rank 0's step line does not show.
 RANK_REPORT = re.compile(rf"Reporting training result \d+: .*?'peak_memory_gib': {NUMBER}.*? from rank (\d+)")
+RECOMPILE = "Recompiling function"  # TORCH_LOGS=recompiles in the workers' environment
+CLOCK_KEYS = ("clock_tokens_per_second", "clock_tokens_per_second_after_first_step", "first_step_seconds",
+              "eval_seconds", "report_seconds", "train_seconds")  # from the job's last JSON line
 MARKS = {"job_started": "Job '", "workers_started": "Started training worker group",
          "before_eval_done": "[qlora] before training"}
 
@@ -31,7 +35,7 @@ def main() -> None:
     cmd = ["ray", "job", "submit", "--address", args.address, "--", sys.executable, "-m", "ray_jobs.train", *job_args]
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    marks, steps, tail, rank_peaks = {}, {}, [], {}
+    marks, steps, tail, rank_peaks, recompiles, summary = {}, {}, [], {}, [], {}
     log = open(args.log, "w") if args.log else None
     for line in proc.stdout:
         t = round(time.time() - t0, 2)
@@ -46,10 +50,22 @@ def main() -> None:
             rank_peaks[rank] = max(rank_peaks.get(rank, 0.0), float(m.group(1)))
         if m := STEP.search(line):
             steps[int(m.group(1))] = {"t": t, "tok_s": float(m.group(2)), "peak_gib": float(m.group(3))}
+        if RECOMPILE in line:
+            recompiles.append({"after_step": max(steps, default=0), "line": line.strip()[:300]})
+        if line.startswith("{") and '"clock_tokens_per_second"' in line:
+            summary = json.loads(line)
     rc = proc.wait()
     timed = [s["tok_s"] for k, s in sorted(steps.items()) if k > args.warmup]
+    median = statistics.median(timed) if timed else None
+    clock = {k: summary.get(k) for k in CLOCK_KEYS}
+    if median and clock.get("clock_tokens_per_second_after_first_step"):
+        clock["clock_after_first_step_over_median"] = round(clock["clock_tokens_per_second_after_first_step"] / median, 4)
     print(json.dumps({"rc": rc, "submit_to_first_step_s": steps[min(steps)]["t"] if steps else None, **marks,
-                      "steps": len(steps), "median_tok_s": statistics.median(timed) if timed else None,
+                      "steps": len(steps), "median_tok_s": median, **clock,
+                      # windows under 80% of the median (a 1-step window with log_every=1): where time went
+                      "slow_steps": {k: s["tok_s"] for k, s in sorted(steps.items())
+                                     if k > 1 and median and s["tok_s"] < 0.8 * median},
+                      "recompiles": recompiles,
                       "peak_gib": max((s["peak_gib"] for s in steps.values()), default=None),
                       "peak_gib_by_rank": dict(sorted(rank_peaks.items())),
                       "wall_s": round(time.time() - t0, 1), "tail": tail if rc else None}), flush=True)

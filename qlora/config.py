@@ -35,7 +35,11 @@ class ModelSection(Section):
     trust_remote_code: bool = Field(False, description="Run model code from the hub repo. Off unless set.")
     allow_pickle: bool = Field(False, description="Load pickle weights (*.bin / *.pt) from a local folder that has "
                                "no safetensors. Unpickling can run arbitrary code: off unless set; logged loudly.")
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    attn_implementation: Literal["sdpa", "eager", "flex_attention"] = Field(
+        "sdpa", description="Attention kernel. flex_attention (GPU only: torch has no CPU backward for it): "
+        "packed rows get a block mask that skips the attention between their examples, where sdpa computes "
+        "it under a dense mask (measured on an H200, 8B shape, packed alpaca rows, compiled layers: 13,049 vs "
+        "11,234 tokens/s, 26.5 vs 29.5 GiB; benchmarks/RESULTS.md).")
     task: Literal["causal_lm", "sequence_classification"] = Field(
         "causal_lm", description="causal_lm: learn to generate the answers; sequence_classification: a linear "
         "head on the last token predicts one of num_labels classes (data.format classification or pairwise).")
@@ -373,6 +377,9 @@ class JobConfig(Section):
         if self.train.kernels == "liger" and not self.scaling.use_gpu:
             raise ValueError("train.kernels=liger runs Triton GPU kernels and scaling.use_gpu is false: use "
                              "train.kernels=none on CPU, or set scaling.use_gpu=true")
+        if self.model.attn_implementation == "flex_attention" and not self.scaling.use_gpu:
+            raise ValueError("model.attn_implementation=flex_attention trains on GPUs only (torch has no CPU "
+                             "backward pass for FlexAttention): use sdpa on CPU, or set scaling.use_gpu=true")
         if self.quantization.bits != 16 and self.quantization.compute_dtype == "float16" and not self.scaling.use_gpu:
             raise ValueError("quantization.compute_dtype=float16 needs a GPU: use auto or float32 on CPU")
         self._check_strategy()

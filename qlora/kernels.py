@@ -93,6 +93,23 @@ def compile_layers(model, memory_budget: Optional[float] = None) -> int:
     return len(layers)
 
 
+@contextlib.contextmanager
+def for_evaluation(model, compiled: bool, attn_implementation: str = "sdpa"):
+    """Held-out evaluation and generation: compiled layers run as plain eager code, and flex attention is
+    swapped for sdpa. Their shapes and grad mode differ from the training step's, so each would compile
+    another graph (measured on an H200: four recompiles in the first evaluation, which also made the training
+    graph dynamic, so a later shape compiled again for 25 s); flex attention outside a compiled graph is
+    unfused (it would build every score), and would rebuild its block mask at every generated token."""
+    with contextlib.ExitStack() as stack:
+        if compiled:
+            stack.enter_context(torch.compiler.set_stance("force_eager"))
+        if attn_implementation == "flex_attention":
+            hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+            hf_model.set_attn_implementation("sdpa")
+            stack.callback(hf_model.set_attn_implementation, attn_implementation)
+        yield
+
+
 def set_activation_memory_budget(budget: float) -> None:
     """Let compiled graphs keep `budget` of the activation memory they would keep by default (1.0) for the
     backward pass and recompute the rest, choosing what to recompute by its FLOPs (AOTAutograd's knapsack).

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 from typing import Optional
 
+# Throughput by the wall clock (the worker's Clock), beside the per-window tokens_per_second: in the final
+# metrics, metrics.json and the train job's last JSON line.
+CLOCK_KEYS = ("clock_tokens_per_second", "clock_tokens_per_second_after_first_step", "first_step_seconds",
+              "eval_seconds", "report_seconds")
+
 # Dense bf16 tensor-core peak, TFLOP/s (vendor data sheets, SXM parts unless named).
 PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
                "A10": 125.0, "B200": 2250.0}

@@ -6,12 +6,14 @@ metric Ray Tune or MLflow sees is computed here in plain sight.
 """
 from __future__ import annotations
 
+import gc
 import math
 import random
 import resource
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -52,7 +54,11 @@ class BatchPlan:
     """Deterministic micro-batches: micro-batch k of the run is a pure function of k.
 
     Epoch e shuffles with seed + e (with train.group_by_length: then sorts runs of batches by length);
-    each rank takes its shard. Resuming at step s only needs s.
+    each rank takes its shard. Resuming at step s only needs s. Every micro-batch holds exactly
+    train.batch_size examples: the last one of an epoch is topped up from the start of that epoch's order
+    (accelerate's even_batches). A short last batch is another shape: compiled layers recompile for it
+    (measured on an H200: a 1-row batch at an epoch's end stalled the 8B step for 25 s) and Triton kernels
+    specialise again.
     """
 
     def __init__(self, n_examples: int, cfg: JobConfig, ctx: distributed.Context, lengths: list[int] | None = None):
@@ -75,7 +81,15 @@ class BatchPlan:
                 random.Random(self.cfg.train.seed + epoch).shuffle(order)
             self._epoch, self._order = epoch, distributed.shard(order, self.ctx)
         bs = self.cfg.train.batch_size
-        return epoch, self._order[b * bs:(b + 1) * bs]
+        return epoch, full_batch(self._order, b * bs, bs)
+
+
+def full_batch(order: list[int], start: int, size: int) -> list[int]:
+    """order[start:start + size], wrapping around to the start of `order` for what is missing."""
+    batch = order[start:start + size]
+    while len(batch) < size:
+        batch += order[:size - len(batch)]
+    return batch
 
 
 def train_batch(examples: list[dict], pad_id: int, packed: bool, packed_width: Optional[int] = None) -> dict:
@@ -167,8 +181,10 @@ def train_loop_per_worker(payload: dict) -> None:
             ray.train.report(saved["metrics"])
             return
     if before is None:
-        before = evaluation.evaluate(model, data.eval, tokenizer, cfg, ctx, mc_items)
+        with kernels.for_evaluation(model, cfg.train.compile, cfg.model.attn_implementation):
+            before = evaluation.evaluate(model, data.eval, tokenizer, cfg, ctx, mc_items)
         log(ctx, f"before training: {before}")
+    clock = Clock()
 
     def report(metrics: dict, save: bool, final: bool = False, predictions: list | None = None):
         if sink:
@@ -187,13 +203,16 @@ def train_loop_per_worker(payload: dict) -> None:
                     evaluation.write_results(folder, final_results(metrics, before, ctx.device), predictions or [])
                     checkpoint.write_manifest(folder)
                 ckpt = ray.train.Checkpoint.from_directory(str(folder))
+            started = time.perf_counter()
             ray.train.report(metrics, checkpoint=ckpt)
+            clock.report_seconds += time.perf_counter() - started
 
     attention_lengths = [speed.example_lengths(e) for e in data.train]  # attention is per example, packed or not
     tokens, slots, window_loss, window_steps, t0 = 0, 0, 0.0, 0, time.perf_counter()
-    train_start = time.perf_counter()
     accum = cfg.train.gradient_accumulation
-    packed_width = cfg.data.max_length if cfg.train.compile else None  # compiled: the same shape every step
+    # Packed rows are padded to max_length: one shape every step (a new shape recompiles compiled layers and
+    # specialises Triton kernels again; rows are nearly full, so it costs little).
+    packed_width = cfg.data.max_length
     while step < plan.total_steps:
         wrapped.train()
         step_loss = 0.0
@@ -213,7 +232,8 @@ def train_loop_per_worker(payload: dict) -> None:
                 loss_sum = loss = None  # drop the failed step's tensors before measuring
                 raise memory.OutOfMemory(memory.describe(model, cfg, ctx.device, step, batch["input_ids"].numel())) from None
             step_loss += loss.item() / accum
-            tokens += int(batch["token_mask"].sum())
+            real = int(batch["token_mask"].sum())
+            tokens, clock.tokens = tokens + real, clock.tokens + real
             slots += batch["token_mask"].numel()
             flops.add([n for i in idx for n in attention_lengths[i]])
         if not math.isfinite(step_loss):
@@ -222,6 +242,8 @@ def train_loop_per_worker(payload: dict) -> None:
         grad_norm = distributed.apply_update(wrapped, optimizer, cfg.train.max_grad_norm, ctx)
         scheduler.step()
         step += 1
+        if clock.first_step_end is None:
+            clock.first_step_done()
         window_loss, window_steps = window_loss + step_loss, window_steps + 1
         last = step == plan.total_steps
         do_eval = last or (cfg.train.eval_every and step % cfg.train.eval_every == 0)
@@ -241,12 +263,17 @@ def train_loop_per_worker(payload: dict) -> None:
         if mfu is not None:  # GPUs only: a CPU has no meaningful tensor-core peak
             metrics["mfu"] = mfu_all / ctx.world_size
         predictions = [] if last else None
+        if last:
+            metrics.update(clock.metrics(ctx))
         if do_eval:
-            metrics.update(evaluation.evaluate(model, data.eval, tokenizer, cfg, ctx, mc_items, predictions))
+            eval_start = time.perf_counter()
+            with kernels.for_evaluation(model, cfg.train.compile, cfg.model.attn_implementation):
+                metrics.update(evaluation.evaluate(model, data.eval, tokenizer, cfg, ctx, mc_items, predictions))
+            clock.eval_seconds += time.perf_counter() - eval_start
             if last:
                 predictions = distributed.gather_shards(predictions, ctx)
         if last:
-            metrics["train_seconds"] = time.perf_counter() - train_start
+            metrics["train_seconds"] = time.perf_counter() - clock.start
             metrics.update({f"before_{k}": v for k, v in before.items()})
         log(ctx, f"step {step}/{plan.total_steps} " + " ".join(
             f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
@@ -257,11 +284,43 @@ def train_loop_per_worker(payload: dict) -> None:
         sink.flush()
 
 
+@dataclass
+class Clock:
+    """Throughput by the wall clock, which is what a run costs: this rank's real tokens over the seconds of
+    the training loop, reporting and checkpointing included, held-out evaluation left out (counted apart);
+    also without the first step, which compiles under train.compile. The per-window tokens_per_second
+    leaves out the time between windows (reports, checkpoints, evaluation)."""
+    start: float = field(default_factory=time.perf_counter)
+    first_step_end: Optional[float] = None
+    tokens: int = 0
+    first_step_tokens: int = 0
+    eval_seconds: float = 0.0  # evaluation inside the loop (eval_every), all after the first step
+    report_seconds: float = 0.0  # inside ray.train.report (checkpoint uploads included)
+
+    def first_step_done(self) -> None:
+        self.first_step_end, self.first_step_tokens = time.perf_counter(), self.tokens
+        # Everything loaded and compiled so far lives to the end of the run: keep it out of the garbage
+        # collector's full passes, which otherwise walk all of it (0.3-0.5 s once the model is loaded,
+        # measured on CPU: a stall of that size at irregular steps).
+        gc.collect()
+        gc.freeze()
+
+    def metrics(self, ctx: distributed.Context) -> dict:
+        """Clock throughput over all ranks (a collective), measured now."""
+        now = time.perf_counter()
+        tokens, first = distributed.all_sum([self.tokens, self.first_step_tokens], ctx)
+        after_first = now - self.first_step_end - self.eval_seconds
+        return {"clock_tokens_per_second": tokens / max(now - self.start - self.eval_seconds, 1e-9),
+                "clock_tokens_per_second_after_first_step": (tokens - first) / after_first if after_first > 0 else 0.0,
+                "first_step_seconds": self.first_step_end - self.start, "eval_seconds": self.eval_seconds,
+                "report_seconds": self.report_seconds}
+
+
 def final_results(metrics: dict, before: dict, device: torch.device) -> dict:
     """metrics.json of a finished run: held-out metrics before and after, training numbers, memory."""
     after = {k: metrics[k] for k in before if k in metrics}
     return {"before": before, "after": after,
-            "train": {k: metrics.get(k) for k in ("step", "loss", "train_seconds", "tokens_per_second")},
+            "train": {k: metrics.get(k) for k in ("step", "loss", "train_seconds", "tokens_per_second", *speed.CLOCK_KEYS)},
             "memory": {"weights_gib": metrics["weights_memory_gib"], "peak_gib": metrics["peak_memory_gib"],
                        "weights_kind": "bytes of the frozen base's parameters and buffers this worker "
                                        "holds (its shard under scaling.strategy=fsdp)",

@@ -137,3 +137,56 @@ def test_deepspeed_engine_computes_under_the_steps_bf16_autocast(llama_dir, one_
             engine(input_ids=batches(1)[0])
     # Without the dtype passed on, the engine switched the step's autocast off: fp32 matmuls.
     assert seen == {None: torch.float32, torch.bfloat16: torch.bfloat16}
+
+
+def packed_losses(cfg: JobConfig, steps: int = 8) -> list[float]:
+    """The worker's step on one batch of packed rows (several examples per row, position_ids restarting,
+    padded to the row width), as the train job feeds packed data."""
+    from qlora.data import pack_examples
+    from qlora.evaluation import to_tensors
+    from qlora.worker import model_inputs, train_batch
+    g = torch.Generator().manual_seed(2)
+    examples = []
+    for n in torch.randint(8, 60, (12,), generator=g).tolist():
+        ids = torch.randint(0, VOCAB, (n,), generator=g).tolist()
+        examples.append({"input_ids": ids, "labels": [-100] * 4 + ids[4:]})
+    batch = to_tensors(train_batch(pack_examples(examples, 128)[:3], 0, True, 128), CUDA)
+    model = lora_model(cfg)
+    if cfg.train.compile:
+        kernels.compile_layers(model, cfg.train.compile_memory_budget)
+    optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    dtype = modeling.compute_dtype(cfg.quantization, CUDA)
+    ctx = distributed.Context(0, 1, CUDA)
+    from torch._dynamo.utils import counters
+    from qlora.evaluation import eval_loss
+    losses, graphs = [], None
+    for step in range(steps):
+        model.train()  # as the worker: evaluation leaves the model in eval mode
+        with kernels.autocast(CUDA, dtype):
+            loss_sum, n = kernels.forward_loss(model, model_inputs(batch), batch["labels"])
+        distributed.backward(model, loss_sum / n, 1, ctx)
+        distributed.apply_update(model, optimizer, 1.0, ctx)
+        losses.append((loss_sum / n).item())
+        if step == 2:  # held-out evaluation and generation between steps, as the worker runs them
+            graphs = counters["stats"]["unique_graphs"]
+            with kernels.for_evaluation(model, cfg.train.compile, cfg.model.attn_implementation):
+                eval_loss(model, examples[:4], 0, 2, ctx)
+                model.generate(input_ids=batch["input_ids"][:1, :20], max_new_tokens=4, do_sample=False)
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled again after the first steps
+    return losses
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_flex_attention_trains_packed_rows_as_sdpa_does(llama_dir, compiled):
+    """model.attn_implementation=flex_attention on packed rows: the block mask transformers builds from the
+    restarting positions keeps the examples apart as sdpa's dense mask does (and skips the masked blocks)."""
+    def run(attn):
+        cfg = config(llama_dir, compile=compiled)
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"attn_implementation": attn})})
+        try:
+            return packed_losses(cfg)
+        finally:
+            torch._dynamo.reset()
+    sdpa, flex = run("sdpa"), run("flex_attention")
+    assert flex[0] == pytest.approx(sdpa[0], rel=1e-2)
+    assert sdpa[-1] < 0.8 * sdpa[0] and flex == pytest.approx(sdpa, rel=2e-2)

@@ -211,3 +211,15 @@ def test_run_name_template_is_resolved_from_the_config_and_deterministic():
         load_config(None, ["data.path=x.jsonl", "tracking.run_name=r{lora.rank}"])
     with pytest.raises(ConfigError, match="unbalanced braces"):
         load_config(None, ["data.path=x.jsonl", "tracking.run_name=r{lora.r"])
+
+
+def test_every_micro_batch_is_full_the_last_of_an_epoch_topped_up_from_its_start():
+    plan = plan_for([10] * 10, False, batch_size=4)  # 10 examples: batches of 4, 4 and 2 + 2
+    assert plan.per_epoch == 3
+    for epoch in range(3):
+        batches = [plan.micro_batch(epoch * 3 + b)[1] for b in range(3)]
+        order = batches[0] + batches[1] + batches[2][:2]
+        assert sorted(order) == list(range(10))  # each example once, then the top-up
+        assert batches[2][2:] == order[:2]
+    two = [plan_for([10] * 3, False, world=2, rank=r, batch_size=4) for r in (0, 1)]  # fewer than a batch
+    assert all(len(p.micro_batch(k)[1]) == 4 for p in two for k in range(4))

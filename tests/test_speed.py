@@ -183,6 +183,7 @@ def test_compiled_layers_under_a_memory_budget_give_the_eager_loss_and_gradients
     ("train.checkpointed_fraction=0.5", "has no effect without train.gradient_checkpointing"),
     ("train.compile_memory_budget=0.2", "set train.compile=true, or remove compile_memory_budget"),
     ("train.compile_memory_budget=1.5", "train.compile_memory_budget: Input should be less than or equal to 1"),
+    ("model.attn_implementation=flex_attention", "flex_attention trains on GPUs only .* use sdpa on CPU"),
 ])
 def test_gpu_only_and_meaningless_speed_options_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -216,3 +217,55 @@ def test_fused_loss_on_a_softcapping_model_fails_before_ray(tmp_path, smollm_tok
                                           r"\(final_logit_softcapping\)") as e:
         prepare_job(cfg)
     assert "set train.fused_cross_entropy=false" in e.value.fix
+
+
+def test_compiled_layers_compile_once_across_epochs_and_held_out_evaluation():
+    """train.compile: after the first training step nothing compiles again, through an epoch boundary whose
+    last micro-batch is topped up to full size, packed rows of other fills, and held-out evaluation and
+    generation (run eagerly) between steps. On an H200 each of these had recompiled the decoder layer."""
+    from torch._dynamo.utils import counters
+
+    from qlora import evaluation
+    from qlora.data import pack_examples
+    from qlora.distributed import Context
+    from qlora.worker import BatchPlan, model_inputs, train_batch
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for n in torch.randint(6, 30, (34,), generator=g).tolist():
+        ids = torch.randint(0, 512, (n,), generator=g).tolist()
+        examples.append({"input_ids": ids, "labels": [IGNORE] * 3 + ids[3:]})
+    rows = pack_examples(examples, 64)
+    cfg = load_config(None, ["data.path=x.jsonl", "data.max_length=64", "data.packing=true", "train.batch_size=4",
+                             "train.epochs=2"])
+    plan = BatchPlan(len(rows), cfg, Context(0, 1, torch.device("cpu")), [len(r["input_ids"]) for r in rows])
+    assert len(rows) % 4 and plan.total_steps > plan.per_epoch  # a short last batch, and a second epoch
+    model = tiny_lora_model(layers=2)
+    kernels.compile_layers(model)
+    held_out = examples[:5]
+
+    def evaluate():
+        with kernels.for_evaluation(model, True):
+            evaluation.eval_loss(model, held_out, 0, 2, Context(0, 1, torch.device("cpu")))
+            model.generate(input_ids=torch.tensor([held_out[0]["input_ids"]]), max_new_tokens=3, do_sample=False)
+
+    try:
+        graphs = None
+        before = counters["stats"]["unique_graphs"]  # a process-wide count: earlier tests compiled too
+        evaluate()  # before training, as the worker does
+        assert counters["stats"]["unique_graphs"] == before
+        for k in range(plan.total_steps):
+            _, idx = plan.micro_batch(k)
+            assert len(idx) == 4
+            b = evaluation.to_tensors(train_batch([rows[i] for i in idx], 0, True, 64), torch.device("cpu"))
+            model.train()
+            loss_sum, n = kernels.forward_loss(model, model_inputs(b), b["labels"])
+            (loss_sum / n).backward()
+            model.zero_grad()
+            if k == 0:
+                graphs = counters["stats"]["unique_graphs"]
+                assert graphs > before  # the layers did compile
+            if k in (1, plan.per_epoch - 1):
+                evaluate()
+        assert counters["stats"]["unique_graphs"] == graphs
+    finally:
+        torch._dynamo.reset()
