@@ -69,10 +69,19 @@ def evaluate(ref: str, cfg: JobConfig, folder: Path, out: str | None) -> dict:
     job = driver.prepare_job(cfg)  # data and model checks before Ray
     uri = driver.tracking_target(cfg)
     started = time.time()
-    if cfg.scaling.num_workers > 1:  # the held-out set split over Ray Train workers, as training evaluates
-        result = _evaluate_on_workers(cfg, adapters.pack(folder))
-    else:
-        result = on_worker(cfg, _evaluate_task, adapters.pack(folder))
+    if not job.data_plan.needs_ray:  # cached, or small enough for this process: bad records fail before Ray
+        driver.ensure_data(job)
+    local = job.data is None and driver.connect_ray(cfg.scaling.ray_address)  # a Ray Data preparation first
+    try:
+        cache = driver.ensure_data(job).data.cache
+        if cfg.scaling.num_workers > 1:  # the held-out set split over Ray Train workers, as training evaluates
+            result = _evaluate_on_workers(cfg, adapters.pack(folder), cache)
+        else:
+            result = on_worker(cfg, _evaluate_task, adapters.pack(folder), cache)
+    finally:
+        if local:
+            import ray
+            ray.shutdown()
     metrics, predictions = result["metrics"], result["predictions"]
     print("held-out metrics: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
     for p in predictions[:3]:
@@ -98,27 +107,27 @@ def evaluate(ref: str, cfg: JobConfig, folder: Path, out: str | None) -> dict:
             "out": str(Path(out).resolve()) if out else None, "seconds": round(time.time() - started, 1)}
 
 
-def _evaluate_task(cfg_json: str, files: dict) -> dict:
+def _evaluate_task(cfg_json: str, files: dict, data_cache: str) -> dict:
     from qlora import distributed
     cfg = JobConfig.from_json(cfg_json)
-    return _evaluate(cfg, files, distributed.context(cfg.scaling.use_gpu))
+    return _evaluate(cfg, files, distributed.context(cfg.scaling.use_gpu), data_cache)
 
 
-def _evaluate(cfg: JobConfig, files: dict, ctx) -> dict:
+def _evaluate(cfg: JobConfig, files: dict, ctx, data_cache: str) -> dict:
     """Metrics over every rank, and all predictions in record order (on each rank); one process or a
     Ray Train worker group alike: each rank takes its share of the held-out records."""
     from qlora import distributed, multiple_choice
-    from qlora.data import prepare
+    from qlora.data.pipeline import open_prepared
     with tempfile.TemporaryDirectory() as tmp:
         model, tokenizer = adapters.load_for_inference(cfg, adapters.unpack(files, Path(tmp)), ctx.device)
-    data = prepare(cfg.data, tokenizer)
+    data = open_prepared(data_cache)
     predictions: list[dict] = []
     metrics = evaluation.evaluate(model, data.eval, tokenizer, cfg, ctx, multiple_choice.prepare(cfg, tokenizer),
                                   predictions)
     return {"metrics": metrics, "predictions": distributed.gather_shards(predictions, ctx)}
 
 
-def _evaluate_on_workers(cfg: JobConfig, files: dict) -> dict:
+def _evaluate_on_workers(cfg: JobConfig, files: dict, data_cache: str) -> dict:
     """_evaluate_task on `scaling.num_workers` Ray Train workers (the training job's resources)."""
     import ray
     from ray.train import RunConfig, ScalingConfig
@@ -129,7 +138,7 @@ def _evaluate_on_workers(cfg: JobConfig, files: dict) -> dict:
     def loop(config: dict) -> None:
         job_cfg = JobConfig.from_json(config["cfg"])
         ctx = distributed.context(job_cfg.scaling.use_gpu)
-        result = _evaluate(job_cfg, config["files"], ctx)
+        result = _evaluate(job_cfg, config["files"], ctx, config["data_cache"])
         with tempfile.TemporaryDirectory() as tmp:  # Ray Train v2 keeps only what comes with a checkpoint
             checkpoint = None
             if ctx.is_writer:  # every rank has the gathered result; one writes it
@@ -140,7 +149,8 @@ def _evaluate_on_workers(cfg: JobConfig, files: dict) -> dict:
     preflight.check_compute(cfg)
     preflight.check_ray_address(cfg.scaling.ray_address)
     local = driver.connect_ray(cfg.scaling.ray_address)
-    trainer = TorchTrainer(loop, train_loop_config={"cfg": driver.worker_config(cfg).to_json(), "files": files},
+    trainer = TorchTrainer(loop, train_loop_config={"cfg": driver.worker_config(cfg).to_json(), "files": files,
+                                                    "data_cache": data_cache},
                            scaling_config=ScalingConfig(**plan.scaling_kwargs(cfg.scaling)),
                            run_config=RunConfig(name=f"eval-{time.strftime('%Y%m%d-%H%M%S')}",
                                                 storage_path=driver.storage_root(cfg)))

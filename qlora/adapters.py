@@ -112,13 +112,14 @@ def classify(model, tokenizer, cfg: JobConfig, records: list) -> list[dict]:
     """Predicted class and class probabilities of a classification adapter. A record is a dict with the
     training data's input columns (data.text_column, or prompt/response_a/response_b), or a plain text."""
     from qlora import classification
+    from qlora.data import classification as formats
     records = [r if isinstance(r, dict) else {cfg.data.text_column: r} for r in records]
     for i, r in enumerate(records):
-        problem = classification.record_problem({**r, cfg.data.label_column: 0, "winner_model_a": 1,
+        problem = formats.record_problem({**r, cfg.data.label_column: 0, "winner_model_a": 1,
                                                  "winner_model_b": 0, "winner_tie": 0}, cfg.data.format, cfg.data)
         if problem:
             raise ConfigError(f"input {i + 1}: {problem}", "pass the columns the adapter was trained on")
-    examples = [classification.encode_input(r, cfg.data.format, cfg.data, tokenizer) for r in records]
+    examples = [formats.encode_input(r, cfg.data.format, cfg.data, tokenizer) for r in records]
     probs = classification.probabilities(model, examples, tokenizer.pad_token_id, cfg.evaluation.batch_size,
                                          next(model.parameters()).device)
     return [{"predicted": max(range(len(p)), key=p.__getitem__), "probabilities": p} for p in probs]

@@ -105,7 +105,19 @@ CLASSIFICATION_FORMATS = ("classification", "pairwise")
 
 
 class DataSection(Section):
-    path: str = Field(..., description="Training data: a local .json/.jsonl/.csv/.parquet file.")
+    path: str = Field(..., description="Training data: a local .json/.jsonl/.csv/.tsv/.parquet file, a folder of such "
+                      "shards, a datasets save_to_disk folder, a cloud URI (s3://, gs://, abfs://, file://: a file or a "
+                      "prefix of shards), or a hub dataset id (org/name, with split / subset / revision).")
+    split: str = Field("train", min_length=1, description="The split of a hub dataset or save_to_disk folder that "
+                       "data.path names (datasets' split syntax, e.g. train or train[:10%]).")
+    subset: Optional[str] = Field(None, description="The hub dataset's configuration (load_dataset's name).")
+    revision: Optional[str] = Field(None, description="Hub dataset revision (branch, tag or commit).")
+    eval_split: Optional[str] = Field(None, description="The split of data.eval_path when it is a hub dataset or "
+                                      "save_to_disk folder; unset: data.split.")
+    pipeline: Literal["auto", "ray_data", "in_process"] = Field(
+        "auto", description="Where the data is prepared (read, checked, rendered, tokenized, packed) before "
+        "training, once per cache key: ray_data, a Ray Data pipeline on the cluster's CPUs; in_process, in the "
+        "job's driver; auto, ray_data for sources over 16 MiB. The result is the same either way.")
     format: Literal["auto", "alpaca", "messages", "sharegpt", "text", "qa", "multiple_choice", "classification",
                     "pairwise"] = Field(
         "auto", description="alpaca: instruction/input/output; messages: [{role, content}]; sharegpt: "
@@ -120,7 +132,8 @@ class DataSection(Section):
                               "integer class (0 to num_labels-1).")
     kfold: Optional[KFoldSection] = Field(None, description="Hold out fold `fold` of a seeded K-fold split of `path` "
                                           "(stratified by label for classification) instead of eval_fraction.")
-    eval_path: Optional[str] = Field(None, description="Held-out file; if unset, eval_fraction of `path` is held out.")
+    eval_path: Optional[str] = Field(None, description="Held-out data, any source data.path takes; if unset, "
+                                     "eval_fraction of `path` is held out.")
     eval_fraction: float = Field(0.1, gt=0, lt=1)
     eval_max_samples: Optional[int] = Field(None, gt=0, description="Cap the held-out set (speed).")
     max_samples: Optional[int] = Field(None, gt=0, description="Use at most this many training records.")

@@ -15,7 +15,7 @@ from pathlib import Path
 from qlora import (adapters, classification, distributed, kernels, memory, memory_estimate, modeling,
                    multiple_choice, plan, preflight, speed, tracking)
 from qlora.config import JobConfig, flatten, redact_uri
-from qlora.data import IGNORE, PreparedData, prepare
+from qlora.data import IGNORE, PreparedData, padding_efficiency, pipeline, sample_segments
 from qlora.errors import ConfigError, EnvironmentProblem, TrainingFailure, UserError
 from qlora.files import output_home, ray_submission_id
 from qlora.model_source import ModelSource, resolve
@@ -34,14 +34,18 @@ class Prepared:
     cfg: JobConfig
     source: ModelSource
     tokenizer: object
-    data: PreparedData
+    data_plan: pipeline.DataPlan
+    data: PreparedData | None  # None until prepared: a Ray Data preparation waits for the cluster (ensure_data)
     lora_params: int
     shape: memory_estimate.ModelShape  # parameter counts and sizes of the model, for the memory estimate
     mc_records: int = 0
 
 
-def prepare_job(cfg: JobConfig) -> Prepared:
-    """All checks that need no cluster: model source, tokenizer, data, LoRA targets (on the meta device)."""
+def prepare_job(cfg: JobConfig, storage: str | None = None) -> Prepared:
+    """All checks that need no cluster: model source, tokenizer, data sources and the data cache's key, LoRA
+    targets (on the meta device). The data itself is prepared by ensure_data, after the environment checks.
+    `storage`: the storage root the data cache lives under, when a caller has resolved it (sweep trials, whose
+    current folder moves)."""
     if cfg.scaling.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise EnvironmentProblem("scaling.strategy=deepspeed but the deepspeed package is not installed here",
                                  "pip install 'qlora-ray[deepspeed]' on the driver and every worker node, or set "
@@ -53,28 +57,66 @@ def prepare_job(cfg: JobConfig) -> Prepared:
               f"train.cpu_optimizer_fallback={cfg.train.cpu_optimizer_fallback}", flush=True)
     source = resolve(cfg.model.name, cfg.model.gguf_file, cfg.model.revision)
     tokenizer = modeling.load_tokenizer(source, cfg)
-    data = prepare(cfg.data, tokenizer)
-    if data.fmt == "text" and cfg.evaluation.generate:
-        raise ConfigError(f"data.format is text{' (detected from the columns)' if cfg.data.format == 'auto' else ''}: "
-                          "a text record has no prompt/answer split, so evaluation.generate has nothing to score",
-                          "set evaluation.generate=false (the held-out loss and perplexity are the metrics)")
-    cfg = classification.with_num_labels(cfg, data)  # labels checked against model.num_labels before Ray
+    data_plan = pipeline.plan(cfg.data, tokenizer, storage or storage_location(cfg))
     mc_items = multiple_choice.prepare(cfg, tokenizer)  # checked here so a bad file fails before Ray
     lora_model = modeling.meta_lora_model(cfg, source)
     if cfg.train.fused_cross_entropy:  # before Ray, not on the worker
         kernels.check_fused_loss(lora_model.config)
     if cfg.scaling.strategy == "fsdp":  # the layers FSDP will shard exist
         distributed.fsdp_layers(lora_model)
-    return Prepared(cfg, source, tokenizer, data, modeling.lora_param_count(lora_model),
+    return Prepared(cfg, source, tokenizer, data_plan, None, modeling.lora_param_count(lora_model),
                     memory_estimate.shape_of(lora_model), len(mc_items))
+
+
+def ensure_data(job: Prepared) -> Prepared:
+    """The job's data prepared (or opened from the cache): in this process, or by Ray Data (Ray connected)."""
+    if job.data is None:
+        cfg = job.cfg
+        job.data = pipeline.prepare(job.data_plan, check=lambda fmt, meta, where: check_data(cfg, fmt, meta, where))
+        job.cfg = classification.with_num_labels(cfg, job.data)  # model.num_labels inferred from the labels
+        print(f"[qlora] data: {describe_preparation(job.data)}", flush=True)
+    return job
+
+
+def describe_preparation(data: PreparedData) -> str:
+    w = data.work
+    how = f"{w.get('executor')}, {w.get('nodes', 1)} node(s), {w.get('seconds')} s"
+    return f"{'reused the cache' if data.reused else 'prepared'} {data.cache} ({'prepared by ' if data.reused else ''}{how})"
+
+
+def check_data(cfg: JobConfig, fmt: str, meta: dict, where: dict) -> None:
+    """What the config asks of the data, checked before the prepared data is written to the cache."""
+    if fmt == "text" and cfg.evaluation.generate:
+        raise ConfigError(f"data.format is text{' (detected from the columns)' if cfg.data.format == 'auto' else ''}: "
+                          "a text record has no prompt/answer split, so evaluation.generate has nothing to score",
+                          "set evaluation.generate=false (the held-out loss and perplexity are the metrics)")
+    classification.num_labels(cfg, meta, where)  # every label fits model.num_labels
+
+
+def storage_location(cfg: JobConfig) -> str:
+    """scaling.storage_path as the driver will use it (a cloud URI, or a local folder), creating nothing."""
+    storage = cfg.scaling.storage_path
+    return storage if "://" in storage else str(preflight.storage_folder(storage))
 
 
 def dry_run(cfg: JobConfig) -> dict:
     import yaml
     job = prepare_job(cfg)
     preflight.check(cfg, network=False)
+    if not job.data_plan.needs_ray:  # cached, or small enough for this process: bad records fail before Ray
+        ensure_data(job)
+    else:  # a Ray Data preparation: on the configured cluster, or a local one started here
+        local = connect_ray(cfg.scaling.ray_address)
+        try:
+            ensure_data(job)
+        finally:
+            if local:
+                import ray
+                ray.shutdown()
+    cfg = job.cfg
     print("# resolved config\n" + yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     print(f"model: {job.source.description} -> {job.source.path}")
+    print(f"data cache: {describe_preparation(job.data)}")
     s = job.data.stats
     print(f"data: format={job.data.fmt} train={s['records']} eval={len(job.data.eval)} "
           f"tokens p50={s['token_length_p50']} p95={s['token_length_p95']} max={s['token_length_max']} "
@@ -83,7 +125,7 @@ def dry_run(cfg: JobConfig) -> dict:
           f"examples cut ({s['truncated_fraction']:.1%}); {s['trained_tokens_cut']:,} of "
           f"{s['trained_tokens'] + s['trained_tokens_cut']:,} trained tokens lost ({s['trained_tokens_cut_fraction']:.1%})"
           + (f"; {s['dropped_no_labels']} examples dropped (no trained token left)" if s["dropped_no_labels"] else ""))
-    fill = batch_fill(cfg, job.data.train)
+    fill = batch_fill(cfg, job.data.lengths)
     if cfg.data.packing:
         print(f"packing: {s['records'] - s['dropped_no_labels']} examples in {s['packed_rows']} rows of <= "
               f"{cfg.data.max_length} tokens (rows {s['packed_row_fill']:.1%} full)")
@@ -96,19 +138,21 @@ def dry_run(cfg: JobConfig) -> dict:
     print(estimate.describe(setup, on_gpu=cfg.scaling.use_gpu))
     gib = {"gpu_memory_estimate_gib": round(estimate.total / memory_estimate.GIB, 2),
            "gpu_memory_evaluation_gib": round(estimate.evaluation / memory_estimate.GIB, 2)}
+    sample = sample_segments(job.data.examples[0], job.tokenizer)
+    cache = {"data_cache": job.data.cache, "data_cache_reused": job.data.reused, "data_preparation": job.data.work}
     if cfg.model.task == "sequence_classification":
         first = job.data.train[0]
         print(f"classes: {job.cfg.model.num_labels}; training labels: {s['label_counts']}")
         print(f"one training example (label {first['label']}, {len(first['input_ids'])} tokens; the head reads "
-              f"the last one):\n{job.data.sample_segments[0][0]}")
-        return {"trainable_params": job.lora_params, "records": s["records"], "eval_records": len(job.data.eval),
+              f"the last one):\n{sample[0][0]}")
+        return {"trainable_params": job.lora_params, "records": s["records"], "eval_records": len(job.data.eval), **cache,
                 "num_labels": job.cfg.model.num_labels, "label_counts": s["label_counts"],
                 "token_length_p50": s["token_length_p50"], "token_length_p95": s["token_length_p95"],
                 "truncated_fraction": s["truncated_fraction"], **gib}
     if job.mc_records:
         print(f"multiple-choice eval: {job.mc_records} records from {cfg.evaluation.multiple_choice_path}")
     print("one training example ([[...]] is trained on, the rest is masked out of the loss):")
-    print("".join(f"[[{t}]]" if trained and not cfg.data.train_on_prompt else t for t, trained in job.data.sample_segments))
+    print("".join(f"[[{t}]]" if trained and not cfg.data.train_on_prompt else t for t, trained in sample))
     first = job.data.train[0]
     print(f"  {'first packed row: ' if cfg.data.packing else ''}tokens={len(first['input_ids'])} "
           f"trained={sum(t != IGNORE for t in first['labels'])}")
@@ -117,20 +161,21 @@ def dry_run(cfg: JobConfig) -> dict:
             "truncated_fraction": s["truncated_fraction"], "masked_label_fraction": s["masked_label_fraction"],
             "truncated_examples": s["truncated_examples"], "trained_tokens": s["trained_tokens"],
             "trained_tokens_cut": s["trained_tokens_cut"], "trained_tokens_cut_fraction": s["trained_tokens_cut_fraction"],
-            "packed_rows": s.get("packed_rows"), "packing_efficiency": fill, "run_name": run_name(cfg), **gib}
+            "packed_rows": s.get("packed_rows"), "packing_efficiency": fill, "run_name": run_name(cfg), **cache, **gib}
 
 
-def batch_fill(cfg: JobConfig, train: list[dict]) -> float:
+def batch_fill(cfg: JobConfig, lengths: list[int]) -> float:
     """Real tokens / batch slots over the first epoch's micro-batches of one worker (what the worker's
-    packing_efficiency metric will show)."""
+    packing_efficiency metric will show: packed rows are padded to data.max_length)."""
     import torch
 
-    from qlora.data import padding_efficiency
     from qlora.distributed import Context
     from qlora.worker import BatchPlan
-    lengths = [len(e["input_ids"]) for e in train]
-    plan = BatchPlan(len(train), cfg, Context(0, 1, torch.device("cpu")), lengths)
-    return padding_efficiency([[lengths[i] for i in plan.micro_batch(k)[1]] for k in range(plan.per_epoch)])
+    plan = BatchPlan(len(lengths), cfg, Context(0, 1, torch.device("cpu")), lengths)
+    batches = [[lengths[i] for i in plan.micro_batch(k)[1]] for k in range(plan.per_epoch)]
+    if cfg.data.packing:
+        return sum(map(sum, batches)) / (sum(map(len, batches)) * cfg.data.max_length)
+    return padding_efficiency(batches)
 
 
 def run_name(cfg: JobConfig) -> str:
@@ -146,7 +191,7 @@ def worker_config(cfg: JobConfig) -> JobConfig:
     run folder, so a relative data path would miss; under `ray job submit` the absolute path is inside
     the uploaded working dir, which Ray unpacks at that same path on every node the job uses."""
     data = cfg.data.model_copy(update={k: str(Path(v).resolve()) for k in ("path", "eval_path")
-                                       if (v := getattr(cfg.data, k))})
+                                       if (v := getattr(cfg.data, k)) and Path(v).exists()})
     model = cfg.model
     if Path(model.name).expanduser().exists():
         model = model.model_copy(update={"name": str(Path(model.name).expanduser().resolve())})
@@ -229,12 +274,14 @@ def fit(cfg: JobConfig, payload: dict, name: str, storage: str, callbacks=()):
         raise worker_error(e, "training") from None
 
 
-def fit_with_memory_retries(cfg: JobConfig, name: str, storage: str, uri: str | None, run_id: str | None):
+def fit_with_memory_retries(cfg: JobConfig, name: str, storage: str, uri: str | None, run_id: str | None,
+                            data_cache: str):
     """fit(); with train.auto_batch_size, a GPU out-of-memory retries with half the micro-batch and twice
     the accumulation (same global batch) as a fresh run, until it fits or the micro-batch is 1."""
     base_name = name
     while True:
-        payload = {"config": worker_config(cfg).to_json(), "tracking_uri": uri, "mlflow_run_id": run_id}
+        payload = {"config": worker_config(cfg).to_json(), "tracking_uri": uri, "mlflow_run_id": run_id,
+                   "data_cache": data_cache}
         try:
             return fit(cfg, payload, name, storage)
         except memory.OutOfMemory as e:
@@ -291,13 +338,15 @@ def train(cfg: JobConfig) -> dict:
     import ray
 
     job = prepare_job(cfg)
-    cfg = job.cfg  # as resolved from the data (model.num_labels of a classifier)
     preflight.check(cfg)  # compute, Ray address, storage, MLflow: seconds, and nothing is created
+    if not job.data_plan.needs_ray:  # cached, or small enough for this process: bad records fail before Ray
+        cfg = ensure_data(job).cfg
     name = run_name(cfg)
     storage = storage_root(cfg)
     uri = tracking_target(cfg)
     local = connect_ray(cfg.scaling.ray_address)
     try:
+        cfg = ensure_data(job).cfg  # a Ray Data preparation runs here, on the cluster, before any GPU is asked for
         run_id, log_result = None, True
         if has_checkpoints(storage, name):  # Ray Train restores the run's checkpoint state by itself
             print(f"[qlora] run {name} has checkpoints in {storage}; resuming from the latest", flush=True)
@@ -308,7 +357,7 @@ def train(cfg: JobConfig) -> dict:
         if uri and run_id is None:
             run_id = start_mlflow_run(job, uri, name)
         started = time.time()
-        result = fit_with_memory_retries(cfg, name, storage, uri, run_id)
+        result = fit_with_memory_retries(cfg, name, storage, uri, run_id, job.data.cache)
         # A run that had finished re-reports its result; its adapter is logged (and registered) once only.
         summary = finish(result, job, uri if log_result else None, run_id)
         print(f"\nadapter: {summary['adapter']}\nMLflow run: {run_id} ({redact_uri(uri) if uri else None})\n"

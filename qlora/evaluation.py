@@ -141,7 +141,7 @@ def evaluate(model, examples: list[dict], tokenizer, cfg, ctx, mc_items: list | 
     if cfg.model.task == "sequence_classification":  # accuracy and log loss; nothing to generate
         from qlora import classification
         return classification.evaluate(model, examples, tokenizer.pad_token_id, cfg.evaluation.batch_size, ctx,
-                                       predictions)
+                                       predictions, cfg.data.eval_path or cfg.data.path)
     metrics = eval_loss(model, examples, tokenizer.pad_token_id, cfg.evaluation.batch_size, ctx)
     if cfg.evaluation.generate:
         metrics.update(exact_match(model, examples, tokenizer, cfg.evaluation, ctx, predictions))

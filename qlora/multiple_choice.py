@@ -13,7 +13,7 @@ import torch
 
 from qlora import distributed
 from qlora.config import JobConfig
-from qlora.data import Encoder, as_alpaca, check_columns, check_records, collate, read_records
+from qlora.data import Encoder, as_alpaca, collate, records, sources
 from qlora.errors import DataError
 
 FORMAT = "multiple_choice"
@@ -40,9 +40,9 @@ def prepare(cfg: JobConfig, tokenizer) -> list[dict]:
     path = cfg.evaluation.multiple_choice_path
     if not path:
         return []
-    records = read_records(path, KEY)
-    check_columns(records, FORMAT, path)
-    check_records(records, FORMAT, path)
+    # A hub dataset is read from its test split (MMLU's), or data.eval_split.
+    rows = sources.read_records(sources.resolve(path, KEY, cfg.data.eval_split or "test"))
+    records.check_records(rows, FORMAT, cfg.data, path)
     enc = Encoder(tokenizer, FORMAT, cfg.data)
 
     def answer_ids(record: dict) -> Callable[[str], list[int]]:
@@ -52,7 +52,7 @@ def prepare(cfg: JobConfig, tokenizer) -> list[dict]:
         return ids
 
     items = []
-    for record in records:
+    for record in rows:
         letters = [chr(ord("A") + i) for i in range(len(record["choices"]))]
         items.append({"prompt_ids": enc.encode(record)["prompt_ids"],
                       "letter_ids": letter_token_ids(answer_ids(record), letters),

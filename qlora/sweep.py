@@ -38,14 +38,25 @@ def run_trial(config: dict, base_json: str, space_json: str, uri, parent_run_id,
     cfg = trial_config(JobConfig.from_json(base_json), config["params"], space)
     trial_id = tune.get_context().get_trial_id()
     name = f"{sweep_name}-trial-{trial_id}"
-    job = driver.prepare_job(cfg)
+    job = driver.ensure_data(driver.prepare_job(cfg, storage))  # the sweep driver prepared it: a cache hit
     run_id = None
     if uri:
         existing = _child_runs(uri, cfg.tracking.experiment, parent_run_id, trial_id)
         run_id = existing[0].info.run_id if existing else driver.start_mlflow_run(
             job, uri, name, {"mlflow.parentRunId": parent_run_id, "trial_id": trial_id})
-    payload = {"config": cfg.to_json(), "tracking_uri": uri, "mlflow_run_id": run_id}
+    payload = {"config": cfg.to_json(), "tracking_uri": uri, "mlflow_run_id": run_id, "data_cache": job.data.cache}
     driver.finish(driver.fit(cfg, payload, name, storage, callbacks=[TuneReportCallback()]), job, uri, run_id)
+
+
+def prepare_data(cfg: JobConfig, space: SearchSpace, storage: str) -> None:
+    """Prepare, before any trial starts, the data of every value the space gives data.* keys (choice and grid
+    values: trials then open the cache); sampled continuous data values are prepared by their trial."""
+    data_params = {k: d for k, d in space.params.items() if k.startswith("data.") and d.kind in ("choice", "grid")}
+    variants = [{}]
+    for key, dist in data_params.items():
+        variants = [{**v, key: value} for v in variants for value in dist.args]
+    for values in variants:
+        driver.ensure_data(driver.prepare_job(apply_params(cfg, values, {}), storage))
 
 
 def _child_runs(uri: str, experiment: str, parent: str, trial_id: str | None = None):
@@ -65,8 +76,10 @@ def sweep(cfg: JobConfig, space: SearchSpace, name: str, resume: bool = False) -
     from ray import tune
 
     space.check_against(cfg)
-    driver.prepare_job(cfg)  # model, data and LoRA checks before the cluster is touched
+    base = driver.prepare_job(cfg)  # model, data sources and LoRA checks before the cluster is touched
     preflight.check(cfg)
+    if not base.data_plan.needs_ray:  # small data: bad records fail before Ray
+        driver.ensure_data(base)
     storage = driver.storage_root(cfg)
     uri = driver.tracking_target(cfg)
     sweep_dir = Path(storage) / name
@@ -79,6 +92,7 @@ def sweep(cfg: JobConfig, space: SearchSpace, name: str, resume: bool = False) -
                           "pass --resume to continue it, or set tracking.run_name to start a new one")
     local = driver.connect_ray(cfg.scaling.ray_address)
     try:
+        prepare_data(cfg, space, storage)
         if resume:
             parent = json.loads(state_path.read_text())["mlflow_parent_run_id"]
         else:

@@ -21,7 +21,8 @@ import torch
 
 from qlora import checkpoint, classification, distributed, evaluation, kernels, memory, modeling, multiple_choice, speed
 from qlora.config import JobConfig
-from qlora.data import collate, collate_packed, length_grouped_order, prepare
+from qlora.data import collate, collate_packed, length_grouped_order
+from qlora.data.pipeline import open_prepared
 from qlora.errors import TrainingFailure
 from qlora.model_source import resolve
 from qlora.tracking import MetricsSink
@@ -139,7 +140,7 @@ def train_loop_per_worker(payload: dict) -> None:
     torch.manual_seed(cfg.train.seed)
     source = resolve(cfg.model.name, cfg.model.gguf_file, cfg.model.revision)
     tokenizer = modeling.load_tokenizer(source, cfg)
-    data = prepare(cfg.data, tokenizer)
+    data = open_prepared(payload["data_cache"])  # the driver's prepared data, memory-mapped
     cfg = classification.with_num_labels(cfg, data)  # saved with checkpoints, so the adapter knows its classes
     # A classifier's new head is initialised randomly inside from_pretrained: same seed, same head on every rank.
     torch.manual_seed(cfg.train.seed)
@@ -167,7 +168,7 @@ def train_loop_per_worker(payload: dict) -> None:
     wrapped = distributed.with_deepspeed(wrapped, optimizer, ctx, cfg.scaling.zero_stage, cfg.train.batch_size,
                                          cfg.train.gradient_accumulation, cfg.train.max_grad_norm,
                                          kernels.autocast_dtype(ctx.device, dtype))
-    plan = BatchPlan(len(data.train), cfg, ctx, [len(e["input_ids"]) for e in data.train])
+    plan = BatchPlan(len(data.train), cfg, ctx, data.lengths)
     scheduler = make_scheduler(cfg, optimizer, plan.total_steps)
     batch_losses = classification.losses if cfg.model.task == "sequence_classification" else evaluation.token_losses
     sink = MetricsSink(payload.get("tracking_uri"), payload.get("mlflow_run_id")) if ctx.is_writer else None
@@ -207,7 +208,6 @@ def train_loop_per_worker(payload: dict) -> None:
             ray.train.report(metrics, checkpoint=ckpt)
             clock.report_seconds += time.perf_counter() - started
 
-    attention_lengths = [speed.example_lengths(e) for e in data.train]  # attention is per example, packed or not
     tokens, slots, window_loss, window_steps, t0 = 0, 0, 0.0, 0, time.perf_counter()
     accum = cfg.train.gradient_accumulation
     # Packed rows are padded to max_length: one shape every step (a new shape recompiles compiled layers and
@@ -218,8 +218,9 @@ def train_loop_per_worker(payload: dict) -> None:
         step_loss = 0.0
         for micro in range(accum):
             epoch, idx = plan.micro_batch(step * accum + micro)
-            batch = evaluation.to_tensors(train_batch([data.train[i] for i in idx], tokenizer.pad_token_id,
-                                                      cfg.data.packing, packed_width), ctx.device)
+            items = [data.train[i] for i in idx]
+            batch = evaluation.to_tensors(train_batch(items, tokenizer.pad_token_id, cfg.data.packing, packed_width),
+                                          ctx.device)
             sync = micro == accum - 1
             try:
                 with distributed.gradient_sync(wrapped, ctx, sync):
@@ -235,7 +236,7 @@ def train_loop_per_worker(payload: dict) -> None:
             real = int(batch["token_mask"].sum())
             tokens, clock.tokens = tokens + real, clock.tokens + real
             slots += batch["token_mask"].numel()
-            flops.add([n for i in idx for n in attention_lengths[i]])
+            flops.add([n for e in items for n in speed.example_lengths(e)])  # attention is per example
         if not math.isfinite(step_loss):
             raise TrainingFailure(f"loss became {step_loss} at step {step + 1}; the last good checkpoint is kept "
                                   "(lower train.learning_rate or train.max_grad_norm)")

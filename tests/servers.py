@@ -96,3 +96,34 @@ def _wait_http(url: str, timeout: float) -> None:
             if time.time() > deadline:
                 raise TimeoutError(f"{url} did not answer within {timeout} s ({e})") from None
             time.sleep(1)
+
+
+@dataclass
+class S3Server:
+    """moto's S3-compatible server (a real HTTP server on loopback, not an in-process mock)."""
+    endpoint: str
+    proc: subprocess.Popen
+
+    def env(self, key: str = "testing", secret: str = "testing") -> dict:
+        """What a user sets for an S3-compatible store (pyarrow, boto3 and Ray Data read these)."""
+        return {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "AWS_ENDPOINT_URL": self.endpoint,
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def client(self):
+        import boto3
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing",
+                            aws_secret_access_key="testing", region_name="us-east-1")
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(timeout=30)
+
+
+def start_s3_server(folder: Path) -> S3Server:
+    port = free_port()
+    folder.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], env=server_env(),
+                            stdout=open(folder / "moto.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    server = S3Server(f"http://127.0.0.1:{port}", proc)
+    _wait_http(server.endpoint, 60)
+    return server

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from qlora.config import DataSection
-from qlora.data import IGNORE, Encoder, pack_examples, prepare
+from qlora.data import IGNORE, Encoder, pack_examples, prepare_in_memory
 from qlora.errors import DataError
 
 from conftest import ROOT, SHARED
@@ -76,17 +76,17 @@ def test_packing_keeps_chat_masks(qwen2):
 
 def test_tool_calling_sharegpt_is_refused_with_the_fix(tmp_path, qwen2):
     with pytest.raises(DataError, match=r"conversations\[3\].from is 'function_call': tool-calling data") as e:
-        prepare(DataSection(path=str(SHARED / "llamafactory_demo" / "glaive_toolcall_en_demo.json"),
+        prepare_in_memory(DataSection(path=str(SHARED / "llamafactory_demo" / "glaive_toolcall_en_demo.json"),
                             format="sharegpt"), qwen2)
     assert "and 152 more records" in str(e.value) and "keep only records whose turns are human/gpt/system" in str(e.value)
     f = tmp_path / "odd.jsonl"
     f.write_text(json.dumps({"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]}) + "\n")
     with pytest.raises(DataError, match="conversations\\[1\\].from is 'bot', not one of human/user/gpt/assistant/system"):
-        prepare(DataSection(path=str(f), format="sharegpt"), qwen2)
+        prepare_in_memory(DataSection(path=str(f), format="sharegpt"), qwen2)
 
 
 @pytest.mark.parametrize("name, fmt", [("sharegpt_zh_demo.jsonl", "sharegpt"), ("chat_messages_demo.jsonl", "messages"),
                                        ("guanaco_text_demo.jsonl", "text")])
 def test_project_demo_files_prepare(qwen2, name, fmt):
-    data = prepare(DataSection(path=str(ROOT / "data" / name), max_length=512, packing=True), qwen2)
+    data = prepare_in_memory(DataSection(path=str(ROOT / "data" / name), max_length=512, packing=True), qwen2)
     assert data.fmt == fmt and data.stats["records"] >= 70 and data.stats["packed_rows"] < data.stats["records"]

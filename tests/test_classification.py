@@ -9,7 +9,8 @@ import torch
 from qlora import classification as cls
 from qlora import modeling
 from qlora.config import DataSection, JobConfig, load_config
-from qlora.data import collate, prepare
+from qlora.data import classification as formats
+from qlora.data import collate, kfold_indices, prepare_in_memory
 from qlora.errors import ConfigError, DataError
 from qlora.model_source import ModelSource
 
@@ -17,20 +18,20 @@ from conftest import ROOT
 
 
 def test_parse_turns_reads_arena_json_lists_and_plain_strings():
-    assert cls.parse_turns('["Hi", "And then?"]') == ["Hi", "And then?"]
-    assert cls.parse_turns('["Hi", null]') == ["Hi", ""]  # arena files hold nulls for failed turns
-    assert cls.parse_turns("just text") == ["just text"]
-    assert cls.parse_turns("[not json]") == ["[not json]"]
-    assert cls.parse_turns('[1, 2]') == ['[1, 2]']  # a list of numbers is text, not turns
-    assert cls.parse_turns(None) is None and cls.parse_turns(3) is None
+    assert formats.parse_turns('["Hi", "And then?"]') == ["Hi", "And then?"]
+    assert formats.parse_turns('["Hi", null]') == ["Hi", ""]  # arena files hold nulls for failed turns
+    assert formats.parse_turns("just text") == ["just text"]
+    assert formats.parse_turns("[not json]") == ["[not json]"]
+    assert formats.parse_turns('[1, 2]') == ['[1, 2]']  # a list of numbers is text, not turns
+    assert formats.parse_turns(None) is None and formats.parse_turns(3) is None
 
 
 @pytest.mark.parametrize("flags, label", [((1, 0, 0), 0), ((0, 1, 0), 1), ((0, 0, 1), 2), (("0", "0", "1"), 2),
                                           ((True, False, False), 0), ((0.0, 1.0, 0.0), 1)])
 def test_pairwise_label_follows_the_winner_flag(flags, label):
-    record = dict(zip(cls.PAIRWISE_LABELS, flags), prompt="p", response_a="a", response_b="b")
-    assert cls.record_problem(record, "pairwise", DataSection(path="x")) is None
-    assert cls.pairwise_label(record) == label
+    record = dict(zip(formats.PAIRWISE_LABELS, flags), prompt="p", response_a="a", response_b="b")
+    assert formats.record_problem(record, "pairwise", DataSection(path="x")) is None
+    assert formats.pairwise_label(record) == label
 
 
 @pytest.mark.parametrize("change, problem", [
@@ -43,51 +44,51 @@ def test_pairwise_label_follows_the_winner_flag(flags, label):
 def test_bad_pairwise_records_are_named(change, problem):
     record = {"prompt": "p", "response_a": "a", "response_b": "b", "winner_model_a": 1, "winner_model_b": 0,
               "winner_tie": 0, **change}
-    assert problem in cls.record_problem(record, "pairwise", DataSection(path="x"))
+    assert problem in formats.record_problem(record, "pairwise", DataSection(path="x"))
 
 
 def test_class_labels():
-    assert [cls.class_label(v) for v in (0, 3, "2", 1.0)] == [0, 3, 2, 1]
-    assert [cls.class_label(v) for v in (-1, "pos", 1.5, None, True)] == [None] * 5
+    assert [formats.class_label(v) for v in (0, 3, "2", 1.0)] == [0, 3, 2, 1]
+    assert [formats.class_label(v) for v in (-1, "pos", 1.5, None, True)] == [None] * 5
 
 
 def test_part_budgets_keep_short_parts_and_share_the_rest():
-    assert cls.part_budgets([3, 4, 5], 20) == [3, 4, 5]          # everything fits
-    assert cls.part_budgets([2, 50, 50], 20) == [2, 9, 9]        # the short prompt stays whole
-    assert cls.part_budgets([50, 50, 50], 31) == [11, 10, 10]    # remainder one token each
-    assert sum(cls.part_budgets([7, 100, 3, 40], 33)) == 33
+    assert formats.part_budgets([3, 4, 5], 20) == [3, 4, 5]          # everything fits
+    assert formats.part_budgets([2, 50, 50], 20) == [2, 9, 9]        # the short prompt stays whole
+    assert formats.part_budgets([50, 50, 50], 31) == [11, 10, 10]    # remainder one token each
+    assert sum(formats.part_budgets([7, 100, 3, 40], 33)) == 33
 
 
 def test_build_input_cuts_each_text_not_the_markers():
     parts = [([91], False), ([1, 1, 1, 1, 1, 1], True), ([92], False), ([2, 2, 2, 2], True), ([93], False),
              ([3, 3, 3, 3, 3], True)]
-    ex = cls.build_input([0], parts, max_length=10)
+    ex = formats.build_input([0], parts, max_length=10)
     # 4 fixed tokens (BOS + 3 markers) leave 6 for the texts: 2 each; response B keeps its tail marker intact
     assert ex["input_ids"] == [0, 91, 1, 1, 92, 2, 2, 93, 3, 3]
     assert ex["truncated"] and ex["length"] == 19
-    assert cls.build_input([], [([5, 6], True)], 8) == {"input_ids": [5, 6], "length": 2, "truncated": False}
+    assert formats.build_input([], [([5, 6], True)], 8) == {"input_ids": [5, 6], "length": 2, "truncated": False}
     with pytest.raises(DataError, match="raise data.max_length"):
-        cls.build_input([0], parts, max_length=3)
+        formats.build_input([0], parts, max_length=3)
 
 
 def test_pairwise_texts_mark_the_three_parts():
     record = {"prompt": '["Q1", "Q2"]', "response_a": '["A1", "A2"]', "response_b": "B"}
-    text = "".join(t for t, _ in cls.pairwise_texts(record))
+    text = "".join(t for t, _ in formats.pairwise_texts(record))
     assert text == "Prompt:\nQ1\n\nQ2\n\nResponse A:\nA1\n\nA2\n\nResponse B:\nB"
 
 
 def test_kfold_folds_are_disjoint_cover_everything_and_are_seeded():
     labels = [i % 3 for i in range(50)]
-    held = [cls.kfold_indices(labels, 5, f, seed=1)[1] for f in range(5)]
+    held = [kfold_indices(labels, 5, f, seed=1)[1] for f in range(5)]
     assert sorted(i for h in held for i in h) == list(range(50))  # every record held out exactly once
     for f in range(5):
-        train, ev = cls.kfold_indices(labels, 5, f, seed=1)
+        train, ev = kfold_indices(labels, 5, f, seed=1)
         assert not set(train) & set(ev) and len(train) + len(ev) == 50
         assert {labels[i] for i in ev} == {0, 1, 2} and len(ev) == 10  # stratified: every class in every fold
-    assert cls.kfold_indices(labels, 5, 0, seed=1) == cls.kfold_indices(labels, 5, 0, seed=1)
-    assert cls.kfold_indices(labels, 5, 0, seed=2) != cls.kfold_indices(labels, 5, 0, seed=1)
+    assert kfold_indices(labels, 5, 0, seed=1) == kfold_indices(labels, 5, 0, seed=1)
+    assert kfold_indices(labels, 5, 0, seed=2) != kfold_indices(labels, 5, 0, seed=1)
     with pytest.raises(DataError, match="lower data.kfold.folds"):
-        cls.kfold_indices([0, 1], 3, 0, seed=0)
+        kfold_indices([0, 1], 3, 0, seed=0)
 
 
 def test_collate_carries_one_class_per_example():
@@ -149,46 +150,46 @@ def _data(tmp_path, rows, fmt="classification", **extra) -> DataSection:
 def test_sst2_sample_reads_with_its_column_names(smollm_tokenizer):
     cfg = DataSection(path=str(ROOT / "data" / "sst2_sample.tsv"), eval_path=str(ROOT / "data" / "sst2_dev_sample.tsv"),
                       format="classification", text_column="sentence", max_length=64)
-    data = prepare(cfg, smollm_tokenizer)
+    data = prepare_in_memory(cfg, smollm_tokenizer)
     assert len(data.train) == 320 and len(data.eval) == 128 and data.stats["label_counts"] == {0: 160, 1: 160}
     first = data.train[0]
     assert first["input_ids"][-1] != smollm_tokenizer.eos_token_id  # the head pools the last real token
-    assert data.eval[0]["source"] == (cfg.eval_path, 1)
+    assert data.eval[0]["record"] == 0 and data.where["eval"] == cfg.eval_path
 
 
 def test_pairwise_sample_kfold_and_labels(smollm_tokenizer):
     cfg = DataSection(path=str(ROOT / "data" / "pairwise_sample.csv"), format="pairwise", max_length=128,
                       kfold={"folds": 4, "fold": 1})
-    data = prepare(cfg, smollm_tokenizer)
+    data = prepare_in_memory(cfg, smollm_tokenizer)
     assert len(data.train) == 72 and len(data.eval) == 24
     assert {e["label"] for e in data.eval} == {0, 1, 2}
     assert all(len(e["input_ids"]) <= 128 for e in data.train)
     text = smollm_tokenizer.decode(data.eval[0]["input_ids"])
     assert text.startswith("Prompt:\n") and "\n\nResponse A:\n" in text and "\n\nResponse B:\n" in text
-    other = prepare(cfg.model_copy(update={"kfold": cfg.kfold.model_copy(update={"fold": 2})}), smollm_tokenizer)
-    assert not {e["source"] for e in other.eval} & {e["source"] for e in data.eval}
+    other = prepare_in_memory(cfg.model_copy(update={"kfold": cfg.kfold.model_copy(update={"fold": 2})}), smollm_tokenizer)
+    assert not {e["record"] for e in other.eval} & {e["record"] for e in data.eval}
 
 
 def test_bad_records_and_columns_name_the_fix(tmp_path, smollm_tokenizer):
     with pytest.raises(DataError, match=r"(?s)record 2: 'label' is 'pos'.*fix or drop.*non-negative integer 'label'"):
-        prepare(_data(tmp_path, [{"text": "a", "label": 0}, {"text": "b", "label": "pos"}]), smollm_tokenizer)
+        prepare_in_memory(_data(tmp_path, [{"text": "a", "label": 0}, {"text": "b", "label": "pos"}]), smollm_tokenizer)
     with pytest.raises(DataError, match="(?s)lacks column.*'sentence'.*set data.text_column"):
-        prepare(_data(tmp_path, [{"text": "a", "label": 0}] * 3, text_column="sentence"), smollm_tokenizer)
+        prepare_in_memory(_data(tmp_path, [{"text": "a", "label": 0}] * 3, text_column="sentence"), smollm_tokenizer)
     with pytest.raises(DataError, match="(?s)lacks column.*Chatbot Arena names"):
-        prepare(_data(tmp_path, [{"text": "a", "label": 0}] * 3, fmt="pairwise"), smollm_tokenizer)
+        prepare_in_memory(_data(tmp_path, [{"text": "a", "label": 0}] * 3, fmt="pairwise"), smollm_tokenizer)
 
 
 def test_labels_are_checked_against_num_labels(tmp_path, smollm_tokenizer):
     rows = [{"text": f"t{i}", "label": i % 3} for i in range(9)]
     data_cfg = _data(tmp_path, rows, eval_fraction=0.3)
-    data = prepare(data_cfg, smollm_tokenizer)
+    data = prepare_in_memory(data_cfg, smollm_tokenizer)
     job = JobConfig(model={"task": "sequence_classification"}, data=data_cfg)
     assert cls.with_num_labels(job, data).model.num_labels == 3  # inferred: largest label + 1
     with pytest.raises(DataError, match=r"d.jsonl, record \d: label 2 is outside 0..1 \(model.num_labels=2\)"):
         cls.with_num_labels(job.model_copy(update={"model": job.model.model_copy(update={"num_labels": 2})}), data)
     zeros = _data(tmp_path, [{"text": "a", "label": 0}] * 4)
     with pytest.raises(DataError, match="at least two classes"):
-        cls.with_num_labels(job.model_copy(update={"data": zeros}), prepare(zeros, smollm_tokenizer))
+        cls.with_num_labels(job.model_copy(update={"data": zeros}), prepare_in_memory(zeros, smollm_tokenizer))
 
 
 # --- model ---------------------------------------------------------------------------------------------

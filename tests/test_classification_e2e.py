@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from qlora import adapter_jobs, adapters, classification, distributed, driver
 from qlora.config import JobConfig
-from qlora.data import prepare
+from qlora.data import prepare_in_memory
 from qlora.tracking import client
 
 from conftest import ROOT
@@ -72,7 +72,7 @@ def test_smollm2_learns_sst2_and_its_adapter_reproduces_the_metrics(ray_cluster,
     # Reloaded in this process: the same held-out metrics the worker reported.
     ctx = distributed.Context(0, 1, torch.device("cpu"))
     model, tok = adapters.load_for_inference(saved, folder, ctx.device)
-    again = classification.evaluate(model, prepare(saved.data, tok).eval, tok.pad_token_id, 16, ctx)
+    again = classification.evaluate(model, prepare_in_memory(saved.data, tok).eval, tok.pad_token_id, 16, ctx)
     for key in after:
         assert again[key] == pytest.approx(after[key], abs=1e-5), key
     del model

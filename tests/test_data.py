@@ -5,7 +5,7 @@ import json
 import pytest
 
 from qlora.config import DataSection
-from qlora.data import (IGNORE, Encoder, build_example, collate, detect_format, nested_subset, prepare,
+from qlora.data import (IGNORE, Encoder, build_example, collate, detect_format, nested_subset, prepare_in_memory,
                         render_segments, split_indices, to_messages)
 from qlora.errors import DataError
 
@@ -124,7 +124,7 @@ def test_gpt2_tokenizer_without_template_uses_alpaca_prompt_and_refuses_chat(tmp
 
 
 def test_prepare_real_file_subsets_and_stats(smollm_tokenizer, people_data):
-    data = prepare(DataSection(path=str(people_data), eval_fraction=0.1, max_samples=100, max_length=128),
+    data = prepare_in_memory(DataSection(path=str(people_data), eval_fraction=0.1, max_samples=100, max_length=128),
                    smollm_tokenizer)
     assert len(data.train) == 100 and len(data.eval) == 80
     assert 0.5 < data.stats["masked_label_fraction"] < 0.9 and data.stats["truncated_fraction"] == 0
@@ -138,14 +138,14 @@ def test_bad_data_files(tmp_path, smollm_tokenizer, content, problem):
     f = tmp_path / "d.jsonl"
     f.write_text(content)
     with pytest.raises(DataError, match=problem):
-        prepare(DataSection(path=str(f), format="alpaca"), smollm_tokenizer)
+        prepare_in_memory(DataSection(path=str(f), format="alpaca"), smollm_tokenizer)
 
 
 def test_all_examples_truncated_away(tmp_path, smollm_tokenizer, people_data):
     with pytest.raises(DataError, match="raise data.max_length"):
-        prepare(DataSection(path=str(people_data), max_length=8), smollm_tokenizer)
+        prepare_in_memory(DataSection(path=str(people_data), max_length=8), smollm_tokenizer)
 
 
 def test_missing_data_file(smollm_tokenizer):
     with pytest.raises(DataError, match="does not exist"):
-        prepare(DataSection(path="no/such.jsonl"), smollm_tokenizer)
+        prepare_in_memory(DataSection(path="no/such.jsonl"), smollm_tokenizer)

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from qlora.config import load_config
-from qlora.data import (IGNORE, build_example, collate_packed, example_stats, length_grouped_order,
+from qlora.data import (IGNORE, build_example, collate_packed, length_grouped_order,
                         nested_subset, pack_examples, padding_efficiency)
+from qlora.data.examples import example_stats, meta, meta_table
 from qlora.distributed import Context
 from qlora.errors import ConfigError
 
@@ -175,10 +176,10 @@ def test_nested_subsets_by_fraction_and_max_samples_are_chains():
 
 def test_prepare_subsets_are_nested_on_a_real_file(smollm_tokenizer, people_data):
     from qlora.config import DataSection
-    from qlora.data import prepare
+    from qlora.data import prepare_in_memory
 
     def chosen(**kw):
-        data = prepare(DataSection(path=str(people_data), max_length=128, seed=2, **kw), smollm_tokenizer)
+        data = prepare_in_memory(DataSection(path=str(people_data), max_length=128, seed=2, **kw), smollm_tokenizer)
         return {tuple(e["input_ids"]) for e in data.train}
     quarter, half, full = chosen(fraction=0.25), chosen(fraction=0.5), chosen()
     assert quarter < half < full and len(quarter) == round(len(full) * 0.25)
@@ -189,7 +190,7 @@ def test_truncation_counts_lost_trained_tokens():
     kept = build_example([([1, 2, 3], False), ([7, 8, 9, 10], True)], max_length=5)
     whole = build_example([([1], False), ([7], True)], max_length=5)
     assert kept["trained_tokens_cut"] == 2 and whole["trained_tokens_cut"] == 0
-    stats = example_stats([kept, whole])
+    stats = example_stats(meta_table([meta(kept, 0, 0), meta(whole, 1, 1)]))
     assert stats["truncated_examples"] == 1 and stats["truncated_fraction"] == 0.5
     assert stats["trained_tokens"] == 3 and stats["trained_tokens_cut"] == 2
     assert stats["trained_tokens_cut_fraction"] == pytest.approx(2 / 5)

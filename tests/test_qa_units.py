@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from qlora import adapters, checkpoint, distributed, evaluation, modeling, multiple_choice
-from qlora.config import JobConfig, load_config
-from qlora.data import (IGNORE, answer_letter, as_alpaca, build_example, cap_segments, check_records, choice_prompt,
-                        detect_format, prepare)
+from qlora.config import DataSection, JobConfig, load_config
+from qlora.data import records
+from qlora.data import (IGNORE, answer_letter, as_alpaca, build_example, cap_segments, choice_prompt,
+                        detect_format, prepare_in_memory)
 from qlora.errors import ConfigError, DataError
 from qlora.model_source import ModelSource
 
@@ -57,7 +58,7 @@ def test_multiple_choice_and_qa_map_onto_alpaca():
 ])
 def test_bad_records_are_named(record, fmt, problem):
     with pytest.raises(DataError, match=problem):
-        check_records([record], fmt, "f.jsonl")
+        records.check_records([record], fmt, DataSection(path="f.jsonl"), "f.jsonl")
 
 
 def test_final_number_reads_gsm8k_answers():
@@ -110,10 +111,11 @@ def _cfg(model_dir, **sections):
 def test_gsm8k_sample_trains_as_qa_with_caps(smollm_tokenizer, smollm_dir):
     cfg = _cfg(smollm_dir, data={"eval_path": str(ROOT / "data" / "gsm8k_test.jsonl"), "max_source_length": 24,
                                  "max_target_length": 16, "max_length": 64})
-    data = prepare(cfg.data, smollm_tokenizer)
+    data = prepare_in_memory(cfg.data, smollm_tokenizer)
     assert data.fmt == "qa" and data.stats["records"] == 160 and len(data.eval) == 40
-    first = json.loads((ROOT / "data" / "gsm8k_train.jsonl").read_text().splitlines()[0])
-    ex = next(e for e in data.train if e["reference"].endswith(first["answer"].split("####")[-1].strip()))
+    first = json.loads((ROOT / "data" / "gsm8k_test.jsonl").read_text().splitlines()[0])
+    ex = data.eval[0]  # held-out examples keep the reference answer (training examples need none)
+    assert ex["reference"].endswith(first["answer"].split("####")[-1].strip())
     trained = [t for t in ex["labels"] if t != IGNORE]
     assert len(trained) == 16 and len(ex["input_ids"]) <= 24 + 16  # each segment capped
     assert "####" in ex["reference"]  # the reference is never cut by the target cap
