@@ -7,8 +7,9 @@ import math
 
 import numpy as np
 
+from qlora import distributed
 from qlora.config import JobConfig
-from qlora.data import collate
+from qlora.data import batched, collate, to_tensors
 from qlora.errors import DataError
 
 LOG_LOSS_EPS = 1e-15  # probabilities are clipped to [eps, 1 - eps] for log_loss (the Kaggle / sklearn definition)
@@ -56,8 +57,6 @@ def losses(logits, labels):
 def probabilities(model, examples: list[dict], pad_id: int, batch_size: int, device) -> list[list[float]]:
     """Class probabilities for each example (one process, no reduction)."""
     import torch
-
-    from qlora.evaluation import batched, to_tensors
     model.eval()
     out: list[list[float]] = []
     with torch.no_grad():
@@ -81,7 +80,6 @@ def evaluate(model, examples: list[dict], pad_id: int, batch_size: int, ctx, pre
     """accuracy, log_loss and eval_loss (mean cross-entropy, the metric sweeps use) over all ranks. This
     rank's per-record predictions are appended to `predictions` when it is given (`where`: the held-out
     source, named in each prediction's record as where:record number)."""
-    from qlora import distributed
     mine, real = distributed.lockstep_share(examples, ctx)
     probs = probabilities(model, mine, pad_id, batch_size, ctx.device)[:real]
     mine = mine[:real]

@@ -22,6 +22,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from qlora.errors import ConfigError, EnvironmentProblem
+from qlora.modeling import decoder_layers
+
 
 @dataclass(frozen=True)
 class Context:
@@ -46,7 +49,6 @@ def context(use_gpu: bool, strategy: str = "ddp") -> Context:
         rank, world = 0, 1
     if use_gpu:
         if not torch.cuda.is_available():
-            from qlora.errors import EnvironmentProblem
             raise EnvironmentProblem("scaling.use_gpu=true but this Ray worker sees no CUDA GPU",
                                      "run on GPU nodes, or set scaling.use_gpu=false")
         import ray.train.torch
@@ -121,10 +123,8 @@ def with_deepspeed(model: nn.Module, optimizer, ctx: Context, zero_stage: int, m
 
 def fsdp_layers(model: nn.Module) -> list[nn.Module]:
     """The decoder layers FSDP shards one by one; a ConfigError if the model has none."""
-    from qlora.kernels import decoder_layers
     layers = decoder_layers(model)
     if not layers:
-        from qlora.errors import ConfigError
         raise ConfigError(f"scaling.strategy=fsdp: {type(model).__name__} has no transformers decoder layer "
                           "(GradientCheckpointingLayer), so FSDP has no layers to shard one by one",
                           "use scaling.strategy=ddp for this model")

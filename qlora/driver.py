@@ -15,7 +15,7 @@ from pathlib import Path
 from qlora import (adapters, classification, distributed, kernels, memory, memory_estimate, modeling,
                    multiple_choice, plan, preflight, speed, tracking)
 from qlora.config import JobConfig, flatten, redact_uri
-from qlora.data import IGNORE, PreparedData, padding_efficiency, pipeline, sample_segments
+from qlora.data import PreparedData, pipeline
 from qlora.errors import ConfigError, EnvironmentProblem, TrainingFailure, UserError
 from qlora.files import output_home, ray_submission_id
 from qlora.model_source import ModelSource, resolve
@@ -36,8 +36,9 @@ class Prepared:
     tokenizer: object
     data_plan: pipeline.DataPlan
     data: PreparedData | None  # None until prepared: a Ray Data preparation waits for the cluster (ensure_data)
-    lora_params: int
-    shape: memory_estimate.ModelShape  # parameter counts and sizes of the model, for the memory estimate
+    data_seconds: float = 0.0  # this job's time on its data: sources, key and lookup, then preparing or opening it
+    lora_params: int = 0
+    shape: memory_estimate.ModelShape | None = None  # parameter counts and sizes, for the memory estimate
     mc_records: int = 0
 
 
@@ -57,24 +58,28 @@ def prepare_job(cfg: JobConfig, storage: str | None = None) -> Prepared:
               f"train.cpu_optimizer_fallback={cfg.train.cpu_optimizer_fallback}", flush=True)
     source = resolve(cfg.model.name, cfg.model.gguf_file, cfg.model.revision)
     tokenizer = modeling.load_tokenizer(source, cfg)
+    started = time.perf_counter()
     data_plan = pipeline.plan(cfg.data, tokenizer, storage or storage_location(cfg))
+    data_seconds = time.perf_counter() - started
     mc_items = multiple_choice.prepare(cfg, tokenizer)  # checked here so a bad file fails before Ray
     lora_model = modeling.meta_lora_model(cfg, source)
     if cfg.train.fused_cross_entropy:  # before Ray, not on the worker
         kernels.check_fused_loss(lora_model.config)
     if cfg.scaling.strategy == "fsdp":  # the layers FSDP will shard exist
         distributed.fsdp_layers(lora_model)
-    return Prepared(cfg, source, tokenizer, data_plan, None, modeling.lora_param_count(lora_model),
+    return Prepared(cfg, source, tokenizer, data_plan, None, data_seconds, modeling.lora_param_count(lora_model),
                     memory_estimate.shape_of(lora_model), len(mc_items))
 
 
 def ensure_data(job: Prepared) -> Prepared:
     """The job's data prepared (or opened from the cache): in this process, or by Ray Data (Ray connected)."""
     if job.data is None:
-        cfg = job.cfg
+        cfg, started = job.cfg, time.perf_counter()
         job.data = pipeline.prepare(job.data_plan, check=lambda fmt, meta, where: check_data(cfg, fmt, meta, where))
+        job.data_seconds += time.perf_counter() - started
         job.cfg = classification.with_num_labels(cfg, job.data)  # model.num_labels inferred from the labels
-        print(f"[qlora] data: {describe_preparation(job.data)}", flush=True)
+        print(f"[qlora] data: {describe_preparation(job.data)}; this job's data step {job.data_seconds:.1f} s",
+              flush=True)
     return job
 
 
@@ -97,85 +102,6 @@ def storage_location(cfg: JobConfig) -> str:
     """scaling.storage_path as the driver will use it (a cloud URI, or a local folder), creating nothing."""
     storage = cfg.scaling.storage_path
     return storage if "://" in storage else str(preflight.storage_folder(storage))
-
-
-def dry_run(cfg: JobConfig) -> dict:
-    import yaml
-    job = prepare_job(cfg)
-    preflight.check(cfg, network=False)
-    if not job.data_plan.needs_ray:  # cached, or small enough for this process: bad records fail before Ray
-        ensure_data(job)
-    else:  # a Ray Data preparation: on the configured cluster, or a local one started here
-        local = connect_ray(cfg.scaling.ray_address)
-        try:
-            ensure_data(job)
-        finally:
-            if local:
-                import ray
-                ray.shutdown()
-    cfg = job.cfg
-    print("# resolved config\n" + yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-    print(f"model: {job.source.description} -> {job.source.path}")
-    print(f"data cache: {describe_preparation(job.data)}")
-    s = job.data.stats
-    print(f"data: format={job.data.fmt} train={s['records']} eval={len(job.data.eval)} "
-          f"tokens p50={s['token_length_p50']} p95={s['token_length_p95']} max={s['token_length_max']} "
-          f"truncated={s['truncated_fraction']:.1%} masked labels={s['masked_label_fraction']:.1%}")
-    print(f"truncation at data.max_length={cfg.data.max_length}: {s['truncated_examples']} of {s['records']} "
-          f"examples cut ({s['truncated_fraction']:.1%}); {s['trained_tokens_cut']:,} of "
-          f"{s['trained_tokens'] + s['trained_tokens_cut']:,} trained tokens lost ({s['trained_tokens_cut_fraction']:.1%})"
-          + (f"; {s['dropped_no_labels']} examples dropped (no trained token left)" if s["dropped_no_labels"] else ""))
-    fill = batch_fill(cfg, job.data.lengths)
-    if cfg.data.packing:
-        print(f"packing: {s['records'] - s['dropped_no_labels']} examples in {s['packed_rows']} rows of <= "
-              f"{cfg.data.max_length} tokens (rows {s['packed_row_fill']:.1%} full)")
-    print(f"packing efficiency (real tokens / batch slots, first epoch, one worker, batch_size="
-          f"{cfg.train.batch_size}{', packed rows' if cfg.data.packing else ''}"
-          f"{', group_by_length' if cfg.train.group_by_length else ''}): {fill:.1%}")
-    print(f"LoRA trainable parameters: {job.lora_params:,} (matches the independent count)")
-    setup = memory_estimate.Setup.from_config(cfg)
-    estimate = memory_estimate.estimate(job.shape, setup)
-    print(estimate.describe(setup, on_gpu=cfg.scaling.use_gpu))
-    gib = {"gpu_memory_estimate_gib": round(estimate.total / memory_estimate.GIB, 2),
-           "gpu_memory_evaluation_gib": round(estimate.evaluation / memory_estimate.GIB, 2)}
-    sample = sample_segments(job.data.examples[0], job.tokenizer)
-    cache = {"data_cache": job.data.cache, "data_cache_reused": job.data.reused, "data_preparation": job.data.work}
-    if cfg.model.task == "sequence_classification":
-        first = job.data.train[0]
-        print(f"classes: {job.cfg.model.num_labels}; training labels: {s['label_counts']}")
-        print(f"one training example (label {first['label']}, {len(first['input_ids'])} tokens; the head reads "
-              f"the last one):\n{sample[0][0]}")
-        return {"trainable_params": job.lora_params, "records": s["records"], "eval_records": len(job.data.eval), **cache,
-                "num_labels": job.cfg.model.num_labels, "label_counts": s["label_counts"],
-                "token_length_p50": s["token_length_p50"], "token_length_p95": s["token_length_p95"],
-                "truncated_fraction": s["truncated_fraction"], **gib}
-    if job.mc_records:
-        print(f"multiple-choice eval: {job.mc_records} records from {cfg.evaluation.multiple_choice_path}")
-    print("one training example ([[...]] is trained on, the rest is masked out of the loss):")
-    print("".join(f"[[{t}]]" if trained and not cfg.data.train_on_prompt else t for t, trained in sample))
-    first = job.data.train[0]
-    print(f"  {'first packed row: ' if cfg.data.packing else ''}tokens={len(first['input_ids'])} "
-          f"trained={sum(t != IGNORE for t in first['labels'])}")
-    return {"trainable_params": job.lora_params, "records": s["records"], "eval_records": len(job.data.eval),
-            "token_length_p50": s["token_length_p50"], "token_length_p95": s["token_length_p95"],
-            "truncated_fraction": s["truncated_fraction"], "masked_label_fraction": s["masked_label_fraction"],
-            "truncated_examples": s["truncated_examples"], "trained_tokens": s["trained_tokens"],
-            "trained_tokens_cut": s["trained_tokens_cut"], "trained_tokens_cut_fraction": s["trained_tokens_cut_fraction"],
-            "packed_rows": s.get("packed_rows"), "packing_efficiency": fill, "run_name": run_name(cfg), **cache, **gib}
-
-
-def batch_fill(cfg: JobConfig, lengths: list[int]) -> float:
-    """Real tokens / batch slots over the first epoch's micro-batches of one worker (what the worker's
-    packing_efficiency metric will show: packed rows are padded to data.max_length)."""
-    import torch
-
-    from qlora.distributed import Context
-    from qlora.worker import BatchPlan
-    plan = BatchPlan(len(lengths), cfg, Context(0, 1, torch.device("cpu")), lengths)
-    batches = [[lengths[i] for i in plan.micro_batch(k)[1]] for k in range(plan.per_epoch)]
-    if cfg.data.packing:
-        return sum(map(sum, batches)) / (sum(map(len, batches)) * cfg.data.max_length)
-    return padding_efficiency(batches)
 
 
 def run_name(cfg: JobConfig) -> str:
@@ -362,7 +288,8 @@ def train(cfg: JobConfig) -> dict:
         summary = finish(result, job, uri if log_result else None, run_id)
         print(f"\nadapter: {summary['adapter']}\nMLflow run: {run_id} ({redact_uri(uri) if uri else None})\n"
               f"held-out before: {summary['metrics_before']}\nheld-out after:  {summary['metrics_after']}", flush=True)
-        return {**summary, "job_seconds": round(time.time() - started, 1)}
+        return {**summary, "data_cache": job.data.cache, "data_seconds": round(job.data_seconds, 2),
+                "job_seconds": round(time.time() - started, 1)}
     finally:
         if local:
             ray.shutdown()

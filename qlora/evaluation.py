@@ -9,17 +9,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from qlora import distributed
-from qlora.data import IGNORE, collate
-
-
-def batched(items: list, size: int):
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
-
-
-def to_tensors(batch: dict, device: torch.device) -> dict:
-    return {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in batch.items()}
+from qlora import classification, distributed, multiple_choice
+from qlora.data import IGNORE, batched, collate, to_tensors
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,14 +130,12 @@ def evaluate(model, examples: list[dict], tokenizer, cfg, ctx, mc_items: list | 
     """All held-out metrics the config asks for; `cfg` is the JobConfig, `mc_items` the prepared
     multiple-choice set (qlora.multiple_choice.prepare)."""
     if cfg.model.task == "sequence_classification":  # accuracy and log loss; nothing to generate
-        from qlora import classification
         return classification.evaluate(model, examples, tokenizer.pad_token_id, cfg.evaluation.batch_size, ctx,
                                        predictions, cfg.data.eval_path or cfg.data.path)
     metrics = eval_loss(model, examples, tokenizer.pad_token_id, cfg.evaluation.batch_size, ctx)
     if cfg.evaluation.generate:
         metrics.update(exact_match(model, examples, tokenizer, cfg.evaluation, ctx, predictions))
     if mc_items:
-        from qlora import multiple_choice
         metrics.update(multiple_choice.accuracy(model, mc_items, tokenizer.pad_token_id, cfg.evaluation.batch_size, ctx))
     return metrics
 

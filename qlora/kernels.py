@@ -27,6 +27,7 @@ from qlora.config import TrainSection
 from qlora.data import IGNORE
 from qlora.errors import ConfigError
 from qlora.evaluation import token_losses
+from qlora.modeling import decoder_layers
 
 CHUNK_TOKENS = 4096  # rows of hidden states per chunk of the torch fused loss: [4096 x vocab] logits at a time
 
@@ -63,12 +64,6 @@ def apply_liger(model) -> None:
     # Our loss is computed outside the model (fused_cross_entropy), so the model's forward stays HF's own.
     _apply_liger_kernel_to_instance(model, rope=True, rms_norm=True, swiglu=True,
                                     fused_linear_cross_entropy=False, cross_entropy=False)
-
-
-def decoder_layers(model) -> list:
-    """The model's decoder layers: transformers' GradientCheckpointingLayer instances, in order."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 def select_checkpointed_layers(model, fraction: float) -> list[int]:

@@ -319,3 +319,9 @@ def meta_lora_model(cfg: JobConfig, source: ModelSource):
     with init_empty_weights():
         model = cls.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
     return attach_lora(model, cfg.lora, cfg.model.task)
+
+
+def decoder_layers(model) -> list:
+    """The model's decoder layers: transformers' GradientCheckpointingLayer instances, in order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]

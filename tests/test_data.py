@@ -1,6 +1,5 @@
 """Prompt rendering, masking, truncation, collation and subsetting: pure functions with sentinel ids,
 then the same pipeline through real tokenizers."""
-import json
 
 import pytest
 

@@ -147,9 +147,11 @@ def test_bad_shards_name_the_file_and_record_and_leave_no_cache(smollm_tokenizer
         with pytest.raises(DataError, match=r"(?s)record \d+: 'output' is null or missing.*every alpaca record"):
             prepared(str(shards), smollm_tokenizer, tmp_path / executor, executor)
         assert not (tmp_path / executor).exists()  # nothing half-written left where a cache would be
-    (shards / "part-2.jsonl").write_text('{"instruction": "a", "output": \n')
+    (shards / "part-2.jsonl").write_text('{"instruction": "a", "output": \n')  # a damaged shard
     with pytest.raises(DataError, match="could not be parsed as json"):
         prepared(str(shards), smollm_tokenizer, tmp_path / "runs")
+    with pytest.raises(DataError, match=r"(?s)data.path: reading .*shards failed.*fix or remove the damaged file"):
+        prepared(str(shards), smollm_tokenizer, tmp_path / "runs", "ray_data")
     with pytest.raises(DataError, match=r"(?s)holds files of several kinds"):
         (shards / "extra.csv").write_text("a,b\n1,2\n")
         prepared(str(shards), smollm_tokenizer, tmp_path / "runs")

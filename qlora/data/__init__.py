@@ -12,15 +12,15 @@ cache every process memory-maps.
 - cache.py: the content-addressed cache of prepared examples (Arrow shards, index, manifest)
 - pipeline.py: plan + prepare, the entry the drivers use; open_prepared, the one the workers use
 """
-from qlora.data.batches import (IGNORE, collate, collate_packed, length_grouped_order, pack_examples, pack_plan,
-                                packed_row, padding_efficiency)
+from qlora.data.batches import (IGNORE, batched, collate, collate_packed, length_grouped_order, pack_examples,
+                                pack_plan, packed_row, padding_efficiency, to_tensors)
 from qlora.data.formats import (Encoder, answer_letter, as_alpaca, build_example, cap_segments, choice_prompt,
                                 detect_format, render_segments, to_messages)
 from qlora.data.examples import PreparedData
 from qlora.data.prepare import prepare_in_memory, sample_segments
 from qlora.data.splits import kfold_indices, nested_subset, split_indices
 
-__all__ = ["IGNORE", "collate", "collate_packed", "length_grouped_order", "pack_examples", "pack_plan", "packed_row",
+__all__ = ["IGNORE", "batched", "to_tensors", "collate", "collate_packed", "length_grouped_order", "pack_examples", "pack_plan", "packed_row",
            "padding_efficiency", "Encoder", "answer_letter", "as_alpaca", "build_example", "cap_segments",
            "choice_prompt", "detect_format", "render_segments", "to_messages", "PreparedData", "prepare_in_memory",
            "sample_segments", "kfold_indices", "nested_subset", "split_indices"]

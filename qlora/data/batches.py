@@ -1,5 +1,5 @@
 """Batches of token ids: padding, packing, length-grouped order. Pure functions on plain lists, tested with
-sentinel ids; no tokenizer, no torch."""
+sentinel ids (no tokenizer); `to_tensors` turns a collated batch into torch tensors."""
 from __future__ import annotations
 
 import bisect
@@ -7,6 +7,16 @@ import random
 from typing import Optional, Sequence
 
 IGNORE = -100  # label of a position the loss skips (prompt, padding)
+
+
+def batched(items: Sequence, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def to_tensors(batch: dict, device) -> dict:
+    import torch  # the pure functions above and below need no torch
+    return {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in batch.items()}
 
 
 def collate(examples: Sequence[dict], pad_id: int, pad_left: bool = False) -> dict:

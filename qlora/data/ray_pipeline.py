@@ -157,13 +157,30 @@ def _cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
+def _read(source: sources.Source):
+    """The source read by Ray Data's readers (on the cluster), materialized; a DataError for files that do not
+    parse or cannot be read (the reading tasks' own error, unwrapped)."""
+    try:
+        return sources.ray_dataset(source).materialize()
+    except DataError:
+        raise
+    except Exception as e:  # Ray wraps the reader's error: RayTaskError(ArrowInvalid / OSError ...)
+        cause = getattr(e, "cause", None) or e
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise DataError(f"{source.key}: reading {source.describe()} failed: {type(cause).__name__}: "
+                        f"{str(cause).splitlines()[0] if str(cause) else ''}",
+                        f"fix or remove the damaged file, or the credentials or permissions that {source.key} needs "
+                        "(a .jsonl file holds one JSON record per line)") from None
+
+
 def _run(source: sources.Source, fmt: Optional[str], cfg: DataSection, tokenizer, writer: Writer, tag: str,
          select_fn):
     """Read `source`, number its records, encode what `select_fn(n, ds)` picks; returns (fmt, sink results)."""
     import ray
     import ray.data
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # record numbers follow the file
-    ds = sources.ray_dataset(source).materialize()
+    ds = _read(source)
     n = ds.count()
     if n == 0:
         raise DataError(f"{source.key}: {source.describe()} holds no records", f"point {source.key} at records")

@@ -1,0 +1,90 @@
+"""`ray_jobs.train --dry-run`: everything the train job checks and prepares, and what it would cost, without
+training: the resolved config, the model, the data (prepared into the cache, or reused), the whole set's token
+statistics, truncation and packing, the LoRA parameter count and a GPU memory estimate per worker."""
+from __future__ import annotations
+
+import yaml
+
+from qlora import memory_estimate, preflight
+from qlora.config import JobConfig
+from qlora.data import IGNORE, padding_efficiency, sample_segments
+from qlora.driver import connect_ray, describe_preparation, ensure_data, prepare_job, run_name
+
+
+def dry_run(cfg: JobConfig) -> dict:
+    job = prepare_job(cfg)
+    preflight.check(cfg, network=False)
+    if not job.data_plan.needs_ray:  # cached, or small enough for this process: bad records fail before Ray
+        ensure_data(job)
+    else:  # a Ray Data preparation: on the configured cluster, or a local one started here
+        local = connect_ray(cfg.scaling.ray_address)
+        try:
+            ensure_data(job)
+        finally:
+            if local:
+                import ray
+                ray.shutdown()
+    cfg = job.cfg
+    print("# resolved config\n" + yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    print(f"model: {job.source.description} -> {job.source.path}")
+    print(f"data cache: {describe_preparation(job.data)}")
+    s = job.data.stats
+    print(f"data: format={job.data.fmt} train={s['records']} eval={len(job.data.eval)} "
+          f"tokens p50={s['token_length_p50']} p95={s['token_length_p95']} max={s['token_length_max']} "
+          f"truncated={s['truncated_fraction']:.1%} masked labels={s['masked_label_fraction']:.1%}")
+    print(f"truncation at data.max_length={cfg.data.max_length}: {s['truncated_examples']} of {s['records']} "
+          f"examples cut ({s['truncated_fraction']:.1%}); {s['trained_tokens_cut']:,} of "
+          f"{s['trained_tokens'] + s['trained_tokens_cut']:,} trained tokens lost ({s['trained_tokens_cut_fraction']:.1%})"
+          + (f"; {s['dropped_no_labels']} examples dropped (no trained token left)" if s["dropped_no_labels"] else ""))
+    fill = batch_fill(cfg, job.data.lengths)
+    if cfg.data.packing:
+        print(f"packing: {s['records'] - s['dropped_no_labels']} examples in {s['packed_rows']} rows of <= "
+              f"{cfg.data.max_length} tokens (rows {s['packed_row_fill']:.1%} full)")
+    print(f"packing efficiency (real tokens / batch slots, first epoch, one worker, batch_size="
+          f"{cfg.train.batch_size}{', packed rows' if cfg.data.packing else ''}"
+          f"{', group_by_length' if cfg.train.group_by_length else ''}): {fill:.1%}")
+    print(f"LoRA trainable parameters: {job.lora_params:,} (matches the independent count)")
+    setup = memory_estimate.Setup.from_config(cfg)
+    estimate = memory_estimate.estimate(job.shape, setup)
+    print(estimate.describe(setup, on_gpu=cfg.scaling.use_gpu))
+    gib = {"gpu_memory_estimate_gib": round(estimate.total / memory_estimate.GIB, 2),
+           "gpu_memory_evaluation_gib": round(estimate.evaluation / memory_estimate.GIB, 2)}
+    sample = sample_segments(job.data.examples[0], job.tokenizer)
+    cache = {"data_cache": job.data.cache, "data_cache_reused": job.data.reused, "data_preparation": job.data.work,
+             "data_seconds": round(job.data_seconds, 2)}
+    if cfg.model.task == "sequence_classification":
+        first = job.data.train[0]
+        print(f"classes: {job.cfg.model.num_labels}; training labels: {s['label_counts']}")
+        print(f"one training example (label {first['label']}, {len(first['input_ids'])} tokens; the head reads "
+              f"the last one):\n{sample[0][0]}")
+        return {"trainable_params": job.lora_params, "records": s["records"], "eval_records": len(job.data.eval), **cache,
+                "num_labels": job.cfg.model.num_labels, "label_counts": s["label_counts"],
+                "token_length_p50": s["token_length_p50"], "token_length_p95": s["token_length_p95"],
+                "truncated_fraction": s["truncated_fraction"], **gib}
+    if job.mc_records:
+        print(f"multiple-choice eval: {job.mc_records} records from {cfg.evaluation.multiple_choice_path}")
+    print("one training example ([[...]] is trained on, the rest is masked out of the loss):")
+    print("".join(f"[[{t}]]" if trained and not cfg.data.train_on_prompt else t for t, trained in sample))
+    first = job.data.train[0]
+    print(f"  {'first packed row: ' if cfg.data.packing else ''}tokens={len(first['input_ids'])} "
+          f"trained={sum(t != IGNORE for t in first['labels'])}")
+    return {"trainable_params": job.lora_params, "records": s["records"], "eval_records": len(job.data.eval),
+            "token_length_p50": s["token_length_p50"], "token_length_p95": s["token_length_p95"],
+            "truncated_fraction": s["truncated_fraction"], "masked_label_fraction": s["masked_label_fraction"],
+            "truncated_examples": s["truncated_examples"], "trained_tokens": s["trained_tokens"],
+            "trained_tokens_cut": s["trained_tokens_cut"], "trained_tokens_cut_fraction": s["trained_tokens_cut_fraction"],
+            "packed_rows": s.get("packed_rows"), "packing_efficiency": fill, "run_name": run_name(cfg), **cache, **gib}
+
+
+def batch_fill(cfg: JobConfig, lengths: list[int]) -> float:
+    """Real tokens / batch slots over the first epoch's micro-batches of one worker (what the worker's
+    packing_efficiency metric will show: packed rows are padded to data.max_length)."""
+    import torch
+
+    from qlora.distributed import Context
+    from qlora.worker import BatchPlan
+    plan = BatchPlan(len(lengths), cfg, Context(0, 1, torch.device("cpu")), lengths)
+    batches = [[lengths[i] for i in plan.micro_batch(k)[1]] for k in range(plan.per_epoch)]
+    if cfg.data.packing:
+        return sum(map(sum, batches)) / (sum(map(len, batches)) * cfg.data.max_length)
+    return padding_efficiency(batches)
