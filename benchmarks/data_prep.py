@@ -7,7 +7,7 @@ For each size: benchmarks/make_alpaca_records.py writes the jsonl (once), then `
 configs/quickstart.yaml with data.path set to it prepares the data (first: into an empty cache folder; second:
 the same key, reused); each prints the preparation's own seconds (Ray Data pipeline or reuse) and the whole
 command's. --train N runs `ray_jobs.train` for 4 steps on 2 CPU workers on N records and on the quickstart data:
-each worker's peak resident memory (ru_maxrss, from Ray Train's report lines) and seconds from start to step 1.
+each worker's peak resident memory (ru_maxrss, the job's peak_memory_gib_by_rank) and seconds from start to step 1.
 Prints one JSON line per measurement and a summary table last.
 """
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -24,7 +23,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-RANK_PEAK = re.compile(r"Reporting training result \d+: .*?'peak_memory_gib': ([\d.]+).*? from rank (\d+)")
 
 
 def run(args: list[str], env: dict) -> tuple[dict, float, dict]:
@@ -32,18 +30,16 @@ def run(args: list[str], env: dict) -> tuple[dict, float, dict]:
     t0 = time.time()
     proc = subprocess.Popen([PY, "-m", "ray_jobs.train", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env, cwd=ROOT)
-    last, marks, peaks = {}, {}, {}
+    last, marks = {}, {}
     for line in proc.stdout:
         if line.startswith("{"):
             last = json.loads(line)
         if "[qlora] step 1/" in line and "first_step" not in marks:
             marks["first_step"] = round(time.time() - t0, 1)
-        if m := RANK_PEAK.search(line):
-            peaks[int(m.group(2))] = max(peaks.get(int(m.group(2)), 0.0), float(m.group(1)))
     proc.wait()
     if proc.returncode:
         raise SystemExit(f"ray_jobs.train {' '.join(args)} failed ({proc.returncode}): {last}")
-    return last, round(time.time() - t0, 1), {**marks, "peak_gib_by_rank": peaks}
+    return last, round(time.time() - t0, 1), {**marks, "peak_gib_by_rank": last.get("peak_memory_gib_by_rank")}
 
 
 def main() -> None:

@@ -2,9 +2,8 @@
 the job's first training step, and each step's tokens/s as the worker reported it.
 
     python3 benchmarks/submit_timing.py --address http://127.0.0.1:8265 -- --config CONFIG [--set k=v ...]
-Prints one JSON line, with the job's throughput by the clock (its last JSON line), the steps whose window fell
-under 80% of the median, the recompiles TORCH_LOGS=recompiles logged, and each rank's peak GPU memory (run the cluster with RAY_DEDUP_LOGS=0, or Ray folds
-the ranks' repeated report lines into one). Needs RAY_AUTH_MODE=token (as the cluster) and `ray` on PATH.
+Prints one JSON line, with the job's throughput by the clock and each rank's peak GPU memory (its last JSON
+line), the steps whose window fell under 80% of the median, and the recompiles TORCH_LOGS=recompiles logged. Needs RAY_AUTH_MODE=token (as the cluster) and `ray` on PATH.
 """
 import argparse
 import json
@@ -15,13 +14,11 @@ import sys
 import time
 
 NUMBER = r"([\d.]+(?:e[+-]\d+)?)"  # the worker prints 4 significant digits: 2.568e+04
-STEP = re.compile(rf"\[qlora\] step (\d+)/\d+ .*?tokens_per_second={NUMBER}.*?peak_memory_gib={NUMBER}")
-# Every rank's own report (Ray Train logs it): its peak GPU memory, which rank 0's step line does not show.
-RANK_REPORT = re.compile(rf"Reporting training result \d+: .*?'peak_memory_gib': {NUMBER}.*? from rank (\d+)")
+STEP = re.compile(r"\[qlora\] step (\d+)/\d+ .*?tokens/s ([\d,]+) .*?peak ([\d.]+) GiB")  # console.progress_line
 RECOMPILE = "Recompiling function"  # TORCH_LOGS=recompiles in the workers' environment
 CLOCK_KEYS = ("clock_tokens_per_second", "clock_tokens_per_second_after_first_step", "first_step_seconds",
               "eval_seconds", "report_seconds", "train_seconds")  # from the job's last JSON line
-MARKS = {"job_started": "Job '", "workers_started": "Started training worker group",
+MARKS = {"job_started": "Job '", "workers_started": "[qlora] held-out evaluation before training",
          "before_eval_done": "[qlora] before training"}
 
 
@@ -35,7 +32,7 @@ def main() -> None:
     cmd = ["ray", "job", "submit", "--address", args.address, "--", sys.executable, "-m", "ray_jobs.train", *job_args]
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    marks, steps, tail, rank_peaks, recompiles, summary = {}, {}, [], {}, [], {}
+    marks, steps, tail, recompiles, summary = {}, {}, [], [], {}
     log = open(args.log, "w") if args.log else None
     for line in proc.stdout:
         t = round(time.time() - t0, 2)
@@ -45,11 +42,8 @@ def main() -> None:
         for name, text in MARKS.items():
             if text in line and name not in marks:
                 marks[name] = t
-        if m := RANK_REPORT.search(line):
-            rank = int(m.group(2))
-            rank_peaks[rank] = max(rank_peaks.get(rank, 0.0), float(m.group(1)))
         if m := STEP.search(line):
-            steps[int(m.group(1))] = {"t": t, "tok_s": float(m.group(2)), "peak_gib": float(m.group(3))}
+            steps[int(m.group(1))] = {"t": t, "tok_s": float(m.group(2).replace(",", "")), "peak_gib": float(m.group(3))}
         if RECOMPILE in line:
             recompiles.append({"after_step": max(steps, default=0), "line": line.strip()[:300]})
         if line.startswith("{") and '"clock_tokens_per_second"' in line:
@@ -67,7 +61,7 @@ def main() -> None:
                                      if k > 1 and median and s["tok_s"] < 0.8 * median},
                       "recompiles": recompiles,
                       "peak_gib": max((s["peak_gib"] for s in steps.values()), default=None),
-                      "peak_gib_by_rank": dict(sorted(rank_peaks.items())),
+                      "peak_gib_by_rank": summary.get("peak_memory_gib_by_rank"),
                       "wall_s": round(time.time() - t0, 1), "tail": tail if rc else None}), flush=True)
 
 

@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from qlora import adapters, checkpoint, driver, evaluation, preflight, tracking
+from qlora import adapters, checkpoint, console, driver, evaluation, preflight, tracking
 from qlora.config import JobConfig, apply_override, load_config
 from qlora.errors import ConfigError, TrainingFailure, UserError
 from qlora.files import writing_folder
@@ -108,6 +108,7 @@ def evaluate(ref: str, cfg: JobConfig, folder: Path, out: str | None) -> dict:
 
 
 def _evaluate_task(cfg_json: str, files: dict, data_cache: str) -> dict:
+    console.quiet_libraries()
     from qlora import distributed
     cfg = JobConfig.from_json(cfg_json)
     return _evaluate(cfg, files, distributed.context(cfg.scaling.use_gpu), data_cache)
@@ -130,12 +131,13 @@ def _evaluate(cfg: JobConfig, files: dict, ctx, data_cache: str) -> dict:
 def _evaluate_on_workers(cfg: JobConfig, files: dict, data_cache: str) -> dict:
     """_evaluate_task on `scaling.num_workers` Ray Train workers (the training job's resources)."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from qlora import distributed, plan
 
     def loop(config: dict) -> None:
+        console.quiet_libraries()
         job_cfg = JobConfig.from_json(config["cfg"])
         ctx = distributed.context(job_cfg.scaling.use_gpu)
         result = _evaluate(job_cfg, config["files"], ctx, config["data_cache"])
@@ -153,7 +155,8 @@ def _evaluate_on_workers(cfg: JobConfig, files: dict, data_cache: str) -> dict:
                                                     "data_cache": data_cache},
                            scaling_config=ScalingConfig(**plan.scaling_kwargs(cfg.scaling)),
                            run_config=RunConfig(name=f"eval-{time.strftime('%Y%m%d-%H%M%S')}",
-                                                storage_path=driver.storage_root(cfg)))
+                                                storage_path=driver.storage_root(cfg),
+                                                logging_config=LoggingConfig(log_level=console.ray_train_log_level())))
     try:
         with trainer.fit().checkpoint.as_directory() as folder:
             return json.loads((Path(folder) / "result.json").read_text())
@@ -182,6 +185,7 @@ def generate(cfg: JobConfig, folder: Path, prompts: list[str], max_new_tokens: i
 
 
 def _generate_task(cfg_json: str, files: dict, prompts: list[str], max_new_tokens: int) -> list[str]:
+    console.quiet_libraries()
     from qlora import distributed
     cfg = JobConfig.from_json(cfg_json)
     ctx = distributed.context(cfg.scaling.use_gpu)
@@ -253,6 +257,7 @@ def _merge_task(cfg_json: str, files: dict, out: str, dtype_name: str) -> dict:
     training and a 4/8-bit one dequantized, so the merged model is the trained model (quantization error
     included) rather than the adapter on weights it never saw. Its logits are checked against the
     quantized base + adapter on a probe input before anything is written."""
+    console.quiet_libraries()
     import torch
     from peft import PeftModel
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Callable
 
+from qlora import console
 from qlora.errors import TrainingFailure, UserError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -17,6 +19,7 @@ def config_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML job config, e.g. configs/quickstart.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value by its dotted path, e.g. --set lora.r=32 (repeatable)")
+    _verbose_flag(p)
     return p
 
 
@@ -28,11 +31,23 @@ def adapter_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--config", help="job config to use instead of the adapter's own (e.g. other eval data)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set tracking.uri=http://127.0.0.1:5000 (repeatable)")
+    _verbose_flag(p)
     return p
+
+
+class _Verbose(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        os.environ[console.VERBOSE_ENV] = "1"
+
+
+def _verbose_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", nargs=0, action=_Verbose, help="also show the libraries' own output (Ray Train's "
+                   "INFO lines, progress bars, notices)")
 
 
 def run(job: Callable[[], dict]) -> int:
     """Run `job`, print its result as the last stdout line, map errors to exit codes."""
+    console.quiet_libraries()
     try:
         result = job()
     except UserError as e:

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora import (adapters, classification, distributed, kernels, memory, memory_estimate, modeling,
+from qlora import (adapters, classification, console, distributed, kernels, memory, memory_estimate, modeling,
                    multiple_choice, plan, preflight, speed, tracking)
 from qlora.config import JobConfig, flatten, redact_uri
 from qlora.data import PreparedData, pipeline
@@ -180,7 +180,7 @@ def start_mlflow_run(job: Prepared, uri: str, name: str, extra_tags: dict | None
 
 def fit(cfg: JobConfig, payload: dict, name: str, storage: str, callbacks=()):
     """One Ray Train run of `scaling.num_workers` workers; returns Ray's Result or raises TrainingFailure."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from qlora.worker import train_loop_per_worker
@@ -191,7 +191,8 @@ def fit(cfg: JobConfig, payload: dict, name: str, storage: str, callbacks=()):
         scaling_config=ScalingConfig(**plan.scaling_kwargs(cfg.scaling)),  # the request `ray_jobs.plan` checks
         run_config=RunConfig(name=name, storage_path=storage, callbacks=list(callbacks),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures)),
+                             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+                             logging_config=LoggingConfig(log_level=console.ray_train_log_level())),
     )
     try:
         return trainer.fit()
@@ -207,7 +208,7 @@ def fit_with_memory_retries(cfg: JobConfig, name: str, storage: str, uri: str | 
     base_name = name
     while True:
         payload = {"config": worker_config(cfg).to_json(), "tracking_uri": uri, "mlflow_run_id": run_id,
-                   "data_cache": data_cache}
+                   "data_cache": data_cache, "verbose": console.verbose()}
         try:
             return fit(cfg, payload, name, storage)
         except memory.OutOfMemory as e:
@@ -249,7 +250,8 @@ def finish(result, job: Prepared, uri: str | None, run_id: str | None) -> dict:
             "train_seconds": metrics.get("train_seconds"), "steps": metrics.get("step"),
             "tokens_per_second": metrics.get("tokens_per_second"),
             **{k: metrics.get(k) for k in speed.CLOCK_KEYS}, "packing_efficiency": metrics.get("packing_efficiency"),
-            "weights_memory_gib": metrics.get("weights_memory_gib"), "peak_memory_gib": metrics.get("peak_memory_gib")}
+            "weights_memory_gib": metrics.get("weights_memory_gib"), "peak_memory_gib": metrics.get("peak_memory_gib"),
+            "peak_memory_gib_by_rank": metrics.get("peak_memory_gib_by_rank")}
 
 
 def model_metadata(job: Prepared) -> dict:

@@ -140,6 +140,21 @@ def evaluate(model, examples: list[dict], tokenizer, cfg, ctx, mc_items: list | 
     return metrics
 
 
+def describe(cfg, n_examples: int, n_choice_items: int = 0) -> str:
+    """What evaluate() will compute, in words (the progress line before it runs)."""
+    if cfg.model.task == "sequence_classification":
+        what = f"accuracy and log loss on {n_examples} examples"
+    else:
+        what = f"loss on {n_examples} examples"
+        if cfg.evaluation.generate:
+            what += f", greedy answers to {min(n_examples, cfg.evaluation.num_generate)}"
+    return what + (f", {n_choice_items} multiple-choice questions" if n_choice_items else "")
+
+
+def summary(metrics: dict) -> str:
+    return " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
+
+
 def write_results(folder: Path, metrics: dict, predictions: list[dict]) -> None:
     """metrics.json and predictions.jsonl in `folder` (the train job's final checkpoint, ray_jobs.evaluate --out)."""
     folder = Path(folder)

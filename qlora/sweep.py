@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from qlora import adapters, driver, plan, preflight, tracking
+from qlora import adapters, console, driver, plan, preflight, tracking
 from qlora.config import JobConfig, flatten
 from qlora.errors import ConfigError
 from qlora.search_space import SearchSpace, apply_params, with_tied
@@ -29,8 +29,11 @@ def trial_config(base: JobConfig, params: dict, space: SearchSpace) -> JobConfig
 
 
 def run_trial(config: dict, base_json: str, space_json: str, uri, parent_run_id, storage: str,
-              sweep_name: str) -> None:
+              sweep_name: str, verbose: bool = False) -> None:
     """Tune trainable: one trial = one TorchTrainer run, reporting to Tune through a callback."""
+    if verbose:
+        os.environ[console.VERBOSE_ENV] = "1"
+    console.quiet_libraries()
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -44,7 +47,8 @@ def run_trial(config: dict, base_json: str, space_json: str, uri, parent_run_id,
         existing = _child_runs(uri, cfg.tracking.experiment, parent_run_id, trial_id)
         run_id = existing[0].info.run_id if existing else driver.start_mlflow_run(
             job, uri, name, {"mlflow.parentRunId": parent_run_id, "trial_id": trial_id})
-    payload = {"config": cfg.to_json(), "tracking_uri": uri, "mlflow_run_id": run_id, "data_cache": job.data.cache}
+    payload = {"config": cfg.to_json(), "tracking_uri": uri, "mlflow_run_id": run_id, "data_cache": job.data.cache,
+               "verbose": console.verbose()}
     driver.finish(driver.fit(cfg, payload, name, storage, callbacks=[TuneReportCallback()]), job, uri, run_id)
 
 
@@ -104,7 +108,7 @@ def sweep(cfg: JobConfig, space: SearchSpace, name: str, resume: bool = False) -
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base_json=driver.worker_config(cfg).to_json(),  # Tune moves trials' cwd
                                  space_json=space.model_dump_json(), uri=uri, parent_run_id=parent, storage=storage,
-                                 sweep_name=name),
+                                 sweep_name=name, verbose=console.verbose()),
             plan.TRIAL_RESOURCES)  # the trial function only waits on its TorchTrainer; 0 CPUs is refused
         if resume:
             tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import random
 import resource
 import sys
@@ -19,7 +20,8 @@ from typing import Optional
 
 import torch
 
-from qlora import checkpoint, classification, distributed, evaluation, kernels, memory, modeling, multiple_choice, speed
+from qlora import (checkpoint, classification, console, distributed, evaluation, kernels, memory, modeling,
+                   multiple_choice, speed)
 from qlora.config import JobConfig
 from qlora.data import collate, collate_packed, length_grouped_order
 from qlora.data.pipeline import open_prepared
@@ -135,6 +137,9 @@ def log(ctx: distributed.Context, message: str) -> None:
 def train_loop_per_worker(payload: dict) -> None:
     import ray.train
 
+    if payload.get("verbose"):
+        os.environ[console.VERBOSE_ENV] = "1"
+    console.quiet_libraries()  # before the libraries load: bitsandbytes' notice comes with its import
     cfg = JobConfig.from_json(payload["config"])  # validated again on this side of the Ray boundary
     ctx = distributed.context(cfg.scaling.use_gpu, cfg.scaling.strategy)
     torch.manual_seed(cfg.train.seed)
@@ -182,10 +187,12 @@ def train_loop_per_worker(payload: dict) -> None:
             ray.train.report(saved["metrics"])
             return
     if before is None:
+        started = time.perf_counter()
+        log(ctx, f"held-out evaluation before training ({evaluation.describe(cfg, len(data.eval), len(mc_items))})")
         with kernels.for_evaluation(model, cfg.train.compile, cfg.model.attn_implementation):
             before = evaluation.evaluate(model, data.eval, tokenizer, cfg, ctx, mc_items)
-        log(ctx, f"before training: {before}")
-    clock = Clock()
+        log(ctx, f"before training: {evaluation.summary(before)} ({console.duration(time.perf_counter() - started)})")
+    clock = Clock(first_step=step)
 
     def report(metrics: dict, save: bool, final: bool = False, predictions: list | None = None):
         if sink:
@@ -266,8 +273,10 @@ def train_loop_per_worker(payload: dict) -> None:
         predictions = [] if last else None
         if last:
             metrics.update(clock.metrics(ctx))
+            metrics["peak_memory_gib_by_rank"] = distributed.per_rank(peak_memory_gib(ctx.device), ctx)
         if do_eval:
             eval_start = time.perf_counter()
+            log(ctx, f"held-out evaluation at step {step} ({evaluation.describe(cfg, len(data.eval), len(mc_items))})")
             with kernels.for_evaluation(model, cfg.train.compile, cfg.model.attn_implementation):
                 metrics.update(evaluation.evaluate(model, data.eval, tokenizer, cfg, ctx, mc_items, predictions))
             clock.eval_seconds += time.perf_counter() - eval_start
@@ -276,8 +285,8 @@ def train_loop_per_worker(payload: dict) -> None:
         if last:
             metrics["train_seconds"] = time.perf_counter() - clock.start
             metrics.update({f"before_{k}": v for k, v in before.items()})
-        log(ctx, f"step {step}/{plan.total_steps} " + " ".join(
-            f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+        log(ctx, console.progress_line(step, plan.total_steps, time.perf_counter() - clock.start - clock.eval_seconds,
+                                       step - clock.first_step, metrics))
         report(metrics, save=do_save, final=last, predictions=predictions)
         tokens, slots, window_loss, window_steps, t0 = 0, 0, 0.0, 0, time.perf_counter()
         flops.reset()
@@ -292,6 +301,7 @@ class Clock:
     also without the first step, which compiles under train.compile. The per-window tokens_per_second
     leaves out the time between windows (reports, checkpoints, evaluation)."""
     start: float = field(default_factory=time.perf_counter)
+    first_step: int = 0  # the step the loop started at (a resumed run's)
     first_step_end: Optional[float] = None
     tokens: int = 0
     first_step_tokens: int = 0
@@ -323,6 +333,7 @@ def final_results(metrics: dict, before: dict, device: torch.device) -> dict:
     return {"before": before, "after": after,
             "train": {k: metrics.get(k) for k in ("step", "loss", "train_seconds", "tokens_per_second", *speed.CLOCK_KEYS)},
             "memory": {"weights_gib": metrics["weights_memory_gib"], "peak_gib": metrics["peak_memory_gib"],
+                       "peak_gib_by_rank": metrics.get("peak_memory_gib_by_rank"),
                        "weights_kind": "bytes of the frozen base's parameters and buffers this worker "
                                        "holds (its shard under scaling.strategy=fsdp)",
                        "peak_kind": PEAK_MEMORY_KIND[device.type]}}

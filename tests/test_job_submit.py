@@ -71,6 +71,15 @@ def test_submitted_train_job_learns_logs_registers_and_evaluates(servers, smollm
     assert train.returncode == 0, train.stdout[-4000:] + train.stderr[-2000:]
     assert "qlora-train-1' succeeded" in job_cli(head, "status", "qlora-train-1")
     result = last_json(train.stdout)  # logs streamed back, ending with the job's JSON line
+    # A quiet console: our progress lines (step/total, loss, tokens/s, ETA; evaluation before and after), none of
+    # the libraries' noise (weight-loading bars, bitsandbytes' kernels notice, FutureWarnings, Ray Train's echo of
+    # every report).
+    log = train.stdout + train.stderr
+    assert "[qlora] step 2/4 (50%)" in log and "ETA" in log and "[qlora] step 4/4 (100%)" in log
+    assert "[qlora] held-out evaluation before training (loss on 16 examples, greedy answers to 4)" in log
+    for noise in ("Reporting training result", "Loading weights", "gemm_4bit_forward", "FutureWarning",
+                  "Started training worker group"):
+        assert noise not in log, noise
     assert result["registered_uri"] == "models:/people-extractor/1"
     before, after = result["metrics_before"], result["metrics_after"]
     assert after["eval_loss"] < 0.7 * before["eval_loss"], (before, after)  # 4 steps teach the JSON format
