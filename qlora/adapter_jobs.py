@@ -215,6 +215,7 @@ def read_prompts(path: str) -> list[str]:
 # quantized kernels that compute in bf16 (bitsandbytes' AVX512-BF16 CPU path: ~3e-3 on a tiny Llama),
 # below the ~3e-2 of merging into the original instead of the dequantized weights.
 MERGE_TOLERANCE = {"float32": 1e-2, "bfloat16": 0.25, "float16": 0.05}
+MERGE_ORDER = ("bfloat16", "float32")  # --dtype auto: the smaller first
 
 
 def export(ref: str, cfg: JobConfig, folder: Path, out: str, merge: bool, dtype: str) -> dict:
@@ -223,16 +224,17 @@ def export(ref: str, cfg: JobConfig, folder: Path, out: str, merge: bool, dtype:
         raise ConfigError(f"--out {target} exists and is not empty", "choose a new folder (nothing is overwritten)")
     if not merge:
         return _export_adapter(ref, cfg, folder, target)
-    if dtype not in MERGE_TOLERANCE:
+    if dtype not in MERGE_TOLERANCE and dtype != "auto":
         raise ConfigError(f"--merge --dtype {dtype}: merging LoRA into {dtype} weights rounds every merged weight back "
                           f"to {dtype}, which loses most of the adapter's small update",
-                          "merge to --dtype bfloat16 (and quantize the merged model when you load it, e.g. "
+                          "merge to --dtype auto, bfloat16 or float32 (and quantize the merged model when you load it, e.g. "
                           "load_in_4bit), or drop --merge to export the adapter for use on the quantized base")
     driver.prepare_job(cfg)
     result = on_worker(cfg, _merge_task, adapters.pack(folder), str(target), dtype)
-    print(f"merged {dtype} model written to {target}; max |logit difference| against base + adapter: "
-          f"{result['max_logit_diff']:.2e}", flush=True)
-    return {"out": str(target), "format": "merged", "dtype": dtype, **result}
+    print(f"merged {result['dtype']} model written to {target}; max |logit difference| against base + adapter: "
+          f"{result['max_logit_diff']:.2e}" + (f" (tried {result['tried']})" if len(result["tried"]) > 1 else ""),
+          flush=True)
+    return {"out": str(target), "format": "merged", **result}
 
 
 def _export_adapter(ref: str, cfg: JobConfig, folder: Path, target: Path) -> dict:
@@ -253,41 +255,56 @@ def _export_adapter(ref: str, cfg: JobConfig, folder: Path, target: Path) -> dic
 
 
 def _merge_task(cfg_json: str, files: dict, out: str, dtype_name: str) -> dict:
-    """Fold LoRA into a 16-bit copy of the base the adapter was trained on: the base is loaded as in
+    """Fold LoRA into a 16- or 32-bit copy of the base the adapter was trained on: the base is loaded as in
     training and a 4/8-bit one dequantized, so the merged model is the trained model (quantization error
     included) rather than the adapter on weights it never saw. Its logits are checked against the
-    quantized base + adapter on a probe input before anything is written."""
+    quantized base + adapter on a probe input before anything is written. dtype auto: bfloat16 if it passes
+    that check, else float32."""
     console.quiet_libraries()
     import torch
-    from peft import PeftModel
 
     from qlora import distributed, modeling
     from qlora.model_source import resolve
     cfg = JobConfig.from_json(cfg_json)
     ctx = distributed.context(cfg.scaling.use_gpu)
-    dtype = getattr(torch, dtype_name)
     source = resolve(cfg.model.name, cfg.model.gguf_file, cfg.model.revision)
     tokenizer = modeling.load_tokenizer(source, cfg)
-    base = modeling.load_base_model(cfg, source, ctx.device, tokenizer.pad_token_id)
     probe = torch.tensor([tokenizer.encode("The quick brown fox jumps over the lazy dog.")], device=ctx.device)
+    tried = {}
     with tempfile.TemporaryDirectory() as tmp:
         adapter = str(adapters.unpack(files, Path(tmp)) / adapters.ADAPTER_DIR)
-        trained = PeftModel.from_pretrained(base, adapter).eval()
-        with torch.no_grad():
-            expected = trained(input_ids=probe).logits.float()
-        base = trained.unload()  # the base's own layers back, to dequantize
-        if cfg.quantization.bits != 16:
-            base = base.dequantize(dtype=dtype)
-        model = PeftModel.from_pretrained(base.to(dtype), adapter)
-    with torch.no_grad():
-        merged = model.merge_and_unload().eval()
-        merged.config.use_cache = True
-        diff = (merged(input_ids=probe).logits.float() - expected).abs().max().item()
-    if diff > MERGE_TOLERANCE[dtype_name]:
-        raise TrainingFailure(f"merged model disagrees with base + adapter (max |logit diff| {diff:.3g}, "
-                              f"allowed {MERGE_TOLERANCE[dtype_name]} in {dtype_name})")
+        for name in MERGE_ORDER if dtype_name == "auto" else (dtype_name,):
+            merged, tried[name] = _merged(cfg, source, tokenizer, adapter, getattr(torch, name), probe, ctx.device)
+            if tried[name] <= MERGE_TOLERANCE[name]:
+                break
+    if tried[name] > MERGE_TOLERANCE[name]:
+        raise TrainingFailure(f"merged model disagrees with base + adapter in {name} (max |logit diff| "
+                              f"{tried[name]:.3g}, allowed {MERGE_TOLERANCE[name]}): {name} rounds this model's "
+                              "merged weights too coarsely; export with --dtype float32 (or --dtype auto, which "
+                              "falls back to it)")
     target = Path(out)
     with writing_folder(target) as tmp_out:  # target is absent or empty (checked in export)
         merged.save_pretrained(tmp_out, safe_serialization=True)
         tokenizer.save_pretrained(tmp_out)
-    return {"max_logit_diff": diff, "bytes": sum(p.stat().st_size for p in target.rglob("*") if p.is_file())}
+    return {"dtype": name, "max_logit_diff": tried[name], "tried": tried,
+            "bytes": sum(p.stat().st_size for p in target.rglob("*") if p.is_file())}
+
+
+def _merged(cfg: JobConfig, source, tokenizer, adapter: str, dtype, probe, device):
+    """(base + adapter merged in `dtype`, max |logit difference| on `probe` against quantized base + adapter)."""
+    import torch
+    from peft import PeftModel
+
+    from qlora import modeling
+    base = modeling.load_base_model(cfg, source, device, tokenizer.pad_token_id)
+    trained = PeftModel.from_pretrained(base, adapter).eval()
+    with torch.no_grad():
+        expected = trained(input_ids=probe).logits.float()
+    base = trained.unload()  # the base's own layers back, to dequantize
+    if cfg.quantization.bits != 16:
+        base = base.dequantize(dtype=dtype)
+    model = PeftModel.from_pretrained(base.to(dtype), adapter)
+    with torch.no_grad():
+        merged = model.merge_and_unload().eval()
+        merged.config.use_cache = True
+        return merged, (merged(input_ids=probe).logits.float() - expected).abs().max().item()

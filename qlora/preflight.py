@@ -50,6 +50,24 @@ def local_cpus() -> int:
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def check_sweep_compute(cfg: JobConfig, trial_cpus: float) -> None:
+    """One trial of a sweep fits the local cluster it would start: its workers and the trial's own driver
+    (a Tune actor of `trial_cpus` CPUs that waits on them), or every trial would wait forever."""
+    if not starts_local_cluster(cfg):
+        return
+    s = cfg.scaling
+    cpus_each = s.resources_per_worker.get("CPU", s.cpus_per_worker)
+    need, have = cpus_each * s.num_workers + trial_cpus, local_cpus()
+    if need > have:
+        fit = (have - trial_cpus) / s.num_workers
+        raise EnvironmentProblem(
+            f"a sweep trial needs {s.num_workers} workers x {cpus_each:g} CPUs + {trial_cpus:g} CPU for the trial's "
+            f"driver = {need:g} CPUs; the local Ray cluster this sweep starts has {have}, so no trial would ever "
+            "start its workers",
+            f"set scaling.cpus_per_worker={int(fit * 100) / 100:g} (fractional CPUs are fine), lower "
+            "scaling.num_workers, or set scaling.ray_address to a bigger cluster")
+
+
 def check_compute(cfg: JobConfig) -> None:
     """What the workers ask for fits the local cluster the job would start (a remote one is not probed)."""
     if not starts_local_cluster(cfg):

@@ -82,6 +82,7 @@ def sweep(cfg: JobConfig, space: SearchSpace, name: str, resume: bool = False) -
     space.check_against(cfg)
     base = driver.prepare_job(cfg)  # model, data sources and LoRA checks before the cluster is touched
     preflight.check(cfg)
+    preflight.check_sweep_compute(cfg, plan.TRIAL_RESOURCES["CPU"])
     if not base.data_plan.needs_ray:  # small data: bad records fail before Ray
         driver.ensure_data(base)
     storage = driver.storage_root(cfg)

@@ -550,6 +550,17 @@ def test_search_space_case(work, models, params, tied, problem, fix):
     assert_bad_input(o, problem, fix, "ConfigError")
 
 
+def test_sweep_whose_trial_does_not_fit_the_local_cpus(work, models, monkeypatch):
+    """2 workers x 1 CPU + the trial's 0.01-CPU driver on 2 CPUs: no trial could start (Tune would wait until the
+    time budget ends); refused before the cluster starts, with the cpus_per_worker that fits."""
+    monkeypatch.setattr(preflight, "local_cpus", lambda: 2)
+    cfg = job(work, model={"name": str(models["tiny"])}, scaling={"num_workers": 2, "cpus_per_worker": 1})
+    write(work, "space.yaml", yaml.safe_dump({"params": {"train.learning_rate": {"choice": [1e-4, 1e-3]}}}))
+    o = run_cli(["--config", cfg, "--space", "space.yaml"], entry="sweep")
+    assert_bad_input(o, ["2 workers x 1 CPUs + 0.01 CPU for the trial's driver = 2.01 CPUs", "has 2"],
+                     "set scaling.cpus_per_worker=0.99", "EnvironmentProblem")
+
+
 # --- real subprocesses: started in parallel when the module starts, checked at its end ----------------
 # Only the processes whose tests are selected start (`-k` on an in-process case starts none).
 

@@ -92,6 +92,19 @@ def test_adapter_export_is_complete_and_loads_with_peft(tiny_model_dir, tmp_path
     assert export.main(["--adapter", str(tmp_path / "run"), "--out", str(out)]) == 2
 
 
+def test_merge_by_default_takes_the_smallest_dtype_that_passes_the_parity_check(ray_session, tiny_model_dir,
+                                                                                tmp_path, capsys):
+    from qlora.adapter_jobs import MERGE_ORDER, MERGE_TOLERANCE
+    trained_adapter(tmp_path / "run", ROOT / "configs/quickstart.yaml", tiny_model_dir, 4)
+    assert export.main(["--adapter", str(tmp_path / "run"), "--out", str(tmp_path / "m"), "--merge"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    tried = result["tried"]
+    assert list(tried) == list(MERGE_ORDER[:len(tried)]) and result["dtype"] == list(tried)[-1]
+    assert result["max_logit_diff"] <= MERGE_TOLERANCE[result["dtype"]]
+    assert all(tried[d] > MERGE_TOLERANCE[d] for d in list(tried)[:-1])  # each one passed over failed the check
+    assert (tmp_path / "m" / "config.json").is_file()
+
+
 def test_merging_into_a_quantized_dtype_is_refused(tiny_model_dir, tmp_path, capsys):
     trained_adapter(tmp_path / "run", ROOT / "configs/quickstart.yaml", tiny_model_dir, 4)
     assert export.main(["--adapter", str(tmp_path / "run"), "--out", str(tmp_path / "m"), "--merge",
