@@ -72,13 +72,14 @@ class QuantizationSection(Section):
 class LoraSection(Section):
     r: int = Field(16, gt=0, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
-    dropout: float = Field(0.05, ge=0, lt=1)
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch's input.")
     target_modules: Union[Literal["all-linear"], list[str]] = Field(
         "all-linear", description="Module name suffixes to adapt, or all-linear (every linear layer but the head).")
     layers_to_transform: Optional[list[int]] = Field(None, description="Only adapt these layer indices.")
     skip_first_layers: int = Field(0, ge=0, description="Adapt every layer but the first N (turned into "
                                    "layers_to_transform once the model's layer count is known).")
-    bias: Literal["none", "all", "lora_only"] = "none"
+    bias: Literal["none", "all", "lora_only"] = Field("none",
+            description="Which biases train (peft's bias): none, all, or those of the adapted layers.")
 
     @model_validator(mode="after")
     def _targets_not_empty(self):
@@ -105,9 +106,9 @@ CLASSIFICATION_FORMATS = ("classification", "pairwise")
 
 
 class DataSection(Section):
-    path: str = Field(..., description="Training data: a local .json/.jsonl/.csv/.tsv/.parquet file, a folder of such "
-                      "shards, a datasets save_to_disk folder, a cloud URI (s3://, gs://, abfs://, file://: a file or a "
-                      "prefix of shards), or a hub dataset id (org/name, with split / subset / revision).")
+    path: str = Field(..., description="Training data: a local .json/.jsonl/.csv/.tsv/.parquet file, a folder of "
+                      "such shards, a datasets save_to_disk folder, a cloud URI (s3://, gs://, abfs://, file://: a "
+                      "file or a prefix of shards), or a hub dataset id (org/name, with split / subset / revision).")
     split: str = Field("train", min_length=1, description="The split of a hub dataset or save_to_disk folder that "
                        "data.path names (datasets' split syntax, e.g. train or train[:10%]).")
     subset: Optional[str] = Field(None, description="The hub dataset's configuration (load_dataset's name).")
@@ -134,7 +135,8 @@ class DataSection(Section):
                                           "(stratified by label for classification) instead of eval_fraction.")
     eval_path: Optional[str] = Field(None, description="Held-out data, any source data.path takes; if unset, "
                                      "eval_fraction of `path` is held out.")
-    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    eval_fraction: float = Field(0.1, gt=0, lt=1,
+            description="Share of data.path held out (seeded) when neither eval_path nor kfold is set.")
     eval_max_samples: Optional[int] = Field(None, gt=0, description="Cap the held-out set (speed).")
     max_samples: Optional[int] = Field(None, gt=0, description="Use at most this many training records.")
     fraction: float = Field(1.0, gt=0, le=1, description="Use this fraction of the training records "
@@ -171,23 +173,29 @@ class DataSection(Section):
 
 
 class TrainSection(Section):
-    learning_rate: float = Field(2e-4, gt=0)
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    epochs: float = Field(1.0, gt=0)
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate of the LoRA weights.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine",
+            description="Decay after warmup (transformers' get_scheduler).")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup over this many optimizer steps.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1,
+            description="Warmup as a share of the total steps (instead of warmup_steps).")
+    epochs: float = Field(1.0, gt=0,
+            description="Passes over the training examples (fractions allowed); max_steps overrides.")
     max_steps: Optional[int] = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
     batch_size: int = Field(4, gt=0, description="Examples per worker per micro-batch.")
-    gradient_accumulation: int = Field(1, gt=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    gradient_accumulation: int = Field(1, gt=0,
+            description="Micro-batches per optimizer step (global batch = batch_size x this x workers).")
+    max_grad_norm: float = Field(1.0, gt=0, description="Clip the gradient norm (over all workers) to this.")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay of the optimizer.")
     optimizer: Literal["adamw", "sgd", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"] = Field(
         "adamw", description="paged_* and adamw_8bit are bitsandbytes CUDA optimizers (need scaling.use_gpu).")
     cpu_optimizer_fallback: Optional[Literal["adamw", "sgd"]] = Field(
         None, description="With scaling.use_gpu=false, train with this optimizer instead of a GPU-only "
         "train.optimizer (paged_*, adamw_8bit), so one config runs on a GPU cluster and on a laptop; the "
         "switch is printed. Unset: such a config is refused on CPU.")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(False,
+            description="Recompute the decoder layers' activations in the backward pass (less memory, about a "
+            "third more compute).")
     checkpointed_fraction: float = Field(1.0, gt=0, le=1, description="With gradient_checkpointing: recompute "
                                          "activations in this fraction of the decoder layers (spread evenly); the "
                                          "others keep theirs. Lower is faster and takes more memory.")
@@ -208,7 +216,7 @@ class TrainSection(Section):
                                   "padding); still a seeded, deterministic order, so resuming stays exact.")
     auto_batch_size: bool = Field(False, description="On GPU out of memory, retry with half of batch_size and "
                                   "twice gradient_accumulation (same global batch), down to batch_size 1.")
-    seed: int = 42
+    seed: int = Field(42, description="Seed of the LoRA initialisation, the example order and dropout.")
     log_every: int = Field(5, gt=0, description="Report metrics every N optimizer steps.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: only before and after training).")
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
@@ -235,9 +243,10 @@ class TrainSection(Section):
 
 class EvaluationSection(Section):
     generate: bool = Field(True, description="Generate answers for held-out prompts and score exact match.")
-    max_new_tokens: int = Field(32, gt=0)
+    max_new_tokens: int = Field(32, gt=0, description="Longest greedy answer generated per held-out prompt.")
     num_generate: int = Field(32, gt=0, description="Held-out examples to generate for.")
-    batch_size: int = Field(16, gt=0)
+    batch_size: int = Field(16, gt=0,
+            description="Held-out examples per forward pass (split further to bound the logits' memory).")
     answer_metric: Literal["exact", "final_number"] = Field(
         "exact", description="exact: exact_match only. final_number: also final_number_match, whether the last "
         "number of the answer (GSM8K: the one after '####') equals the reference's.")
@@ -265,7 +274,7 @@ class ScalingSection(Section):
         None, min_length=1, description="Ray accelerator type the workers must run on, e.g. A10G, A100, H100, L4 "
         "(case-sensitive, as in ray.util.accelerators; passed to ray.train.ScalingConfig(accelerator_type=...), "
         "which places each worker on a node with resource accelerator_type:<type>). Unset: any node.")
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker reserves (fractions allowed).")
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Extra Ray resources.")
     ray_address: Optional[str] = Field(None, description="Ray cluster address; unset: start a local cluster "
                                        "(or join the one `ray job submit` runs in).")
@@ -276,7 +285,7 @@ class ScalingSection(Section):
 
 
 class TrackingSection(Section):
-    enabled: bool = True
+    enabled: bool = Field(True, description="Log params, metrics, config and the adapter to MLflow.")
     uri: Optional[str] = Field(None, description="MLflow tracking URI; unset: $MLFLOW_TRACKING_URI, else a "
                                "sqlite store in the project folder (mlflow.db, artifacts in mlruns/).")
     experiment: str = Field("qlora", description="MLflow experiment; may hold {section.key} placeholders like "

@@ -178,3 +178,11 @@ def test_deepspeed_without_the_package_fails_before_anything_loads(tmp_path, mon
     with pytest.raises(EnvironmentProblem) as err:
         driver.prepare_job(cfg)
     assert "deepspeed package is not installed" in str(err.value) and "qlora-ray[deepspeed]" in str(err.value)
+
+
+def test_the_configuration_reference_is_current_and_documents_every_key():
+    from qlora.config_reference import render
+    text = render()
+    assert (ROOT / "docs" / "config.md").read_text() == text, "run: python -m qlora.config_reference > docs/config.md"
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert len(rows) > 80 and all(not line.rstrip().endswith("|  |") for line in rows)  # each key has its words
