@@ -36,6 +36,7 @@ def server_env(**extra: str) -> dict:
 class RayHead:
     dashboard: str  # http://127.0.0.1:PORT, what `ray job submit --address` takes
     temp_dir: Path
+    env: dict  # the environment its `ray` commands use: a fresh home folder, as on a new user's machine
 
     def stop(self) -> None:
         """Kill this cluster's processes only (`ray stop` would stop every cluster of this user)."""
@@ -48,15 +49,22 @@ class RayHead:
 
 
 def start_ray_head(num_cpus: int = 2) -> RayHead:
+    """`ray start --head` as docs/scale_out.md has a user run it, from an empty home folder: the token first
+    (`ray get-auth-token --generate`: `ray start` does not write one), then the head."""
     # Short temp dir: Ray's unix socket paths under it must stay below 108 characters.
     temp_dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
+    # The packaged model's converted copy stays where this machine has it (converting again costs a minute).
+    from qlora.model_source import cache_root
+    env = server_env(HOME=str(temp_dir / "home"), QLORA_CACHE=str(cache_root()))
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True,
+                   timeout=60)
     dash = free_port()
     cmd = [str(BIN / "ray"), "start", "--head", f"--port={free_port()}", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dash}", f"--ray-client-server-port={free_port()}",
            f"--dashboard-agent-listen-port={free_port()}", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
            "--disable-usage-stats"]
-    subprocess.run(cmd, env=server_env(), check=True, capture_output=True, timeout=120)
-    head = RayHead(f"http://127.0.0.1:{dash}", temp_dir)
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+    head = RayHead(f"http://127.0.0.1:{dash}", temp_dir, env)
     _wait_http(head.dashboard + "/api/version", 60)
     return head
 

@@ -115,7 +115,7 @@ def killed_and_resumed(tmp_path: Path, model: Path, strategy: str) -> dict:
                             start_new_session=True)
     try:
         wait_for(lambda: registered_checkpoints(tmp_path / "runs" / "killed"), proc, "a checkpoint")
-        victims = train_worker_pids()
+        victims = train_worker_pids(proc)
         assert len(victims) == 2
         psutil.Process(victims[1]).kill()
         assert proc.wait(timeout=600) == 0, log_path.read_text()[-3000:]

@@ -13,7 +13,7 @@ from qlora import checkpoint, tracking
 from qlora.tracking import client
 
 from conftest import ROOT
-from servers import BIN, server_env, start_mlflow_server, start_ray_head
+from servers import BIN, start_mlflow_server, start_ray_head
 
 
 class Servers:
@@ -38,11 +38,11 @@ def servers(tmp_path_factory):
 def submit(head, submission_id: str, *entrypoint: str, timeout=600) -> subprocess.CompletedProcess:
     cmd = [str(BIN / "ray"), "job", "submit", "--address", head.dashboard, "--submission-id", submission_id,
            "--working-dir", ".", "--runtime-env", "runtime_env.yaml", "--", "python", "-m", *entrypoint]
-    return subprocess.run(cmd, cwd=ROOT, env=server_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, env=head.env, capture_output=True, text=True, timeout=timeout)
 
 
 def job_cli(head, *args: str) -> str:
-    proc = subprocess.run([str(BIN / "ray"), "job", *args, "--address", head.dashboard], env=server_env(),
+    proc = subprocess.run([str(BIN / "ray"), "job", *args, "--address", head.dashboard], env=head.env,
                           capture_output=True, text=True, timeout=60)
     return proc.stdout + proc.stderr
 

@@ -51,12 +51,22 @@ def wait_for(condition, proc, what: str, timeout: float = 300) -> None:
         time.sleep(0.2)
 
 
-def train_worker_pids() -> list[int]:
-    pids = []
-    for p in psutil.process_iter(["cmdline"]):
-        if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
-            pids.append(p.pid)
-    return pids
+def job_processes(job: subprocess.Popen, *kinds: str) -> list[psutil.Process]:
+    """The Ray processes of kinds (RayTrainWorker, TrainController) that belong to this test's job: descendants
+    of its driver, whose `ray.init` started the local cluster they run in. Other Ray jobs on the machine (another
+    test run, a user's training) are never touched."""
+    found = []
+    for p in psutil.Process(job.pid).children(recursive=True):
+        try:
+            if any(k in " ".join(p.cmdline()) for k in kinds):
+                found.append(p)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def train_worker_pids(job: subprocess.Popen) -> list[int]:
+    return sorted(p.pid for p in job_processes(job, "RayTrainWorker"))
 
 
 def resumed_steps(log: str) -> list[int]:
@@ -75,7 +85,7 @@ def test_killed_worker_then_killed_driver_and_corrupt_checkpoint_resume_to_ident
     run_dir = tmp_path / "killed" / "killed"
     # 1. Kill the worker once Ray has registered a checkpoint (its snapshot lists it), not merely written one.
     wait_for(lambda: registered_checkpoints(run_dir), proc, "a checkpoint")
-    victims = train_worker_pids()
+    victims = train_worker_pids(proc)
     assert victims, "no Ray Train worker process found"
     for pid in victims:
         psutil.Process(pid).kill()
@@ -83,13 +93,16 @@ def test_killed_worker_then_killed_driver_and_corrupt_checkpoint_resume_to_ident
     wait_for(lambda: resumed_steps(log_path.read_text()) and len(registered_checkpoints(run_dir)) == 2
              and registered_checkpoints(run_dir)[0][0] > resumed_steps(log_path.read_text())[0], proc,
              "two checkpoints after the worker restart")
+    # The local cluster the driver started outlives it for a moment (its processes are not in the driver's
+    # process group) and could still register a checkpoint: its Train controller and workers go with it.
+    stragglers = job_processes(proc, "RayTrainWorker", "TrainController")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    # The local cluster the driver started outlives it for a moment (its processes are not in the
-    # driver's group) and could still register a checkpoint: stop the Train controller and workers first.
-    for p in psutil.process_iter(["cmdline"]):
-        if any(k in " ".join(p.info["cmdline"] or []) for k in ("RayTrainWorker", "TrainController")):
+    for p in stragglers:
+        try:
             p.kill()
+        except psutil.NoSuchProcess:
+            pass
     time.sleep(2)
     first_log = log_path.read_text()
     resumed_at = resumed_steps(first_log)[0]
