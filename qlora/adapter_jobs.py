@@ -169,7 +169,10 @@ def _evaluate_on_workers(cfg: JobConfig, files: dict, data_cache: str) -> dict:
 
 # ---- generate ---------------------------------------------------------------------------------------
 
-def generate(cfg: JobConfig, folder: Path, prompts: list[str], max_new_tokens: int | None) -> dict:
+def generate(cfg: JobConfig, folder: Path, prompts: list[str], max_new_tokens: int | None,
+             compare_base: bool = False) -> dict:
+    """Greedy answers of the adapter; with `compare_base` also the base model's own (the adapter switched off:
+    the same loaded weights, so the difference is the adapter's)."""
     if not prompts:
         raise ConfigError("no prompts to generate for", "pass --prompt TEXT (repeatable) or --prompts-file FILE")
     if cfg.model.task == "sequence_classification":
@@ -177,21 +180,25 @@ def generate(cfg: JobConfig, folder: Path, prompts: list[str], max_new_tokens: i
                           "use python -m ray_jobs.evaluate (metrics and predictions.jsonl) or the MLflow model's "
                           "predict()")
     driver.prepare_job(cfg)
-    completions = on_worker(cfg, _generate_task, adapters.pack(folder), prompts,
-                            max_new_tokens or cfg.evaluation.max_new_tokens)
-    for p, c in zip(prompts, completions):
-        print(f"> {p}\n{c}\n", flush=True)
-    return {"completions": completions}
+    out = on_worker(cfg, _generate_task, adapters.pack(folder), prompts,
+                    max_new_tokens or cfg.evaluation.max_new_tokens, compare_base)
+    for i, (p, c) in enumerate(zip(prompts, out["completions"])):
+        print(f"> {p}\n{c}\n" + (f"  (base model: {out['base_completions'][i]})\n" if compare_base else ""), flush=True)
+    return out
 
 
-def _generate_task(cfg_json: str, files: dict, prompts: list[str], max_new_tokens: int) -> list[str]:
+def _generate_task(cfg_json: str, files: dict, prompts: list[str], max_new_tokens: int, compare_base: bool) -> dict:
     console.quiet_libraries()
     from qlora import distributed
     cfg = JobConfig.from_json(cfg_json)
     ctx = distributed.context(cfg.scaling.use_gpu)
     with tempfile.TemporaryDirectory() as tmp:
         model, tokenizer = adapters.load_for_inference(cfg, adapters.unpack(files, Path(tmp)), ctx.device)
-    return adapters.complete(model, tokenizer, cfg, prompts, max_new_tokens)
+    out = {"completions": adapters.complete(model, tokenizer, cfg, prompts, max_new_tokens)}
+    if compare_base:
+        with model.disable_adapter():
+            out["base_completions"] = adapters.complete(model, tokenizer, cfg, prompts, max_new_tokens)
+    return out
 
 
 def read_prompts(path: str) -> list[str]:

@@ -58,6 +58,22 @@ def _quiet_ray_train_reports() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+class _NewHeadReport(logging.Filter):
+    """Drops transformers' load report when a classifier's head is all it lists as newly initialized: the head
+    is new by design (the adapter carries the trained one)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("newly initialized" in message and "score" in message and "UNEXPECTED" not in message)
+
+
+def expect_new_classifier_head() -> None:
+    """Quiet transformers' "score.weight | MISSING ... newly initialized" report for sequence classifiers."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    if not verbose() and not any(isinstance(f, _NewHeadReport) for f in logger.filters):
+        logger.addFilter(_NewHeadReport())
+
+
 def _importable(name: str) -> bool:
     import importlib.util
     return importlib.util.find_spec(name) is not None

@@ -29,13 +29,20 @@ def dry_run(cfg: JobConfig) -> dict:
     print(f"model: {job.source.description} -> {job.source.path}")
     print(f"data cache: {describe_preparation(job.data)}")
     s = job.data.stats
+    classifying = cfg.model.task == "sequence_classification"
     print(f"data: format={job.data.fmt} train={s['records']} eval={len(job.data.eval)} "
           f"tokens p50={s['token_length_p50']} p95={s['token_length_p95']} max={s['token_length_max']} "
-          f"truncated={s['truncated_fraction']:.1%} masked labels={s['masked_label_fraction']:.1%}")
-    print(f"truncation at data.max_length={cfg.data.max_length}: {s['truncated_examples']} of {s['records']} "
-          f"examples cut ({s['truncated_fraction']:.1%}); {s['trained_tokens_cut']:,} of "
-          f"{s['trained_tokens'] + s['trained_tokens_cut']:,} trained tokens lost ({s['trained_tokens_cut_fraction']:.1%})"
-          + (f"; {s['dropped_no_labels']} examples dropped (no trained token left)" if s["dropped_no_labels"] else ""))
+          f"truncated={s['truncated_fraction']:.1%}" + ("" if classifying else
+                                                        f" masked labels={s['masked_label_fraction']:.1%}"))
+    if classifying:  # one label per example: truncation cuts text, never a trained token
+        print(f"truncation at data.max_length={cfg.data.max_length}: {s['truncated_examples']} of {s['records']} "
+              f"inputs cut ({s['truncated_fraction']:.1%})")
+    else:
+        print(f"truncation at data.max_length={cfg.data.max_length}: {s['truncated_examples']} of {s['records']} "
+              f"examples cut ({s['truncated_fraction']:.1%}); {s['trained_tokens_cut']:,} of "
+              f"{s['trained_tokens'] + s['trained_tokens_cut']:,} trained tokens lost "
+              f"({s['trained_tokens_cut_fraction']:.1%})"
+              + (f"; {s['dropped_no_labels']} examples dropped (no trained token left)" if s["dropped_no_labels"] else ""))
     fill = batch_fill(cfg, job.data.lengths)
     if cfg.data.packing:
         print(f"packing: {s['records'] - s['dropped_no_labels']} examples in {s['packed_rows']} rows of <= "
@@ -52,7 +59,7 @@ def dry_run(cfg: JobConfig) -> dict:
     sample = sample_segments(job.data.examples[0], job.tokenizer)
     cache = {"data_cache": job.data.cache, "data_cache_reused": job.data.reused, "data_preparation": job.data.work,
              "data_seconds": round(job.data_seconds, 2)}
-    if cfg.model.task == "sequence_classification":
+    if classifying:
         first = job.data.train[0]
         print(f"classes: {job.cfg.model.num_labels}; training labels: {s['label_counts']}")
         print(f"one training example (label {first['label']}, {len(first['input_ids'])} tokens; the head reads "

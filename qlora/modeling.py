@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qlora import console
 from qlora.config import JobConfig, LoraSection, QuantizationSection
 from qlora.errors import ConfigError
 from qlora.model_source import ModelSource
@@ -176,6 +177,8 @@ def load_base_model(cfg: JobConfig, source: ModelSource, device: torch.device, p
         raise ValueError("load_base_model: a sequence_classification model needs the tokenizer's pad_token_id")
     dtype = compute_dtype(cfg.quantization, device)
     qconf = quantization_config(cfg.quantization, dtype)
+    if task_kwargs:
+        console.expect_new_classifier_head()
     model = cls.from_pretrained(
         source.path, **task_kwargs, revision=None if source.is_local else cfg.model.revision,
         trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation,

@@ -1,6 +1,7 @@
 """Generate answers with a saved adapter on its quantized base model.
 
     python -m ray_jobs.generate --adapter models:/NAME/VERSION --prompt "..." [--prompt ...] [--prompts-file F]
+        [--compare-base]   (also the base model's answer, the adapter switched off)
 """
 import sys
 
@@ -12,13 +13,15 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", action="append", default=[], help="a user message (repeatable)")
     parser.add_argument("--prompts-file", help="one prompt per line, or JSON lines with a \"prompt\" field")
     parser.add_argument("--max-new-tokens", type=int, help="default: evaluation.max_new_tokens of the config")
+    parser.add_argument("--compare-base", action="store_true",
+                        help="also answer with the base model alone (the adapter switched off), for comparison")
     args = parser.parse_args(argv)
 
     def job():
         from qlora import adapter_jobs
         prompts = args.prompt + (adapter_jobs.read_prompts(args.prompts_file) if args.prompts_file else [])
         folder, cfg = adapter_jobs.load_job(args.adapter, args.config, args.overrides)
-        return adapter_jobs.generate(cfg, folder, prompts, args.max_new_tokens)
+        return adapter_jobs.generate(cfg, folder, prompts, args.max_new_tokens, args.compare_base)
 
     return run(job)
 

@@ -68,8 +68,10 @@ def test_gsm8k_on_4bit_and_8bit_bases(ray_cluster, tmp_path):
     # Reload the saved 4-bit adapter (ray_jobs.generate's path: a Ray task) and answer a new question.
     folder = adapters.resolve(four["checkpoint"])
     cfg = adapters.read_config(folder)
-    out = adapter_jobs.generate(cfg, folder, ["Tom has 3 apples and buys 4 more. How many apples does he have?"], 8)
+    out = adapter_jobs.generate(cfg, folder, ["Tom has 3 apples and buys 4 more. How many apples does he have?"], 8,
+                                compare_base=True)
     assert len(out["completions"]) == 1 and out["completions"][0].strip()
+    assert len(out["base_completions"]) == 1 and out["base_completions"][0].strip()  # the adapter switched off
 
 
 def test_qlora_recipe_cpu_variant(ray_cluster, tmp_path):
