@@ -92,7 +92,7 @@ def load_for_inference(cfg: JobConfig, folder: Path, device):
     tokenizer = modeling.load_tokenizer(source, cfg)
     base = modeling.load_base_model(cfg, source, device, tokenizer.pad_token_id)
     base.config.use_cache = True
-    if cfg.model.attn_implementation == "flex_attention":  # a training kernel for packed rows (config.py)
+    if cfg.model.attn_implementation == "flex_attention":  # a training kernel for packed rows (model.attn_implementation)
         base.set_attn_implementation("sdpa")
     model = PeftModel.from_pretrained(base, str(folder / ADAPTER_DIR))
     return model.eval(), tokenizer

@@ -1,4 +1,4 @@
-"""docs/config.md, generated from the schema (qlora/config.py): every section and key with its type, default and
+"""docs/config.md, generated from the schema (qlora/config/): every section and key with its type, default and
 description, so the reference cannot drift from what the config accepts (tests/test_config.py compares them).
 
     python -m qlora.config_reference > docs/config.md
@@ -14,7 +14,7 @@ from qlora.config import JobConfig
 
 HEADER = """# Configuration reference
 
-Generated from `qlora/config.py` by `python -m qlora.config_reference > docs/config.md` (a test fails when this
+Generated from `qlora/config/` by `python -m qlora.config_reference > docs/config.md` (a test fails when this
 file is stale). A job config is YAML with these sections; any key can be overridden on the command line with
 `--set section.key=value`. Unknown keys, wrong types and contradictions fail before anything runs, naming the key
 and the fix.
