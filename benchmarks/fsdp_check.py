@@ -26,7 +26,7 @@ import torch.distributed as dist
 from qlora import distributed, evaluation, kernels, memory_estimate, modeling
 from qlora.config import JobConfig
 from qlora.model_source import ModelSource
-from qlora.worker import make_optimizer
+from qlora.train_step import make_optimizer
 
 DEVICE = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 

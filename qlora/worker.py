@@ -1,4 +1,5 @@
-"""The loop each Ray Train worker runs: load 4-bit base + LoRA, train, evaluate, checkpoint, report.
+"""The loop each Ray Train worker runs, as named steps: set up (data, 4-bit base + LoRA, strategy, optimizer, the
+resumed state), evaluate, train step by step, and at each log step report (metrics, checkpoint, evaluation).
 
 Our own loop rather than HF Trainer: resuming must restore the exact step, optimizer, scheduler, RNG
 and data position (ray #46814 is HF training restarting at epoch 1 after a restore), and every
@@ -6,125 +7,28 @@ metric Ray Tune or MLflow sees is computed here in plain sight.
 """
 from __future__ import annotations
 
-import gc
 import math
 import os
-import random
-import resource
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from qlora import (checkpoint, classification, console, distributed, evaluation, kernels, memory, modeling,
-                   multiple_choice, speed)
+from qlora import (checkpoint, classification, console, distributed, evaluation, kernels, modeling, multiple_choice,
+                   speed)
+from qlora.batching import BatchPlan, model_inputs, train_batch
 from qlora.config import JobConfig
-from qlora.data import collate, collate_packed, length_grouped_order
+from qlora.data import PreparedData, to_tensors
 from qlora.data.pipeline import open_prepared
 from qlora.errors import TrainingFailure
 from qlora.model_source import resolve
 from qlora.tracking import MetricsSink
-
-
-def make_optimizer(cfg: JobConfig, params):
-    t, name = cfg.train, cfg.optimizer_to_use()
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=t.learning_rate, momentum=0.9, weight_decay=t.weight_decay)
-    import bitsandbytes as bnb  # CUDA optimizers; the config refuses them without scaling.use_gpu
-    cls = {"paged_adamw_32bit": bnb.optim.PagedAdamW32bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-           "adamw_8bit": bnb.optim.AdamW8bit}[name]
-    return cls(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-
-
-def make_scheduler(cfg: JobConfig, optimizer, total_steps: int):
-    from transformers import get_scheduler
-    warmup = cfg.train.warmup_steps or math.ceil(cfg.train.warmup_ratio * total_steps)
-    return get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-
-
-# train.group_by_length sorts runs of this many (global) micro-batches by length, as HF's
-# LengthGroupedSampler does with its "megabatches": batches of similar length, order still random.
-LENGTH_GROUP_BATCHES = 50
-
-
-class BatchPlan:
-    """Deterministic micro-batches: micro-batch k of the run is a pure function of k.
-
-    Epoch e shuffles with seed + e (with train.group_by_length: then sorts runs of batches by length);
-    each rank takes its shard. Resuming at step s only needs s. Every micro-batch holds exactly
-    train.batch_size examples: the last one of an epoch is topped up from the start of that epoch's order
-    (accelerate's even_batches). A short last batch is another shape: compiled layers recompile for it
-    (measured on an H200: a 1-row batch at an epoch's end stalled the 8B step for 25 s) and Triton kernels
-    specialise again.
-    """
-
-    def __init__(self, n_examples: int, cfg: JobConfig, ctx: distributed.Context, lengths: list[int] | None = None):
-        self.n, self.cfg, self.ctx, self.lengths = n_examples, cfg, ctx, lengths
-        if cfg.train.group_by_length and (lengths is None or len(lengths) != n_examples):
-            raise ValueError("train.group_by_length needs the length of every example")
-        self.per_epoch = math.ceil(len(distributed.shard(list(range(n_examples)), ctx)) / cfg.train.batch_size)
-        steps_per_epoch = max(1, self.per_epoch // cfg.train.gradient_accumulation)
-        self.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
-        self._epoch, self._order = None, None
-
-    def micro_batch(self, k: int) -> tuple[int, list[int]]:
-        epoch, b = divmod(k, self.per_epoch)
-        if epoch != self._epoch:
-            if self.cfg.train.group_by_length:
-                group = self.cfg.train.batch_size * self.ctx.world_size * LENGTH_GROUP_BATCHES
-                order = length_grouped_order(self.lengths, self.cfg.train.seed + epoch, group)
-            else:
-                order = list(range(self.n))
-                random.Random(self.cfg.train.seed + epoch).shuffle(order)
-            self._epoch, self._order = epoch, distributed.shard(order, self.ctx)
-        bs = self.cfg.train.batch_size
-        return epoch, full_batch(self._order, b * bs, bs)
-
-
-def full_batch(order: list[int], start: int, size: int) -> list[int]:
-    """order[start:start + size], wrapping around to the start of `order` for what is missing."""
-    batch = order[start:start + size]
-    while len(batch) < size:
-        batch += order[:size - len(batch)]
-    return batch
-
-
-def train_batch(examples: list[dict], pad_id: int, packed: bool, packed_width: Optional[int] = None) -> dict:
-    """A micro-batch as lists: padded examples, or packed rows (position_ids, no attention_mask) padded to
-    the longest or to `packed_width`."""
-    if packed:
-        return collate_packed(examples, pad_id, packed_width)
-    batch = collate(examples, pad_id)
-    batch["token_mask"] = batch["attention_mask"]
-    return batch
-
-
-def model_inputs(batch: dict) -> dict:
-    """What the forward pass gets. Packed rows: position_ids only, so transformers' masking detects the
-    packed examples and builds a block-diagonal causal mask; that detection needs attention_mask=None and
-    no KV cache (use_cache=False), see transformers.masking_utils.find_packed_sequence_indices."""
-    if "position_ids" in batch:
-        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-
-
-# What peak_memory_gib measures, written beside it in metrics.json.
-PEAK_MEMORY_KIND = {"cuda": "torch.cuda.max_memory_allocated (tensors on the GPU; excludes the CUDA context and "
-                            "allocator cache)",
-                    "cpu": "max resident set size of the worker process (weights, activations, optimizer, plus "
-                           "Python, torch and Ray overhead)"}
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+from qlora.train_step import (PEAK_MEMORY_KIND, Clock, Window, forward_backward, make_optimizer, make_scheduler,
+                              out_of_memory, peak_memory_gib)
 
 
 def log(ctx: distributed.Context, message: str) -> None:
@@ -134,15 +38,37 @@ def log(ctx: distributed.Context, message: str) -> None:
         sys.stdout.flush()
 
 
-def train_loop_per_worker(payload: dict) -> None:
-    import ray.train
+@dataclass
+class Run:
+    """Everything one worker's training needs, set up once."""
+    cfg: JobConfig
+    ctx: distributed.Context
+    tokenizer: object
+    data: PreparedData
+    model: torch.nn.Module      # the peft model (what evaluation and checkpoints use)
+    wrapped: torch.nn.Module    # what the training step calls: DDP / FSDP / a DeepSpeed engine around `model`
+    optimizer: object
+    scheduler: object
+    plan: BatchPlan
+    hidden: Optional[kernels.HiddenStates]  # train.fused_cross_entropy
+    dtype: torch.dtype
+    flops: speed.FlopCounter
+    mc_items: list
+    weights_gib: float
+    sink: Optional[MetricsSink]
+    trainer_state: Optional[dict]  # a resumed checkpoint's optimizer, scheduler, RNG and loop state
 
+    @property
+    def batch_losses(self):
+        return classification.losses if self.cfg.model.task == "sequence_classification" else evaluation.token_losses
+
+
+def set_up(payload: dict) -> Run:
     if payload.get("verbose"):
         os.environ[console.VERBOSE_ENV] = "1"
     console.quiet_libraries()  # before the libraries load: bitsandbytes' notice comes with its import
     cfg = JobConfig.from_json(payload["config"])  # validated again on this side of the Ray boundary
     ctx = distributed.context(cfg.scaling.use_gpu, cfg.scaling.strategy)
-    torch.manual_seed(cfg.train.seed)
     source = resolve(cfg.model.name, cfg.model.gguf_file, cfg.model.revision)
     tokenizer = modeling.load_tokenizer(source, cfg)
     data = open_prepared(payload["data_cache"])  # the driver's prepared data, memory-mapped
@@ -150,7 +76,6 @@ def train_loop_per_worker(payload: dict) -> None:
     # A classifier's new head is initialised randomly inside from_pretrained: same seed, same head on every rank.
     torch.manual_seed(cfg.train.seed)
     base = modeling.load_base_model(cfg, source, ctx.device, tokenizer.pad_token_id)
-    mc_items = multiple_choice.prepare(cfg, tokenizer)
     kernels.apply_layer_kernels(base, cfg.train)
     if cfg.train.gradient_checkpointing and cfg.train.checkpointed_fraction < 1:
         kept = kernels.select_checkpointed_layers(base, cfg.train.checkpointed_fraction)
@@ -174,13 +99,96 @@ def train_loop_per_worker(payload: dict) -> None:
                                          cfg.train.gradient_accumulation, cfg.train.max_grad_norm,
                                          kernels.autocast_dtype(ctx.device, dtype))
     plan = BatchPlan(len(data.train), cfg, ctx, data.lengths)
-    scheduler = make_scheduler(cfg, optimizer, plan.total_steps)
-    batch_losses = classification.losses if cfg.model.task == "sequence_classification" else evaluation.token_losses
     sink = MetricsSink(payload.get("tracking_uri"), payload.get("mlflow_run_id")) if ctx.is_writer else None
+    return Run(cfg, ctx, tokenizer, data, model, wrapped, optimizer, make_scheduler(cfg, optimizer, plan.total_steps),
+               plan, hidden, dtype, flops, multiple_choice.prepare(cfg, tokenizer), weights_gib, sink, trainer_state)
 
+
+def held_out(run: Run, when: str, predictions: Optional[list] = None) -> dict:
+    """The held-out metrics now (compiled layers run eagerly, flex attention as sdpa), with progress lines."""
+    cfg = run.cfg
+    log(run.ctx, f"held-out evaluation {when} ({evaluation.describe(cfg, len(run.data.eval), len(run.mc_items))})")
+    with kernels.for_evaluation(run.model, cfg.train.compile, cfg.model.attn_implementation):
+        return evaluation.evaluate(run.model, run.data.eval, run.tokenizer, cfg, run.ctx, run.mc_items, predictions)
+
+
+def train_step(run: Run, step: int, window: Window, clock: Clock) -> tuple[int, float]:
+    """Optimizer step `step` (0-based): its micro-batches' forward and backward passes, clipping, the update and
+    the schedule. Returns (the epoch, the gradient norm before clipping)."""
+    cfg, ctx, accum = run.cfg, run.ctx, run.cfg.train.gradient_accumulation
+    run.wrapped.train()
+    step_loss = 0.0
+    for micro in range(accum):
+        epoch, idx = run.plan.micro_batch(step * accum + micro)
+        items = [run.data.train[i] for i in idx]
+        # Packed rows are padded to max_length: one shape every step (a new shape recompiles compiled layers and
+        # specialises Triton kernels again; rows are nearly full, so it costs little).
+        batch = to_tensors(train_batch(items, run.tokenizer.pad_token_id, cfg.data.packing, cfg.data.max_length),
+                           ctx.device)
+        try:
+            loss = forward_backward(run.wrapped, model_inputs(batch), batch["labels"], run.hidden, run.batch_losses,
+                                    run.dtype, ctx, accum, sync=micro == accum - 1)
+        except torch.OutOfMemoryError:
+            raise out_of_memory(run.model, cfg, ctx.device, step, batch["input_ids"].numel()) from None
+        step_loss += loss.item() / accum
+        clock.tokens += window.add_micro_batch(batch["token_mask"])
+        run.flops.add([n for e in items for n in speed.example_lengths(e)])  # attention is per example
+    if not math.isfinite(step_loss):
+        raise TrainingFailure(f"loss became {step_loss} at step {step + 1}; the last good checkpoint is kept "
+                              "(lower train.learning_rate or train.max_grad_norm)")
+    grad_norm = distributed.apply_update(run.wrapped, run.optimizer, cfg.train.max_grad_norm, ctx)
+    run.scheduler.step()
+    window.loss, window.steps = window.loss + step_loss, window.steps + 1
+    clock.step_done()
+    return epoch, grad_norm
+
+
+def report(run: Run, step: int, metrics: dict, before: dict, clock: Clock, save: bool, final: bool = False,
+           predictions: Optional[list] = None) -> None:
+    """Metrics to MLflow and Ray Train; with `save`, a checkpoint (every rank joins the gathers of sharded
+    state; rank 0 writes it, and beside the final adapter what it was measured at and what it generated)."""
+    import ray.train
+    ctx = run.ctx
+    if run.sink:
+        run.sink.log(metrics, step)
+    ckpt = None
+    with tempfile.TemporaryDirectory() as tmp:
+        if save:
+            adapter_state = distributed.full_trainable_state(run.model) if ctx.sharded else None
+            optimizer_state = distributed.optimizer_state(run.wrapped, run.optimizer, ctx)
+            rng_states = distributed.per_rank(checkpoint.rng_state(), ctx)
+        if save and ctx.is_writer:
+            folder = checkpoint.save(Path(tmp) / "checkpoint", run.model, run.cfg, optimizer_state, run.scheduler,
+                                     {"step": step, "before": before, "final": final, "metrics": metrics},
+                                     adapter_state, rng_states)
+            if final:
+                evaluation.write_results(folder, final_results(metrics, before, ctx.device), predictions or [])
+                checkpoint.write_manifest(folder)
+            ckpt = ray.train.Checkpoint.from_directory(str(folder))
+        started = time.perf_counter()
+        ray.train.report(metrics, checkpoint=ckpt)
+        clock.report_seconds += time.perf_counter() - started
+
+
+def step_metrics(run: Run, step: int, epoch: int, grad_norm: float, window: Window, clock: Clock, last: bool) -> dict:
+    """What a log step reports: the window's loss and speed, memory; at the last step throughput by the clock
+    and every rank's peak memory too (collectives: every rank calls this)."""
+    metrics = {"step": step, "epoch": epoch, "learning_rate": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+               **window.metrics(run.ctx, run.flops), "peak_memory_gib": peak_memory_gib(run.ctx.device),
+               "weights_memory_gib": run.weights_gib}
+    if last:
+        metrics.update(clock.metrics(run.ctx))
+        metrics["peak_memory_gib_by_rank"] = distributed.per_rank(peak_memory_gib(run.ctx.device), run.ctx)
+    return metrics
+
+
+def train_loop_per_worker(payload: dict) -> None:
+    import ray.train
+    run = set_up(payload)
+    cfg, ctx, total = run.cfg, run.ctx, run.plan.total_steps
     step, before = 0, None
-    if trainer_state:
-        saved = restore_trainer(trainer_state, wrapped, optimizer, scheduler, ctx)
+    if run.trainer_state:
+        saved = restore_trainer(run.trainer_state, run.wrapped, run.optimizer, run.scheduler, ctx)
         step, before = saved["step"], saved.get("before")
         log(ctx, f"resumed from checkpoint at step {step}")
         if saved.get("final"):  # the run had finished: report its result again, train nothing
@@ -188,143 +196,34 @@ def train_loop_per_worker(payload: dict) -> None:
             return
     if before is None:
         started = time.perf_counter()
-        log(ctx, f"held-out evaluation before training ({evaluation.describe(cfg, len(data.eval), len(mc_items))})")
-        with kernels.for_evaluation(model, cfg.train.compile, cfg.model.attn_implementation):
-            before = evaluation.evaluate(model, data.eval, tokenizer, cfg, ctx, mc_items)
+        before = held_out(run, "before training")
         log(ctx, f"before training: {evaluation.summary(before)} ({console.duration(time.perf_counter() - started)})")
-    clock = Clock(first_step=step)
-
-    def report(metrics: dict, save: bool, final: bool = False, predictions: list | None = None):
-        if sink:
-            sink.log(metrics, step)
-        ckpt = None
-        with tempfile.TemporaryDirectory() as tmp:
-            if save:  # every rank joins the gathers of sharded state; rank 0 writes
-                adapter_state = distributed.full_trainable_state(model) if ctx.sharded else None
-                optimizer_state = distributed.optimizer_state(wrapped, optimizer, ctx)
-                rng_states = distributed.per_rank(checkpoint.rng_state(), ctx)
-            if save and ctx.is_writer:
-                folder = checkpoint.save(Path(tmp) / "checkpoint", model, cfg, optimizer_state, scheduler,
-                                         {"step": step, "before": before, "final": final, "metrics": metrics},
-                                         adapter_state, rng_states)
-                if final:  # beside the final adapter: what it was measured at, and what it generated
-                    evaluation.write_results(folder, final_results(metrics, before, ctx.device), predictions or [])
-                    checkpoint.write_manifest(folder)
-                ckpt = ray.train.Checkpoint.from_directory(str(folder))
-            started = time.perf_counter()
-            ray.train.report(metrics, checkpoint=ckpt)
-            clock.report_seconds += time.perf_counter() - started
-
-    tokens, slots, window_loss, window_steps, t0 = 0, 0, 0.0, 0, time.perf_counter()
-    accum = cfg.train.gradient_accumulation
-    # Packed rows are padded to max_length: one shape every step (a new shape recompiles compiled layers and
-    # specialises Triton kernels again; rows are nearly full, so it costs little).
-    packed_width = cfg.data.max_length
-    while step < plan.total_steps:
-        wrapped.train()
-        step_loss = 0.0
-        for micro in range(accum):
-            epoch, idx = plan.micro_batch(step * accum + micro)
-            items = [data.train[i] for i in idx]
-            batch = evaluation.to_tensors(train_batch(items, tokenizer.pad_token_id, cfg.data.packing, packed_width),
-                                          ctx.device)
-            sync = micro == accum - 1
-            try:
-                with distributed.gradient_sync(wrapped, ctx, sync):
-                    with kernels.autocast(ctx.device, dtype):
-                        loss_sum, n = kernels.forward_loss(wrapped, model_inputs(batch), batch["labels"],
-                                                           hidden, batch_losses)
-                    loss = loss_sum / n.clamp(min=1)
-                    distributed.backward(wrapped, loss, accum, ctx)
-            except torch.OutOfMemoryError:
-                loss_sum = loss = None  # drop the failed step's tensors before measuring
-                raise memory.OutOfMemory(memory.describe(model, cfg, ctx.device, step, batch["input_ids"].numel())) from None
-            step_loss += loss.item() / accum
-            real = int(batch["token_mask"].sum())
-            tokens, clock.tokens = tokens + real, clock.tokens + real
-            slots += batch["token_mask"].numel()
-            flops.add([n for e in items for n in speed.example_lengths(e)])  # attention is per example
-        if not math.isfinite(step_loss):
-            raise TrainingFailure(f"loss became {step_loss} at step {step + 1}; the last good checkpoint is kept "
-                                  "(lower train.learning_rate or train.max_grad_norm)")
-        grad_norm = distributed.apply_update(wrapped, optimizer, cfg.train.max_grad_norm, ctx)
-        scheduler.step()
+    clock, window = Clock(first_step=step), Window()
+    while step < total:
+        epoch, grad_norm = train_step(run, step, window, clock)
         step += 1
-        if clock.first_step_end is None:
-            clock.first_step_done()
-        window_loss, window_steps = window_loss + step_loss, window_steps + 1
-        last = step == plan.total_steps
+        last = step == total
         do_eval = last or (cfg.train.eval_every and step % cfg.train.eval_every == 0)
         do_save = last or (cfg.train.save_every and step % cfg.train.save_every == 0)
         if not (last or do_eval or do_save or step % cfg.train.log_every == 0):
             continue
-        elapsed = time.perf_counter() - t0
-        mfu = flops.mfu(elapsed)
-        loss_avg, tok_all, slots_all, mfu_all = distributed.all_sum(
-            [window_loss / window_steps, tokens, slots, mfu or 0.0], ctx)
-        metrics = {"step": step, "epoch": epoch, "loss": loss_avg / ctx.world_size,
-                   "learning_rate": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                   "tokens_per_second": tok_all / elapsed, "peak_memory_gib": peak_memory_gib(ctx.device),
-                   # Real (non-pad) tokens / batch slots: what packing or group_by_length save on padding.
-                   "packing_efficiency": tok_all / max(slots_all, 1),
-                   "weights_memory_gib": weights_gib}
-        if mfu is not None:  # GPUs only: a CPU has no meaningful tensor-core peak
-            metrics["mfu"] = mfu_all / ctx.world_size
+        metrics = step_metrics(run, step, epoch, grad_norm, window, clock, last)
         predictions = [] if last else None
-        if last:
-            metrics.update(clock.metrics(ctx))
-            metrics["peak_memory_gib_by_rank"] = distributed.per_rank(peak_memory_gib(ctx.device), ctx)
         if do_eval:
-            eval_start = time.perf_counter()
-            log(ctx, f"held-out evaluation at step {step} ({evaluation.describe(cfg, len(data.eval), len(mc_items))})")
-            with kernels.for_evaluation(model, cfg.train.compile, cfg.model.attn_implementation):
-                metrics.update(evaluation.evaluate(model, data.eval, tokenizer, cfg, ctx, mc_items, predictions))
-            clock.eval_seconds += time.perf_counter() - eval_start
+            started = time.perf_counter()
+            metrics.update(held_out(run, f"at step {step}", predictions))
+            clock.eval_seconds += time.perf_counter() - started
             if last:
                 predictions = distributed.gather_shards(predictions, ctx)
         if last:
             metrics["train_seconds"] = time.perf_counter() - clock.start
             metrics.update({f"before_{k}": v for k, v in before.items()})
-        log(ctx, console.progress_line(step, plan.total_steps, time.perf_counter() - clock.start - clock.eval_seconds,
-                                       step - clock.first_step, metrics))
-        report(metrics, save=do_save, final=last, predictions=predictions)
-        tokens, slots, window_loss, window_steps, t0 = 0, 0, 0.0, 0, time.perf_counter()
-        flops.reset()
-    if sink:
-        sink.flush()
-
-
-@dataclass
-class Clock:
-    """Throughput by the wall clock, which is what a run costs: this rank's real tokens over the seconds of
-    the training loop, reporting and checkpointing included, held-out evaluation left out (counted apart);
-    also without the first step, which compiles under train.compile. The per-window tokens_per_second
-    leaves out the time between windows (reports, checkpoints, evaluation)."""
-    start: float = field(default_factory=time.perf_counter)
-    first_step: int = 0  # the step the loop started at (a resumed run's)
-    first_step_end: Optional[float] = None
-    tokens: int = 0
-    first_step_tokens: int = 0
-    eval_seconds: float = 0.0  # evaluation inside the loop (eval_every), all after the first step
-    report_seconds: float = 0.0  # inside ray.train.report (checkpoint uploads included)
-
-    def first_step_done(self) -> None:
-        self.first_step_end, self.first_step_tokens = time.perf_counter(), self.tokens
-        # Everything loaded and compiled so far lives to the end of the run: keep it out of the garbage
-        # collector's full passes, which otherwise walk all of it (0.3-0.5 s once the model is loaded,
-        # measured on CPU: a stall of that size at irregular steps).
-        gc.collect()
-        gc.freeze()
-
-    def metrics(self, ctx: distributed.Context) -> dict:
-        """Clock throughput over all ranks (a collective), measured now."""
-        now = time.perf_counter()
-        tokens, first = distributed.all_sum([self.tokens, self.first_step_tokens], ctx)
-        after_first = now - self.first_step_end - self.eval_seconds
-        return {"clock_tokens_per_second": tokens / max(now - self.start - self.eval_seconds, 1e-9),
-                "clock_tokens_per_second_after_first_step": (tokens - first) / after_first if after_first > 0 else 0.0,
-                "first_step_seconds": self.first_step_end - self.start, "eval_seconds": self.eval_seconds,
-                "report_seconds": self.report_seconds}
+        log(ctx, console.progress_line(step, total, clock.training_seconds(), step - clock.first_step, metrics))
+        report(run, step, metrics, before, clock, save=do_save, final=last, predictions=predictions)
+        window = Window()
+        run.flops.reset()
+    if run.sink:
+        run.sink.flush()
 
 
 def final_results(metrics: dict, before: dict, device: torch.device) -> dict:

@@ -152,7 +152,7 @@ def test_fuzz_config_loader(tmp_path, doc):
 def test_a_gpu_only_optimizer_falls_back_on_cpu_only_when_the_config_says_so(tmp_path):
     import torch
 
-    from qlora.worker import make_optimizer
+    from qlora.train_step import make_optimizer
     base = {"data": {"path": "x.jsonl"}, "train": {"optimizer": "paged_adamw_32bit"}}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(base))
     with pytest.raises(ConfigError, match="cpu_optimizer_fallback=adamw"):

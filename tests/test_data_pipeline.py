@@ -7,7 +7,7 @@ import torch
 from qlora.config import load_config
 from qlora.data import pipeline, prepare_in_memory
 from qlora.distributed import Context
-from qlora.worker import BatchPlan, train_batch
+from qlora.batching import BatchPlan, train_batch
 
 from conftest import ROOT
 

@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 from qlora import distributed, kernels, modeling  # noqa: E402
 from qlora.config import JobConfig  # noqa: E402
 from qlora.model_source import ModelSource  # noqa: E402
-from qlora.worker import make_optimizer  # noqa: E402
+from qlora.train_step import make_optimizer  # noqa: E402
 
 CUDA = torch.device("cuda", 0)
 VOCAB = 512
@@ -144,7 +144,7 @@ def packed_losses(cfg: JobConfig, steps: int = 8) -> list[float]:
     padded to the row width), as the train job feeds packed data."""
     from qlora.data import pack_examples
     from qlora.evaluation import to_tensors
-    from qlora.worker import model_inputs, train_batch
+    from qlora.batching import model_inputs, train_batch
     g = torch.Generator().manual_seed(2)
     examples = []
     for n in torch.randint(8, 60, (12,), generator=g).tolist():

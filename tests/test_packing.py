@@ -86,7 +86,7 @@ def random_examples(seed, lengths, n_prompt=3):
 @pytest.mark.parametrize("attn, width", [("sdpa", None), ("eager", None), ("sdpa", 48)])
 def test_packed_row_has_exactly_the_losses_of_its_examples_run_alone(tiny_lora_llama, attn, width):
     from qlora.evaluation import to_tensors
-    from qlora.worker import model_inputs, train_batch
+    from qlora.batching import model_inputs, train_batch
     model = tiny_lora_llama
     model.base_model.model.config._attn_implementation = attn
     examples = random_examples(1, [17, 9, 30, 5, 12, 20])
@@ -128,7 +128,7 @@ def test_length_grouped_order_is_a_seeded_permutation_sorted_within_groups():
 
 
 def plan_for(lengths, group_by_length, world=1, rank=0, batch_size=4, seed=7):
-    from qlora.worker import BatchPlan
+    from qlora.batching import BatchPlan
     cfg = load_config(None, ["data.path=x.jsonl", f"train.batch_size={batch_size}", f"train.seed={seed}",
                              f"train.group_by_length={group_by_length}", "train.epochs=3"])
     return BatchPlan(len(lengths), cfg, Context(rank, world, torch.device("cpu")), lengths)

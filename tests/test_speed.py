@@ -228,7 +228,7 @@ def test_compiled_layers_compile_once_across_epochs_and_held_out_evaluation():
     from qlora import evaluation
     from qlora.data import pack_examples
     from qlora.distributed import Context
-    from qlora.worker import BatchPlan, model_inputs, train_batch
+    from qlora.batching import BatchPlan, model_inputs, train_batch
     g = torch.Generator().manual_seed(0)
     examples = []
     for n in torch.randint(6, 30, (34,), generator=g).tolist():
