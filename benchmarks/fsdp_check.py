@@ -26,6 +26,8 @@ import torch.distributed as dist
 from qlora import distributed, evaluation, kernels, memory_estimate, modeling
 from qlora.config import JobConfig
 from qlora.model_source import ModelSource
+from qlora.strategies import STRATEGIES
+from qlora.strategies.fsdp import full_trainable_state
 from qlora.train_step import make_optimizer
 
 DEVICE = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -54,10 +56,11 @@ def host_memory_gib() -> dict:
 def run(strategy: str, args) -> dict:
     cfg = config(args.model, strategy, args)
     # A one-rank mesh, FSDP (or a DeepSpeed engine) all the same.
-    ctx = distributed.Context(0, 1, DEVICE, sharded=strategy == "fsdp", deepspeed=strategy == "deepspeed")
+    cls = STRATEGIES[strategy]
+    runner = cls(distributed.Context(0, 1, DEVICE, sharded=cls.lockstep), cfg)
     torch.cuda.reset_peak_memory_stats() if DEVICE.type == "cuda" else None
     t = time.perf_counter()
-    base = modeling.load_base_model(cfg, ModelSource(args.model, True, "benchmark"), DEVICE)
+    base = modeling.load_base_model(cfg, ModelSource(args.model, True, "benchmark"), DEVICE, prepare=cls.prepare_base)
     load_s, host_after_load = time.perf_counter() - t, host_memory_gib()
     storage = {str(p.dtype) for n, p in base.named_parameters() if "proj" in n}
     if args.kernels == "liger":
@@ -65,10 +68,9 @@ def run(strategy: str, args) -> dict:
     torch.manual_seed(0)
     model = modeling.attach_lora(base, cfg.lora)
     hidden = kernels.HiddenStates(model, args.kernels == "liger") if args.fused else None
-    wrapped = distributed.wrap(model, ctx, strategy, fused_loss=args.fused)
-    optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     dtype = modeling.compute_dtype(cfg.quantization, DEVICE)
-    wrapped = distributed.with_deepspeed(wrapped, optimizer, ctx, 2, args.bs, 1, 1.0, kernels.autocast_dtype(DEVICE, dtype))
+    wrapped, optimizer = runner.wrap(model, lambda params: make_optimizer(cfg, params),
+                                     kernels.autocast_dtype(DEVICE, dtype))
     g = torch.Generator().manual_seed(1234)
     losses, times = [], []
     for step in range(args.warmup + args.steps):
@@ -79,20 +81,20 @@ def run(strategy: str, args) -> dict:
         with kernels.autocast(DEVICE, dtype):
             loss_sum, n = kernels.forward_loss(wrapped, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ids,
                                                hidden)
-        distributed.backward(wrapped, loss_sum / n, 1, ctx)
-        distributed.apply_update(wrapped, optimizer, 1.0, ctx)
+        runner.backward(wrapped, loss_sum / n, 1)
+        runner.apply_update(wrapped, optimizer, 1.0)
         losses.append((loss_sum / n).item())
         torch.cuda.synchronize() if DEVICE.type == "cuda" else None
         if step >= args.warmup:
             times.append(time.perf_counter() - t)
     peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE.type == "cuda" else None
-    adapter = distributed.full_trainable_state(model)
-    opt_state = distributed.optimizer_state(wrapped, optimizer, ctx)
+    adapter = full_trainable_state(model)
+    opt_state = runner.optimizer_state(wrapped, optimizer)
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     tok.pad_token = tok.pad_token or tok.eos_token
     prompts = [tok.encode("The capital of France is"), tok.encode("1, 2, 3, 4,")]
-    answers = evaluation.generate(model, prompts, tok, 8, DEVICE, synced=ctx.sharded)
+    answers = evaluation.generate(model, prompts, tok, 8, DEVICE, synced=runner.ctx.sharded)
     setup = memory_estimate.Setup.from_config(cfg)
     # From the meta model, as --dry-run does: a loaded 4-bit layer's numel counts packed storage elements.
     shape = memory_estimate.shape_of(modeling.meta_lora_model(cfg, ModelSource(args.model, True, "benchmark")))

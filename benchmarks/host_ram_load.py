@@ -19,6 +19,7 @@ import torch
 from qlora import modeling
 from qlora.config import JobConfig
 from qlora.model_source import ModelSource
+from qlora.strategies import STRATEGIES
 
 
 def status_gib() -> dict[str, float]:
@@ -59,7 +60,8 @@ def main() -> None:
     sampler = threading.Thread(target=sample, daemon=True)
     before, t = status_gib(), time.perf_counter()
     sampler.start()
-    model = modeling.load_base_model(cfg, ModelSource(args.model, True, "benchmark"), device)
+    model = modeling.load_base_model(cfg, ModelSource(args.model, True, "benchmark"), device,
+                                     prepare=STRATEGIES[args.strategy].prepare_base)
     seconds = time.perf_counter() - t
     done.set()
     sampler.join()

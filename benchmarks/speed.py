@@ -3,7 +3,7 @@
 Loads the random-weight model once (the one ../shared/gpu/peer_baseline.py saved, so both measure the same
 weights) through qlora.modeling, then runs each variant from the same LoRA initialisation, optimizer state
 and batches. A variant adds its lever to the ones before it (Liger's patches cannot be undone), in the order
-given. The step is the worker's own: train_step.forward_backward + distributed.apply_update (clip, AdamW).
+given. The step is the worker's own: train_step.forward_backward + Strategy.apply_update (clip, AdamW).
 
     python3 benchmarks/speed.py --model /tmp/rand-llama-8b --bs 4 --seq 2048 \\
         --variants fp32-residual,autocast,fused-ce,liger,selective:0.5,bs:8 --out results.jsonl
@@ -27,6 +27,7 @@ from qlora.config import JobConfig
 from qlora.evaluation import to_tensors, token_losses
 from qlora.model_source import ModelSource
 from qlora.batching import model_inputs, train_batch
+from qlora.strategies import Strategy
 from qlora.train_step import forward_backward
 
 # CUDA on the GPU host; CPU only to check this script itself on a tiny model before spending GPU time.
@@ -137,11 +138,11 @@ def run_variant(cfg, model, hidden, use_autocast: bool, init: dict, args, flops:
     steps = data or list(batches(model.config.vocab_size, args.bs, args.seq,
                                  args.warmup + args.steps + args.profile, device))
 
-    ctx = distributed.Context(0, 1, device)
+    one_gpu = Strategy(distributed.Context(0, 1, device), cfg)
 
     def step(b):  # the worker's step (qlora/train_step.py), on one GPU
-        loss = forward_backward(model, model_inputs(b), b["labels"], hidden, token_losses, dtype, ctx)
-        distributed.apply_update(model, opt, cfg.train.max_grad_norm, ctx)
+        loss = forward_backward(model, model_inputs(b), b["labels"], hidden, token_losses, dtype, one_gpu)
+        one_gpu.apply_update(model, opt, cfg.train.max_grad_norm)
         return loss.item()  # synchronizes
 
     for i, b in enumerate(steps[:args.warmup + args.steps]):

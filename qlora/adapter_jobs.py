@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from qlora import adapters, checkpoint, console, driver, evaluation, preflight, tracking
+from qlora import adapters, checkpoint, console, driver, evaluation, preflight, tasks, tracking
 from qlora.config import JobConfig, apply_override, load_config
 from qlora.errors import ConfigError, TrainingFailure, UserError
 from qlora.files import writing_folder
@@ -25,10 +25,7 @@ def load_job(ref: str, config_path: str | None, overrides: list[str]) -> tuple[P
     uri = given.tracking.uri if given else _override_value(overrides, "tracking.uri")
     folder = adapters.resolve(ref, uri)
     own = adapters.read_config(folder, overrides if not given else [])
-    if given and given.model.task == "sequence_classification" and given.model.num_labels is None:
-        # The head's size is fixed by the adapter, not by the labels of the data evaluated now.
-        given = given.model_copy(update={"model": given.model.model_copy(update={"num_labels": own.model.num_labels})})
-    return folder, given or own
+    return folder, tasks.for_config(given).with_adapter(given, own) if given else own
 
 
 def _override_value(overrides: list[str], key: str):
@@ -123,8 +120,8 @@ def _evaluate(cfg: JobConfig, files: dict, ctx, data_cache: str) -> dict:
         model, tokenizer = adapters.load_for_inference(cfg, adapters.unpack(files, Path(tmp)), ctx.device)
     data = open_prepared(data_cache)
     predictions: list[dict] = []
-    metrics = evaluation.evaluate(model, data.eval, tokenizer, cfg, ctx, multiple_choice.prepare(cfg, tokenizer),
-                                  predictions)
+    metrics = tasks.for_config(cfg).evaluate(model, data.eval, tokenizer, cfg, ctx,
+                                             multiple_choice.prepare(cfg, tokenizer), predictions)
     return {"metrics": metrics, "predictions": distributed.gather_shards(predictions, ctx)}
 
 
@@ -175,7 +172,7 @@ def generate(cfg: JobConfig, folder: Path, prompts: list[str], max_new_tokens: i
     the same loaded weights, so the difference is the adapter's)."""
     if not prompts:
         raise ConfigError("no prompts to generate for", "pass --prompt TEXT (repeatable) or --prompts-file FILE")
-    if cfg.model.task == "sequence_classification":
+    if not tasks.for_config(cfg).can_generate:
         raise ConfigError("this adapter is a sequence classifier: it predicts classes and generates no text",
                           "use python -m ray_jobs.evaluate (metrics and predictions.jsonl) or the MLflow model's "
                           "predict()")
@@ -194,10 +191,11 @@ def _generate_task(cfg_json: str, files: dict, prompts: list[str], max_new_token
     ctx = distributed.context(cfg.scaling.use_gpu)
     with tempfile.TemporaryDirectory() as tmp:
         model, tokenizer = adapters.load_for_inference(cfg, adapters.unpack(files, Path(tmp)), ctx.device)
-    out = {"completions": adapters.complete(model, tokenizer, cfg, prompts, max_new_tokens)}
+    task = tasks.for_config(cfg)
+    out = {"completions": task.predict(model, tokenizer, cfg, prompts, max_new_tokens)}
     if compare_base:
         with model.disable_adapter():
-            out["base_completions"] = adapters.complete(model, tokenizer, cfg, prompts, max_new_tokens)
+            out["base_completions"] = task.predict(model, tokenizer, cfg, prompts, max_new_tokens)
     return out
 
 

@@ -98,42 +98,6 @@ def load_for_inference(cfg: JobConfig, folder: Path, device):
     return model.eval(), tokenizer
 
 
-def prompt_ids(tokenizer, cfg: JobConfig, text: str) -> list[int]:
-    """Token ids of `text` as a user turn, rendered exactly as training rendered prompts."""
-    from qlora.data import Encoder
-    if cfg.data.format == "text":
-        return tokenizer.encode(text, add_special_tokens=False)
-    record = {"instruction": text, "input": "", "output": "x"}
-    prompt = Encoder(tokenizer, "alpaca", cfg.data).segments(record)[0][0]
-    return tokenizer.encode(prompt, add_special_tokens=False)
-
-
-def classify(model, tokenizer, cfg: JobConfig, records: list) -> list[dict]:
-    """Predicted class and class probabilities of a classification adapter. A record is a dict with the
-    training data's input columns (data.text_column, or prompt/response_a/response_b), or a plain text."""
-    from qlora import classification
-    from qlora.data import classification as formats
-    records = [r if isinstance(r, dict) else {cfg.data.text_column: r} for r in records]
-    for i, r in enumerate(records):
-        problem = formats.record_problem({**r, cfg.data.label_column: 0, "winner_model_a": 1,
-                                                 "winner_model_b": 0, "winner_tie": 0}, cfg.data.format, cfg.data)
-        if problem:
-            raise ConfigError(f"input {i + 1}: {problem}", "pass the columns the adapter was trained on")
-    examples = [formats.encode_input(r, cfg.data.format, cfg.data, tokenizer) for r in records]
-    probs = classification.probabilities(model, examples, tokenizer.pad_token_id, cfg.evaluation.batch_size,
-                                         next(model.parameters()).device)
-    return [{"predicted": max(range(len(p)), key=p.__getitem__), "probabilities": p} for p in probs]
-
-
-def complete(model, tokenizer, cfg: JobConfig, prompts: list[str], max_new_tokens: int) -> list[str]:
-    from qlora.evaluation import batched, generate
-    device = next(model.parameters()).device
-    out: list[str] = []
-    for batch in batched([prompt_ids(tokenizer, cfg, p) for p in prompts], cfg.evaluation.batch_size):
-        out += generate(model, batch, tokenizer, max_new_tokens, device)
-    return out
-
-
 def log_to_mlflow(uri: str, run_id: str, folder: Path, metadata: dict, register_as: str | None) -> dict:
     """Log the adapter as an MLflow pyfunc model (a model from code: no pickle) that records its base model,
     quantization and data hash, and optionally register it. Returns its model URI (and version)."""

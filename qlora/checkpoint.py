@@ -35,7 +35,7 @@ def write_config(cfg: JobConfig, folder: Path) -> Path:
 def save(folder: Path, model, cfg: JobConfig, optimizer_state: dict | None = None, scheduler=None,
          state: dict | None = None, adapter_state: dict | None = None, rng_states: list | None = None) -> Path:
     """Write a checkpoint to `folder` atomically. `model` is the (unwrapped) peft model; `adapter_state` its
-    trainable weights when they are sharded and had to be gathered first (distributed.full_trainable_state);
+    trainable weights when they are sharded and had to be gathered first (Strategy.trainable_state);
     `rng_states` every rank's rng_state() in rank order (default: this process's)."""
     folder = Path(folder)
     with writing_folder(folder) as tmp:

@@ -17,9 +17,7 @@ LOG_LOSS_EPS = 1e-15  # probabilities are clipped to [eps, 1 - eps] for log_loss
 
 def num_labels(cfg: JobConfig, meta: dict, where: dict) -> int | None:
     """model.num_labels, or the largest label + 1 when unset, after checking every label fits it; `meta` holds
-    each split's per-example numbers (qlora.data.examples). None for causal LM jobs."""
-    if cfg.model.task != "sequence_classification":
-        return None
+    each split's per-example numbers (qlora.data.examples)."""
     labels = {split: meta[split]["label"] for split in ("train", "eval")}
     n = cfg.model.num_labels
     if n is None:
@@ -35,15 +33,6 @@ def num_labels(cfg: JobConfig, meta: dict, where: dict) -> int | None:
             raise DataError(f"data file {where[split]}, record {record}: label {label} is outside 0..{n - 1} "
                             f"(model.num_labels={n})", f"raise model.num_labels to at least {label + 1}, or fix the record")
     return n
-
-
-def with_num_labels(cfg: JobConfig, data) -> JobConfig:
-    """`cfg` with model.num_labels set (inferred as the largest label + 1 when unset), after checking
-    every label fits it. A no-op for causal LM jobs."""
-    n = num_labels(cfg, data.meta, data.where)
-    if n is None:
-        return cfg
-    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"num_labels": n})})
 
 
 # --- loss and held-out metrics -------------------------------------------------------------------------

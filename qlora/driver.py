@@ -5,18 +5,17 @@ or MLflow are touched, so bad input fails in seconds with exit code 2 and leaves
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora import (adapters, classification, console, distributed, kernels, memory, memory_estimate, modeling,
-                   multiple_choice, plan, preflight, speed, tracking)
+from qlora import (adapters, console, kernels, memory, memory_estimate, modeling, multiple_choice, plan, preflight,
+                   speed, strategies, tasks, tracking)
 from qlora.config import JobConfig, flatten, redact_uri
 from qlora.data import PreparedData, pipeline
-from qlora.errors import ConfigError, EnvironmentProblem, TrainingFailure, UserError
+from qlora.errors import EnvironmentProblem, TrainingFailure, UserError
 from qlora.files import output_home, ray_submission_id
 from qlora.model_source import ModelSource, resolve
 
@@ -47,10 +46,7 @@ def prepare_job(cfg: JobConfig, storage: str | None = None) -> Prepared:
     targets (on the meta device). The data itself is prepared by ensure_data, after the environment checks.
     `storage`: the storage root the data cache lives under, when a caller has resolved it (sweep trials, whose
     current folder moves)."""
-    if cfg.scaling.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
-        raise EnvironmentProblem("scaling.strategy=deepspeed but the deepspeed package is not installed here",
-                                 "pip install 'qlora-ray[deepspeed]' on the driver and every worker node, or set "
-                                 "scaling.strategy=ddp (or fsdp)")
+    strategies.check_environment(cfg)  # e.g. deepspeed is installed
     if cfg.model.trust_remote_code:
         print("[qlora] WARNING: model.trust_remote_code=true runs Python code from the model repository", flush=True)
     if cfg.optimizer_to_use() != cfg.train.optimizer:
@@ -65,8 +61,7 @@ def prepare_job(cfg: JobConfig, storage: str | None = None) -> Prepared:
     lora_model = modeling.meta_lora_model(cfg, source)
     if cfg.train.fused_cross_entropy:  # before Ray, not on the worker
         kernels.check_fused_loss(lora_model.config)
-    if cfg.scaling.strategy == "fsdp":  # the layers FSDP will shard exist
-        distributed.fsdp_layers(lora_model)
+    strategies.check_model(cfg, lora_model)  # e.g. the layers FSDP will shard exist
     return Prepared(cfg, source, tokenizer, data_plan, None, data_seconds, modeling.lora_param_count(lora_model),
                     memory_estimate.shape_of(lora_model), len(mc_items))
 
@@ -74,10 +69,10 @@ def prepare_job(cfg: JobConfig, storage: str | None = None) -> Prepared:
 def ensure_data(job: Prepared) -> Prepared:
     """The job's data prepared (or opened from the cache): in this process, or by Ray Data (Ray connected)."""
     if job.data is None:
-        cfg, started = job.cfg, time.perf_counter()
-        job.data = pipeline.prepare(job.data_plan, check=lambda fmt, meta, where: check_data(cfg, fmt, meta, where))
+        cfg, task, started = job.cfg, tasks.for_config(job.cfg), time.perf_counter()
+        job.data = pipeline.prepare(job.data_plan, check=lambda fmt, meta, where: task.check_data(cfg, fmt, meta, where))
         job.data_seconds += time.perf_counter() - started
-        job.cfg = classification.with_num_labels(cfg, job.data)  # model.num_labels inferred from the labels
+        job.cfg = task.resolve(cfg, job.data)  # e.g. model.num_labels inferred from the labels
         print(f"[qlora] data: {describe_preparation(job.data)}; this job's data step {job.data_seconds:.1f} s",
               flush=True)
     return job
@@ -87,15 +82,6 @@ def describe_preparation(data: PreparedData) -> str:
     w = data.work
     how = f"{w.get('executor')}, {w.get('nodes', 1)} node(s), {w.get('seconds')} s"
     return f"{'reused the cache' if data.reused else 'prepared'} {data.cache} ({'prepared by ' if data.reused else ''}{how})"
-
-
-def check_data(cfg: JobConfig, fmt: str, meta: dict, where: dict) -> None:
-    """What the config asks of the data, checked before the prepared data is written to the cache."""
-    if fmt == "text" and cfg.evaluation.generate:
-        raise ConfigError(f"data.format is text{' (detected from the columns)' if cfg.data.format == 'auto' else ''}: "
-                          "a text record has no prompt/answer split, so evaluation.generate has nothing to score",
-                          "set evaluation.generate=false (the held-out loss and perplexity are the metrics)")
-    classification.num_labels(cfg, meta, where)  # every label fits model.num_labels
 
 
 def storage_location(cfg: JobConfig) -> str:
@@ -116,15 +102,13 @@ def worker_config(cfg: JobConfig) -> JobConfig:
     """Paths as workers see them: absolute. Ray Train (and Tune) move each worker's current folder to a
     run folder, so a relative data path would miss; under `ray job submit` the absolute path is inside
     the uploaded working dir, which Ray unpacks at that same path on every node the job uses."""
-    data = cfg.data.model_copy(update={k: str(Path(v).resolve()) for k in ("path", "eval_path")
-                                       if (v := getattr(cfg.data, k)) and Path(v).exists()})
-    model = cfg.model
-    if Path(model.name).expanduser().exists():
-        model = model.model_copy(update={"name": str(Path(model.name).expanduser().resolve())})
-    evaluation = cfg.evaluation
-    if evaluation.multiple_choice_path:
-        evaluation = evaluation.model_copy(update={"multiple_choice_path": str(Path(evaluation.multiple_choice_path).resolve())})
-    return cfg.model_copy(update={"data": data, "model": model, "evaluation": evaluation})
+    changes = {f"data.{k}": str(Path(v).resolve()) for k in ("path", "eval_path")
+               if (v := getattr(cfg.data, k)) and Path(v).exists()}
+    if Path(cfg.model.name).expanduser().exists():
+        changes["model.name"] = str(Path(cfg.model.name).expanduser().resolve())
+    if cfg.evaluation.multiple_choice_path:
+        changes["evaluation.multiple_choice_path"] = str(Path(cfg.evaluation.multiple_choice_path).resolve())
+    return cfg.with_changes(changes)
 
 
 def connect_ray(address: str | None) -> bool:

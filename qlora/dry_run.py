@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 import yaml
 
-from qlora import memory_estimate, preflight
+from qlora import memory_estimate, preflight, tasks
 from qlora.batching import BatchPlan
 from qlora.config import JobConfig
-from qlora.data import IGNORE, padding_efficiency, sample_segments
+from qlora.data import padding_efficiency
 from qlora.distributed import Context
 from qlora.driver import connect_ray, describe_preparation, ensure_data, prepare_job, run_name
 
@@ -32,20 +32,8 @@ def dry_run(cfg: JobConfig) -> dict:
     print(f"model: {job.source.description} -> {job.source.path}")
     print(f"data cache: {describe_preparation(job.data)}")
     s = job.data.stats
-    classifying = cfg.model.task == "sequence_classification"
-    print(f"data: format={job.data.fmt} train={s['records']} eval={len(job.data.eval)} "
-          f"tokens p50={s['token_length_p50']} p95={s['token_length_p95']} max={s['token_length_max']} "
-          f"truncated={s['truncated_fraction']:.1%}" + ("" if classifying else
-                                                        f" masked labels={s['masked_label_fraction']:.1%}"))
-    if classifying:  # one label per example: truncation cuts text, never a trained token
-        print(f"truncation at data.max_length={cfg.data.max_length}: {s['truncated_examples']} of {s['records']} "
-              f"inputs cut ({s['truncated_fraction']:.1%})")
-    else:
-        print(f"truncation at data.max_length={cfg.data.max_length}: {s['truncated_examples']} of {s['records']} "
-              f"examples cut ({s['truncated_fraction']:.1%}); {s['trained_tokens_cut']:,} of "
-              f"{s['trained_tokens'] + s['trained_tokens_cut']:,} trained tokens lost "
-              f"({s['trained_tokens_cut_fraction']:.1%})"
-              + (f"; {s['dropped_no_labels']} examples dropped (no trained token left)" if s["dropped_no_labels"] else ""))
+    task = tasks.for_config(cfg)
+    print("\n".join(task.data_lines(cfg, job.data.fmt, len(job.data.eval), s)))
     fill = batch_fill(cfg, job.data.lengths)
     if cfg.data.packing:
         print(f"packing: {s['records'] - s['dropped_no_labels']} examples in {s['packed_rows']} rows of <= "
@@ -59,31 +47,16 @@ def dry_run(cfg: JobConfig) -> dict:
     print(estimate.describe(setup, on_gpu=cfg.scaling.use_gpu))
     gib = {"gpu_memory_estimate_gib": round(estimate.total / memory_estimate.GIB, 2),
            "gpu_memory_evaluation_gib": round(estimate.evaluation / memory_estimate.GIB, 2)}
-    sample = sample_segments(job.data.examples[0], job.tokenizer)
     cache = {"data_cache": job.data.cache, "data_cache_reused": job.data.reused, "data_preparation": job.data.work,
              "data_seconds": round(job.data_seconds, 2)}
-    if classifying:
-        first = job.data.train[0]
-        print(f"classes: {job.cfg.model.num_labels}; training labels: {s['label_counts']}")
-        print(f"one training example (label {first['label']}, {len(first['input_ids'])} tokens; the head reads "
-              f"the last one):\n{sample[0][0]}")
-        return {"trainable_params": job.lora_params, "records": s["records"], "eval_records": len(job.data.eval), **cache,
-                "num_labels": job.cfg.model.num_labels, "label_counts": s["label_counts"],
-                "token_length_p50": s["token_length_p50"], "token_length_p95": s["token_length_p95"],
-                "truncated_fraction": s["truncated_fraction"], **gib}
     if job.mc_records:
         print(f"multiple-choice eval: {job.mc_records} records from {cfg.evaluation.multiple_choice_path}")
-    print("one training example ([[...]] is trained on, the rest is masked out of the loss):")
-    print("".join(f"[[{t}]]" if trained and not cfg.data.train_on_prompt else t for t, trained in sample))
-    first = job.data.train[0]
-    print(f"  {'first packed row: ' if cfg.data.packing else ''}tokens={len(first['input_ids'])} "
-          f"trained={sum(t != IGNORE for t in first['labels'])}")
+    lines, numbers = task.example_report(cfg, job.data, job.tokenizer)
+    print("\n".join(lines))
     return {"trainable_params": job.lora_params, "records": s["records"], "eval_records": len(job.data.eval),
             "token_length_p50": s["token_length_p50"], "token_length_p95": s["token_length_p95"],
-            "truncated_fraction": s["truncated_fraction"], "masked_label_fraction": s["masked_label_fraction"],
-            "truncated_examples": s["truncated_examples"], "trained_tokens": s["trained_tokens"],
-            "trained_tokens_cut": s["trained_tokens_cut"], "trained_tokens_cut_fraction": s["trained_tokens_cut_fraction"],
-            "packed_rows": s.get("packed_rows"), "packing_efficiency": fill, "run_name": run_name(cfg), **cache, **gib}
+            "truncated_fraction": s["truncated_fraction"], "packing_efficiency": fill, "run_name": run_name(cfg),
+            **numbers, **cache, **gib}
 
 
 def batch_fill(cfg: JobConfig, lengths: list[int]) -> float:

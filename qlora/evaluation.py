@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from qlora import classification, distributed, multiple_choice
+from qlora import distributed
 from qlora.data import IGNORE, batched, collate, to_tensors
 
 
@@ -123,32 +123,6 @@ def exact_match(model, examples: list[dict], tokenizer, cfg, ctx, predictions: l
     if cfg.answer_metric == "final_number":
         metrics["final_number_match"] = number_hits / max(n, 1)
     return metrics
-
-
-def evaluate(model, examples: list[dict], tokenizer, cfg, ctx, mc_items: list | None = None,
-             predictions: list | None = None) -> dict:
-    """All held-out metrics the config asks for; `cfg` is the JobConfig, `mc_items` the prepared
-    multiple-choice set (qlora.multiple_choice.prepare)."""
-    if cfg.model.task == "sequence_classification":  # accuracy and log loss; nothing to generate
-        return classification.evaluate(model, examples, tokenizer.pad_token_id, cfg.evaluation.batch_size, ctx,
-                                       predictions, cfg.data.eval_path or cfg.data.path)
-    metrics = eval_loss(model, examples, tokenizer.pad_token_id, cfg.evaluation.batch_size, ctx)
-    if cfg.evaluation.generate:
-        metrics.update(exact_match(model, examples, tokenizer, cfg.evaluation, ctx, predictions))
-    if mc_items:
-        metrics.update(multiple_choice.accuracy(model, mc_items, tokenizer.pad_token_id, cfg.evaluation.batch_size, ctx))
-    return metrics
-
-
-def describe(cfg, n_examples: int, n_choice_items: int = 0) -> str:
-    """What evaluate() will compute, in words (the progress line before it runs)."""
-    if cfg.model.task == "sequence_classification":
-        what = f"accuracy and log loss on {n_examples} examples"
-    else:
-        what = f"loss on {n_examples} examples"
-        if cfg.evaluation.generate:
-            what += f", greedy answers to {min(n_examples, cfg.evaluation.num_generate)}"
-    return what + (f", {n_choice_items} multiple-choice questions" if n_choice_items else "")
 
 
 def summary(metrics: dict) -> str:

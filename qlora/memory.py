@@ -48,9 +48,8 @@ def halved(cfg: JobConfig) -> JobConfig | None:
     t = cfg.train
     if t.batch_size == 1:
         return None
-    train = t.model_copy(update={"batch_size": t.batch_size // 2,
-                                 "gradient_accumulation": t.gradient_accumulation * 2})
-    return cfg.model_copy(update={"train": train})
+    return cfg.with_changes({"train.batch_size": t.batch_size // 2,
+                             "train.gradient_accumulation": t.gradient_accumulation * 2})
 
 
 def _device_name(device: torch.device) -> str:

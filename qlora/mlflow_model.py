@@ -23,13 +23,14 @@ class AdapterModel(PythonModel):
         self.model, self.tokenizer = adapters.load_for_inference(self.cfg, folder, device)
 
     def predict(self, context, model_input, params=None):
-        from qlora import adapters
-        if self.cfg.model.task == "sequence_classification":  # rows of input columns (or texts) -> classes
-            rows = model_input.to_dict("records") if hasattr(model_input, "columns") else list(model_input)
-            return adapters.classify(self.model, self.tokenizer, self.cfg, rows)
-        prompts = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)
+        from qlora import tasks
+        task = tasks.for_config(self.cfg)
+        if task.can_generate:  # prompts -> completions
+            inputs = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)
+        else:  # rows of input columns (or texts) -> classes
+            inputs = model_input.to_dict("records") if hasattr(model_input, "columns") else list(model_input)
         max_new = int((params or {}).get("max_new_tokens", self.cfg.evaluation.max_new_tokens))
-        return adapters.complete(self.model, self.tokenizer, self.cfg, prompts, max_new)
+        return task.predict(self.model, self.tokenizer, self.cfg, inputs, max_new)
 
 
 mlflow.models.set_model(AdapterModel())

@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
-from qlora import console
+from qlora import console, tasks
 from qlora.config import JobConfig, LoraSection, QuantizationSection
 from qlora.errors import ConfigError
 from qlora.model_source import ModelSource
@@ -122,20 +123,10 @@ def check_vocab(tok, folder: Path) -> None:
                           "use the tokenizer files that belong to this model")
 
 
-def auto_class(cfg: JobConfig):
-    """The transformers Auto class for model.task, and the extra from_pretrained/from_config kwargs."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-    if cfg.model.task == "sequence_classification":
-        # num_labels is resolved from the data (classification.with_num_labels) before any model is built.
-        return AutoModelForSequenceClassification, {"num_labels": cfg.model.num_labels or 2}
-    return AutoModelForCausalLM, {}
-
-
 def fit_to_tokenizer(model, cfg: JobConfig, pad_token_id: int | None, n_tokens: int | None) -> None:
     """What the tokenizer decides about a loaded base, for training and merging alike: a classifier pools
     the last non-pad token (so it needs the pad id); an added [PAD] token needs its embedding rows."""
-    if cfg.model.task == "sequence_classification":
-        model.config.pad_token_id = pad_token_id
+    tasks.for_config(cfg).fit_base(model, pad_token_id)
     if cfg.model.pad_token == "add":  # the rows of an added [PAD] token (see load_tokenizer)
         grow_embeddings(model, n_tokens)
 
@@ -150,31 +141,14 @@ def keep_cpu_weights_trainable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def store_4bit_as(model, dtype: torch.dtype) -> None:
-    """Re-type the packed 4-bit weights (uint8) as `dtype` elements, the same bytes, as bitsandbytes'
-    bnb_4bit_quant_storage does at quantization: FSDP2 shards floating-point parameters only (measured: uint8
-    storage fails on CUDA with "only Tensors of floating point dtype can require gradients"). Done after
-    loading rather than through quant_storage because a pre-quantized checkpoint keeps the storage it was
-    saved with, whatever quantization_config asks."""
-    import bitsandbytes as bnb
-    for module in model.modules():
-        w = getattr(module, "weight", None)
-        if not isinstance(w, bnb.nn.Params4bit) or w.dtype == dtype:
-            continue
-        packed = w.data.reshape(-1).view(dtype).reshape(-1, 1)  # bytes regrouped, nothing converted
-        module.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=w.quant_state, blocksize=w.blocksize,
-                                          compress_statistics=w.compress_statistics, quant_type=w.quant_type,
-                                          quant_storage=dtype, module=module, bnb_quantized=True)
-        module.quant_storage = dtype
-
-
-def load_base_model(cfg: JobConfig, source: ModelSource, device: torch.device, pad_token_id: int | None = None):
+def load_base_model(cfg: JobConfig, source: ModelSource, device: torch.device, pad_token_id: int | None = None,
+                    prepare: Callable[[nn.Module, torch.dtype], None] | None = None):
     """The frozen base model on `device`, quantized as the config says, ready for k-bit training.
-    A sequence classifier needs the tokenizer's `pad_token_id`: it pools the last token that is not padding."""
+    A sequence classifier needs the tokenizer's `pad_token_id`: it pools the last token that is not padding.
+    `prepare(model, compute dtype)`: the distributed strategy's hook (Strategy.prepare_base), called once the
+    weights are quantized and before k-bit preparation."""
     check_source(source, cfg)
-    cls, task_kwargs = auto_class(cfg)
-    if task_kwargs and pad_token_id is None:
-        raise ValueError("load_base_model: a sequence_classification model needs the tokenizer's pad_token_id")
+    cls, task_kwargs = tasks.for_config(cfg).auto_class(cfg)
     dtype = compute_dtype(cfg.quantization, device)
     qconf = quantization_config(cfg.quantization, dtype)
     if task_kwargs:
@@ -188,8 +162,8 @@ def load_base_model(cfg: JobConfig, source: ModelSource, device: torch.device, p
     )
     model.config.use_cache = False
     keep_cpu_weights_trainable(model)
-    if cfg.quantization.bits == 4 and cfg.scaling.strategy == "fsdp":
-        store_4bit_as(model, dtype)
+    if prepare is not None and qconf is not None:
+        prepare(model, dtype)
     fit_to_tokenizer(model, cfg, pad_token_id,
                      len(load_tokenizer(source, cfg)) if cfg.model.pad_token == "add" else None)
     if qconf is not None:
@@ -208,7 +182,7 @@ def lora_config(lora: LoraSection, task: str = "causal_lm"):
     # (modules_to_save) beside the LoRA weights.
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
                       target_modules=lora.target_modules, layers_to_transform=lora.layers_to_transform,
-                      task_type={"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS"}[task])
+                      task_type=tasks.TASKS[task].peft_task_type)
 
 
 def layer_count(model: nn.Module) -> int:
@@ -316,7 +290,7 @@ def meta_lora_model(cfg: JobConfig, source: ModelSource):
         raise ConfigError(f"model.name: the model config of {source.path} could not be used ({type(e).__name__}: "
                           f"{why})", "point model.name at a causal LM whose config.json model_type the installed "
                           "transformers supports") from None
-    cls, task_kwargs = auto_class(cfg)
+    cls, task_kwargs = tasks.for_config(cfg).auto_class(cfg)
     for key, value in task_kwargs.items():
         setattr(config, key, value)
     with init_empty_weights():

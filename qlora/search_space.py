@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, Field, model_validator
 
-from qlora.config import JobConfig, Section, set_path, validate
+from qlora.config import JobConfig, Section
 from qlora.errors import ConfigError
 
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint", "qloguniform")
@@ -145,7 +145,4 @@ def with_tied(params: dict[str, Any], tied: dict[str, Tie]) -> dict[str, Any]:
 
 def apply_params(base: JobConfig, params: dict[str, Any], tied: dict[str, Tie]) -> JobConfig:
     """The trial's config: base + sampled values + tied values, validated like any config."""
-    raw = base.model_dump()
-    for path, value in with_tied(params, tied).items():
-        set_path(raw, path, value)
-    return validate(JobConfig, raw)
+    return base.with_changes(with_tied(params, tied))

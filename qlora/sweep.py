@@ -21,11 +21,9 @@ STATE_FILE = "qlora_sweep.json"
 
 def trial_config(base: JobConfig, params: dict, space: SearchSpace) -> JobConfig:
     cfg = apply_params(base, params, space.tied)
-    # Every report must carry the metric, or ASHA has nothing to compare.
-    train = cfg.train.model_copy(update={"eval_every": cfg.train.log_every})
-    # Only the sweep's best adapter is registered (by the parent run), not every trial's.
-    trk = cfg.tracking.model_copy(update={"register_as": None})
-    return cfg.model_copy(update={"train": train, "tracking": trk})
+    # Every report must carry the metric, or ASHA has nothing to compare; only the sweep's best adapter is
+    # registered (by the parent run), not every trial's.
+    return cfg.with_changes({"train.eval_every": cfg.train.log_every, "tracking.register_as": None})
 
 
 def run_trial(config: dict, base_json: str, space_json: str, uri, parent_run_id, storage: str,

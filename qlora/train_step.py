@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from qlora import distributed, kernels, memory, speed
+from qlora.strategies import Strategy
 from qlora.config import JobConfig
 
 
@@ -35,16 +36,16 @@ def make_scheduler(cfg: JobConfig, optimizer, total_steps: int):
 
 
 def forward_backward(model, inputs: dict, labels: torch.Tensor, hidden: Optional[kernels.HiddenStates],
-                     losses: Callable, dtype: torch.dtype, ctx: distributed.Context, accum: int = 1,
+                     losses: Callable, dtype: torch.dtype, strategy: Strategy, accum: int = 1,
                      sync: bool = True) -> torch.Tensor:
     """One micro-batch: the forward pass under the step's autocast, its mean loss, and the backward pass of
     that loss over `accum` micro-batches (the gradient all-reduce / reduce-scatter only when `sync`). Returns
     the loss (not synchronised: `.item()` it when needed)."""
-    with distributed.gradient_sync(model, ctx, sync):
-        with kernels.autocast(ctx.device, dtype):
+    with strategy.gradient_sync(model, sync):
+        with kernels.autocast(strategy.ctx.device, dtype):
             loss_sum, n = kernels.forward_loss(model, inputs, labels, hidden, losses)
         loss = loss_sum / n.clamp(min=1)
-        distributed.backward(model, loss, accum, ctx)
+        strategy.backward(model, loss, accum)
     return loss.detach()
 
 

@@ -18,8 +18,8 @@ from typing import Optional
 
 import torch
 
-from qlora import (checkpoint, classification, console, distributed, evaluation, kernels, modeling, multiple_choice,
-                   speed)
+from qlora import (checkpoint, console, distributed, evaluation, kernels, modeling, multiple_choice, speed,
+                   strategies, tasks)
 from qlora.batching import BatchPlan, model_inputs, train_batch
 from qlora.config import JobConfig
 from qlora.data import PreparedData, to_tensors
@@ -42,7 +42,7 @@ def log(ctx: distributed.Context, message: str) -> None:
 class Run:
     """Everything one worker's training needs, set up once."""
     cfg: JobConfig
-    ctx: distributed.Context
+    strategy: strategies.Strategy  # DDP / FSDP / DeepSpeed (or one process), with this worker's rank context
     tokenizer: object
     data: PreparedData
     model: torch.nn.Module      # the peft model (what evaluation and checkpoints use)
@@ -59,8 +59,12 @@ class Run:
     trainer_state: Optional[dict]  # a resumed checkpoint's optimizer, scheduler, RNG and loop state
 
     @property
-    def batch_losses(self):
-        return classification.losses if self.cfg.model.task == "sequence_classification" else evaluation.token_losses
+    def ctx(self) -> distributed.Context:
+        return self.strategy.ctx
+
+    @property
+    def task(self) -> tasks.CausalLM:
+        return tasks.for_config(self.cfg)
 
 
 def set_up(payload: dict) -> Run:
@@ -68,14 +72,15 @@ def set_up(payload: dict) -> Run:
         os.environ[console.VERBOSE_ENV] = "1"
     console.quiet_libraries()  # before the libraries load: bitsandbytes' notice comes with its import
     cfg = JobConfig.from_json(payload["config"])  # validated again on this side of the Ray boundary
-    ctx = distributed.context(cfg.scaling.use_gpu, cfg.scaling.strategy)
+    strategy = strategies.for_worker(cfg)
+    ctx = strategy.ctx
     source = resolve(cfg.model.name, cfg.model.gguf_file, cfg.model.revision)
     tokenizer = modeling.load_tokenizer(source, cfg)
     data = open_prepared(payload["data_cache"])  # the driver's prepared data, memory-mapped
-    cfg = classification.with_num_labels(cfg, data)  # saved with checkpoints, so the adapter knows its classes
+    cfg = tasks.for_config(cfg).resolve(cfg, data)  # saved with checkpoints, so the adapter knows its classes
     # A classifier's new head is initialised randomly inside from_pretrained: same seed, same head on every rank.
     torch.manual_seed(cfg.train.seed)
-    base = modeling.load_base_model(cfg, source, ctx.device, tokenizer.pad_token_id)
+    base = modeling.load_base_model(cfg, source, ctx.device, tokenizer.pad_token_id, prepare=strategy.prepare_base)
     kernels.apply_layer_kernels(base, cfg.train)
     if cfg.train.gradient_checkpointing and cfg.train.checkpointed_fraction < 1:
         kept = kernels.select_checkpointed_layers(base, cfg.train.checkpointed_fraction)
@@ -90,26 +95,23 @@ def set_up(payload: dict) -> Run:
     flops = speed.FlopCounter(speed.base_param_count(model), base.config,
                               torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else None)
     trainer_state = resume_adapter(model, ctx)  # before sharding: each rank loads the whole saved adapter
-    wrapped = distributed.wrap(model, ctx, cfg.scaling.strategy, fused_loss=hidden is not None)
+    wrapped, optimizer = strategy.wrap(model, lambda params: make_optimizer(cfg, params),
+                                       kernels.autocast_dtype(ctx.device, dtype))
     # Bytes of the frozen base this worker holds (quantized weights + scales + buffers; its shard under FSDP).
     weights_gib = distributed.local_bytes([p for p in model.parameters() if not p.requires_grad]
                                           + list(model.buffers())) / 2**30
-    optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
-    wrapped = distributed.with_deepspeed(wrapped, optimizer, ctx, cfg.scaling.zero_stage, cfg.train.batch_size,
-                                         cfg.train.gradient_accumulation, cfg.train.max_grad_norm,
-                                         kernels.autocast_dtype(ctx.device, dtype))
     plan = BatchPlan(len(data.train), cfg, ctx, data.lengths)
     sink = MetricsSink(payload.get("tracking_uri"), payload.get("mlflow_run_id")) if ctx.is_writer else None
-    return Run(cfg, ctx, tokenizer, data, model, wrapped, optimizer, make_scheduler(cfg, optimizer, plan.total_steps),
+    return Run(cfg, strategy, tokenizer, data, model, wrapped, optimizer, make_scheduler(cfg, optimizer, plan.total_steps),
                plan, hidden, dtype, flops, multiple_choice.prepare(cfg, tokenizer), weights_gib, sink, trainer_state)
 
 
 def held_out(run: Run, when: str, predictions: Optional[list] = None) -> dict:
     """The held-out metrics now (compiled layers run eagerly, flex attention as sdpa), with progress lines."""
     cfg = run.cfg
-    log(run.ctx, f"held-out evaluation {when} ({evaluation.describe(cfg, len(run.data.eval), len(run.mc_items))})")
+    log(run.ctx, f"held-out evaluation {when} ({run.task.describe_evaluation(cfg, len(run.data.eval), len(run.mc_items))})")
     with kernels.for_evaluation(run.model, cfg.train.compile, cfg.model.attn_implementation):
-        return evaluation.evaluate(run.model, run.data.eval, run.tokenizer, cfg, run.ctx, run.mc_items, predictions)
+        return run.task.evaluate(run.model, run.data.eval, run.tokenizer, cfg, run.ctx, run.mc_items, predictions)
 
 
 def train_step(run: Run, step: int, window: Window, clock: Clock) -> tuple[int, float]:
@@ -126,8 +128,8 @@ def train_step(run: Run, step: int, window: Window, clock: Clock) -> tuple[int, 
         batch = to_tensors(train_batch(items, run.tokenizer.pad_token_id, cfg.data.packing, cfg.data.max_length),
                            ctx.device)
         try:
-            loss = forward_backward(run.wrapped, model_inputs(batch), batch["labels"], run.hidden, run.batch_losses,
-                                    run.dtype, ctx, accum, sync=micro == accum - 1)
+            loss = forward_backward(run.wrapped, model_inputs(batch), batch["labels"], run.hidden, run.task.loss,
+                                    run.dtype, run.strategy, accum, sync=micro == accum - 1)
         except torch.OutOfMemoryError:
             raise out_of_memory(run.model, cfg, ctx.device, step, batch["input_ids"].numel()) from None
         step_loss += loss.item() / accum
@@ -136,7 +138,7 @@ def train_step(run: Run, step: int, window: Window, clock: Clock) -> tuple[int, 
     if not math.isfinite(step_loss):
         raise TrainingFailure(f"loss became {step_loss} at step {step + 1}; the last good checkpoint is kept "
                               "(lower train.learning_rate or train.max_grad_norm)")
-    grad_norm = distributed.apply_update(run.wrapped, run.optimizer, cfg.train.max_grad_norm, ctx)
+    grad_norm = run.strategy.apply_update(run.wrapped, run.optimizer, cfg.train.max_grad_norm)
     run.scheduler.step()
     window.loss, window.steps = window.loss + step_loss, window.steps + 1
     clock.step_done()
@@ -154,8 +156,8 @@ def report(run: Run, step: int, metrics: dict, before: dict, clock: Clock, save:
     ckpt = None
     with tempfile.TemporaryDirectory() as tmp:
         if save:
-            adapter_state = distributed.full_trainable_state(run.model) if ctx.sharded else None
-            optimizer_state = distributed.optimizer_state(run.wrapped, run.optimizer, ctx)
+            adapter_state = run.strategy.trainable_state(run.model)
+            optimizer_state = run.strategy.optimizer_state(run.wrapped, run.optimizer)
             rng_states = distributed.per_rank(checkpoint.rng_state(), ctx)
         if save and ctx.is_writer:
             folder = checkpoint.save(Path(tmp) / "checkpoint", run.model, run.cfg, optimizer_state, run.scheduler,
@@ -188,7 +190,7 @@ def train_loop_per_worker(payload: dict) -> None:
     cfg, ctx, total = run.cfg, run.ctx, run.plan.total_steps
     step, before = 0, None
     if run.trainer_state:
-        saved = restore_trainer(run.trainer_state, run.wrapped, run.optimizer, run.scheduler, ctx)
+        saved = restore_trainer(run.trainer_state, run)
         step, before = saved["step"], saved.get("before")
         log(ctx, f"resumed from checkpoint at step {step}")
         if saved.get("final"):  # the run had finished: report its result again, train nothing
@@ -259,11 +261,11 @@ def resume_adapter(model, ctx: distributed.Context) -> dict | None:
     return state
 
 
-def restore_trainer(state: dict, model, optimizer, scheduler, ctx: distributed.Context) -> dict:
+def restore_trainer(state: dict, run: Run) -> dict:
     """Optimizer, scheduler and RNG from a checkpoint's trainer state; returns the saved loop state (step,
-    metrics before training, and for the final checkpoint its metrics). `model` as the step calls it."""
-    distributed.load_optimizer_state(model, optimizer, state["optimizer"], ctx)
+    metrics before training, and for the final checkpoint its metrics)."""
+    run.strategy.load_optimizer_state(run.wrapped, run.optimizer, state["optimizer"])
     if state["scheduler"] is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    checkpoint.restore_rng(state["rng"], ctx.rank)
+        run.scheduler.load_state_dict(state["scheduler"])
+    checkpoint.restore_rng(state["rng"], run.ctx.rank)
     return state["state"]

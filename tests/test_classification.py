@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qlora import classification as cls
-from qlora import modeling
+from qlora import modeling, tasks
 from qlora.config import DataSection, JobConfig, load_config
 from qlora.data import classification as formats
 from qlora.data import collate, kfold_indices, prepare_in_memory
@@ -184,12 +184,13 @@ def test_labels_are_checked_against_num_labels(tmp_path, smollm_tokenizer):
     data_cfg = _data(tmp_path, rows, eval_fraction=0.3)
     data = prepare_in_memory(data_cfg, smollm_tokenizer)
     job = JobConfig(model={"task": "sequence_classification"}, data=data_cfg)
-    assert cls.with_num_labels(job, data).model.num_labels == 3  # inferred: largest label + 1
+    task = tasks.for_config(job)
+    assert task.resolve(job, data).model.num_labels == 3  # inferred: largest label + 1
     with pytest.raises(DataError, match=r"d.jsonl, record \d: label 2 is outside 0..1 \(model.num_labels=2\)"):
-        cls.with_num_labels(job.model_copy(update={"model": job.model.model_copy(update={"num_labels": 2})}), data)
+        task.resolve(job.with_changes({"model.num_labels": 2}), data)
     zeros = _data(tmp_path, [{"text": "a", "label": 0}] * 4)
     with pytest.raises(DataError, match="at least two classes"):
-        cls.with_num_labels(job.model_copy(update={"data": zeros}), prepare_in_memory(zeros, smollm_tokenizer))
+        task.resolve(job.with_changes({"data.path": zeros.path}), prepare_in_memory(zeros, smollm_tokenizer))
 
 
 # --- model ---------------------------------------------------------------------------------------------

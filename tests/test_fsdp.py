@@ -168,19 +168,20 @@ def one_rank_group():
 def test_state_after_an_evaluation_keys_every_trainable_parameter(tiny_model_dir, one_rank_group):
     """A classifier's head is trainable and lives in FSDP's root unit, which keeps its gathered parameters
     after a no-grad forward: gathering adapter and optimizer state right after an evaluation must still find
-    the head (it raised KeyError before `distributed.resharded`). One process, a one-rank mesh over gloo."""
+    the head (it raised KeyError before `strategies.fsdp.resharded`). One process, a one-rank mesh over gloo."""
     from qlora import distributed, modeling
     from qlora.config import JobConfig
     from qlora.model_source import ModelSource
+    from qlora.strategies import FSDP
     cfg = JobConfig.model_validate({"model": {"name": str(tiny_model_dir), "task": "sequence_classification",
                                               "num_labels": 2},
                                     "data": {"path": "x.tsv", "format": "classification"},
                                     "scaling": {"strategy": "fsdp"}})
-    base = modeling.load_base_model(cfg, ModelSource(str(tiny_model_dir), True, "tiny"), torch.device("cpu"), 0)
+    base = modeling.load_base_model(cfg, ModelSource(str(tiny_model_dir), True, "tiny"), torch.device("cpu"), 0,
+                                    prepare=FSDP.prepare_base)
     model = modeling.attach_lora(base, cfg.lora, "sequence_classification")
-    ctx = distributed.Context(0, 1, torch.device("cpu"), sharded=True)
-    distributed.wrap(model, ctx, "fsdp")
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    fsdp = FSDP(distributed.Context(0, 1, torch.device("cpu"), sharded=True), cfg)
+    _, optimizer = fsdp.wrap(model, torch.optim.AdamW)
     ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))
     model(input_ids=ids).logits.sum().backward()
     optimizer.step()
@@ -189,8 +190,8 @@ def test_state_after_an_evaluation_keys_every_trainable_parameter(tiny_model_dir
         model(input_ids=ids)  # evaluation
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any("score" in n for n in trainable)
-    assert sorted(distributed.optimizer_state(model, optimizer, ctx)["state"]) == sorted(trainable)
-    assert sorted(distributed.full_trainable_state(model)) == sorted(trainable)
+    assert sorted(fsdp.optimizer_state(model, optimizer)["state"]) == sorted(trainable)
+    assert sorted(fsdp.trainable_state(model)) == sorted(trainable)
 
 
 def test_fused_loss_under_fsdp_gives_the_plain_gradients(tmp_path, one_rank_group):
@@ -202,6 +203,7 @@ def test_fused_loss_under_fsdp_gives_the_plain_gradients(tmp_path, one_rank_grou
     from qlora import distributed, evaluation, kernels, modeling
     from qlora.config import JobConfig
     from qlora.model_source import ModelSource
+    from qlora.strategies import FSDP
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
@@ -213,7 +215,7 @@ def test_fused_loss_under_fsdp_gives_the_plain_gradients(tmp_path, one_rank_grou
     results = []
     for sharded in (False, True):
         base = modeling.load_base_model(cfg, ModelSource(str(tmp_path / "untied"), True, "untied"),
-                                        torch.device("cpu"))
+                                        torch.device("cpu"), prepare=FSDP.prepare_base)
         torch.manual_seed(0)
         model = modeling.attach_lora(base, cfg.lora)
         for name, p in model.named_parameters():
@@ -221,7 +223,7 @@ def test_fused_loss_under_fsdp_gives_the_plain_gradients(tmp_path, one_rank_grou
                 p.data.normal_(0, 0.05)
         hidden = kernels.HiddenStates(model)
         ctx = distributed.Context(0, 1, torch.device("cpu"), sharded=sharded)
-        wrapped = distributed.wrap(model, ctx, "fsdp", fused_loss=True)
+        wrapped = FSDP(ctx, cfg).wrap(model, torch.optim.AdamW)[0] if sharded else model
         loss, n = kernels.forward_loss(wrapped, {"input_ids": ids}, ids, hidden, evaluation.token_losses)
         (loss / n).backward()
         results.append((loss.item(), {k: distributed.full(p.grad) for k, p in model.named_parameters()
@@ -242,6 +244,10 @@ def test_deepspeed_engine_runs_the_forward_under_the_steps_autocast(one_rank_gro
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from qlora import distributed
+    from qlora.config import JobConfig
+    from qlora.strategies import DeepSpeed
+    cfg = JobConfig.model_validate({"model": {"name": "unused"}, "data": {"path": "unused.jsonl"},
+                                    "train": {"batch_size": 2}, "scaling": {"strategy": "deepspeed"}})
     torch.manual_seed(0)
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
     seen = {}
@@ -250,9 +256,8 @@ def test_deepspeed_engine_runs_the_forward_under_the_steps_autocast(one_rank_gro
                                              num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
         q_proj = model.model.layers[0].self_attn.q_proj
         q_proj.register_forward_hook(lambda m, i, out, key=dtype: seen.__setitem__(key, out.dtype))
-        optimizer = torch.optim.AdamW(model.parameters())
-        ctx = distributed.Context(0, 1, torch.device("cpu"), deepspeed=True)
-        engine = distributed.with_deepspeed(model, optimizer, ctx, 2, 2, 1, 1.0, autocast_dtype=dtype)
+        engine, _ = DeepSpeed(distributed.Context(0, 1, torch.device("cpu")), cfg).wrap(
+            model, torch.optim.AdamW, autocast_dtype=dtype)
         assert engine is not model and model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
         engine(input_ids=ids)
     assert seen == {None: torch.float32, torch.bfloat16: torch.bfloat16}

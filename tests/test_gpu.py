@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from qlora import distributed, kernels, modeling  # noqa: E402
+from qlora.strategies import STRATEGIES, DeepSpeed, Strategy  # noqa: E402
 from qlora.config import JobConfig  # noqa: E402
 from qlora.model_source import ModelSource  # noqa: E402
 from qlora.train_step import make_optimizer  # noqa: E402
@@ -53,7 +54,8 @@ def config(path, strategy: str = "ddp", **train) -> JobConfig:
 
 
 def lora_model(cfg: JobConfig):
-    base = modeling.load_base_model(cfg, ModelSource(cfg.model.name, True, "random"), CUDA)
+    base = modeling.load_base_model(cfg, ModelSource(cfg.model.name, True, "random"), CUDA,
+                                    prepare=STRATEGIES[cfg.scaling.strategy].prepare_base)
     kernels.apply_layer_kernels(base, cfg.train)
     torch.manual_seed(0)
     model = modeling.attach_lora(base, cfg.lora)
@@ -73,22 +75,21 @@ def batches(n: int) -> list[torch.Tensor]:
 def train_losses(cfg: JobConfig, steps: int = 8) -> list[float]:
     """The worker's step (autocast, backward, clip, update) on a one-rank group, the config's strategy and
     speed levers (as the worker: compiled layers get only Liger's loss, not its layer kernels)."""
-    strategy = cfg.scaling.strategy
     model = lora_model(cfg)
     if cfg.train.compile:
         kernels.compile_layers(model, cfg.train.compile_memory_budget)
     hidden = kernels.HiddenStates(model, cfg.train.kernels == "liger") if cfg.train.fused_cross_entropy else None
-    ctx = distributed.Context(0, 1, CUDA, sharded=strategy == "fsdp", deepspeed=strategy == "deepspeed")
-    wrapped = distributed.wrap(model, ctx, strategy, fused_loss=hidden is not None)
-    optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    cls = STRATEGIES[cfg.scaling.strategy]
+    strategy = cls(distributed.Context(0, 1, CUDA, sharded=cls.lockstep), cfg)  # a one-rank group all the same
     dtype = modeling.compute_dtype(cfg.quantization, CUDA)
-    wrapped = distributed.with_deepspeed(wrapped, optimizer, ctx, 2, 2, 1, 1.0, kernels.autocast_dtype(CUDA, dtype))
+    wrapped, optimizer = strategy.wrap(model, lambda params: make_optimizer(cfg, params),
+                                       kernels.autocast_dtype(CUDA, dtype))
     losses = []
     for ids in batches(steps):
         with kernels.autocast(CUDA, dtype):
             loss_sum, n = kernels.forward_loss(wrapped, {"input_ids": ids}, ids, hidden)
-        distributed.backward(wrapped, loss_sum / n, 1, ctx)
-        distributed.apply_update(wrapped, optimizer, 1.0, ctx)
+        strategy.backward(wrapped, loss_sum / n, 1)
+        strategy.apply_update(wrapped, optimizer, 1.0)
         losses.append((loss_sum / n).item())
     return losses
 
@@ -130,9 +131,8 @@ def test_deepspeed_engine_computes_under_the_steps_bf16_autocast(llama_dir, one_
         model = lora_model(cfg)
         model.base_model.model.model.layers[0].self_attn.o_proj.register_forward_hook(
             lambda m, i, out, key=dtype: seen.__setitem__(key, out.dtype))
-        optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
-        ctx = distributed.Context(0, 1, CUDA, deepspeed=True)
-        engine = distributed.with_deepspeed(model, optimizer, ctx, 2, 2, 1, 1.0, autocast_dtype=dtype)
+        strategy = DeepSpeed(distributed.Context(0, 1, CUDA), cfg)
+        engine, _ = strategy.wrap(model, lambda params: make_optimizer(cfg, params), autocast_dtype=dtype)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             engine(input_ids=batches(1)[0])
     # Without the dtype passed on, the engine switched the step's autocast off: fp32 matmuls.
@@ -157,6 +157,7 @@ def packed_losses(cfg: JobConfig, steps: int = 8) -> list[float]:
     optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     dtype = modeling.compute_dtype(cfg.quantization, CUDA)
     ctx = distributed.Context(0, 1, CUDA)
+    step_runner = Strategy(ctx, cfg)
     from torch._dynamo.utils import counters
     from qlora.evaluation import eval_loss
     losses, graphs = [], None
@@ -164,8 +165,8 @@ def packed_losses(cfg: JobConfig, steps: int = 8) -> list[float]:
         model.train()  # as the worker: evaluation leaves the model in eval mode
         with kernels.autocast(CUDA, dtype):
             loss_sum, n = kernels.forward_loss(model, model_inputs(batch), batch["labels"])
-        distributed.backward(model, loss_sum / n, 1, ctx)
-        distributed.apply_update(model, optimizer, 1.0, ctx)
+        step_runner.backward(model, loss_sum / n, 1)
+        step_runner.apply_update(model, optimizer, 1.0)
         losses.append((loss_sum / n).item())
         if step == 2:  # held-out evaluation and generation between steps, as the worker runs them
             graphs = counters["stats"]["unique_graphs"]

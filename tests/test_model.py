@@ -9,6 +9,7 @@ from qlora import modeling
 from qlora.config import JobConfig, LoraSection, QuantizationSection
 from qlora.errors import ConfigError
 from qlora.model_source import ModelSource, resolve
+from qlora.strategies import STRATEGIES
 
 
 def test_packaged_gguf_is_converted_once_to_safetensors(smollm_dir):
@@ -114,7 +115,8 @@ def test_fsdp_loads_4bit_weights_with_floating_point_storage(tiny_model_dir, tmp
     logits, storage = {}, {}
     for strategy in ("ddp", "fsdp"):
         cfg = JobConfig.model_validate({**_cfg(tmp_path / "nf4").model_dump(), "scaling": {"strategy": strategy}})
-        model = modeling.load_base_model(cfg, ModelSource(str(tmp_path / "nf4"), True, "nf4"), torch.device("cpu"))
+        model = modeling.load_base_model(cfg, ModelSource(str(tmp_path / "nf4"), True, "nf4"), torch.device("cpu"),
+                                         prepare=STRATEGIES[strategy].prepare_base)
         storage[strategy] = {p.dtype for n, p in model.named_parameters() if "proj" in n}
         with torch.no_grad():
             logits[strategy] = model(input_ids=ids).logits
@@ -123,5 +125,5 @@ def test_fsdp_loads_4bit_weights_with_floating_point_storage(tiny_model_dir, tmp
     # Quantized on load from 16-bit weights, the same re-typing applies.
     fresh = modeling.load_base_model(JobConfig.model_validate({**_cfg(tiny_model_dir).model_dump(),
                                                                "scaling": {"strategy": "fsdp"}}),
-                                     source, torch.device("cpu"))
+                                     source, torch.device("cpu"), prepare=STRATEGIES["fsdp"].prepare_base)
     assert {p.dtype for n, p in fresh.named_parameters() if "proj" in n} == {torch.float32}

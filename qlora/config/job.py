@@ -10,7 +10,7 @@ from qlora.config.names import resolve_name_template
 from qlora.config.sections import (CLASSIFICATION_FORMATS, GPU_ONLY_OPTIMIZERS, DataSection, EvaluationSection,
                                    LoraSection, ModelSection, QuantizationSection, ScalingSection, Section,
                                    TrackingSection, TrainSection)
-from qlora.config.validation import validate
+from qlora.config.validation import set_path, validate
 
 
 class JobConfig(Section):
@@ -110,6 +110,14 @@ class JobConfig(Section):
             if template and ("{" in template or "}" in template):
                 setattr(self.tracking, key, resolve_name_template(template, self, f"tracking.{key}"))
         return self
+
+    def with_changes(self, changes: dict[str, object]) -> "JobConfig":
+        """A copy with dotted keys changed ({"train.batch_size": 2}), validated again: the one way code changes
+        a validated config, so every cross-field check still holds."""
+        raw = self.model_dump()
+        for key, value in changes.items():
+            set_path(raw, key, value, "JobConfig.with_changes")
+        return validate(JobConfig, raw)
 
     def to_json(self) -> str:
         return self.model_dump_json()

@@ -8,7 +8,7 @@ import yaml
 from pydantic import BaseModel
 
 from qlora.config.job import JobConfig
-from qlora.config.validation import validate
+from qlora.config.validation import set_path, validate
 from qlora.errors import ConfigError
 
 
@@ -42,16 +42,3 @@ def apply_override(raw: dict, item: str) -> None:
     except yaml.YAMLError:
         parsed = value
     set_path(raw, key.strip(), parsed, f"override {item!r}")
-
-
-def set_path(raw: dict, key: str, value: Any, context: str = "") -> None:
-    """raw[a][b][c] = value for key `a.b.c`, creating sections on the way (overrides, sweep params)."""
-    parts = key.split(".")
-    node = raw
-    for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{context + ': ' if context else ''}{'.'.join(parts[:i + 1])} is a value, not a section",
-                              "override a key inside a section, e.g. --set train.learning_rate=1e-4")
-        node = child
-    node[parts[-1]] = value

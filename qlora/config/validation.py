@@ -56,3 +56,16 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
             return []
         model = ann
     return list(model.model_fields)
+
+
+def set_path(raw: dict, key: str, value: Any, context: str = "") -> None:
+    """raw[a][b][c] = value for key `a.b.c`, creating sections on the way (overrides, sweep params)."""
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{context + ': ' if context else ''}{'.'.join(parts[:i + 1])} is a value, not a section",
+                              "override a key inside a section, e.g. --set train.learning_rate=1e-4")
+        node = child
+    node[parts[-1]] = value
