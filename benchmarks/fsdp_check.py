@@ -7,7 +7,7 @@ CUDA path works end to end with the worker's own pieces: bitsandbytes NF4 weight
 FSDP, whole adapters and optimizer state gathered for a checkpoint, generation in lockstep mode, and what
 FSDP's gathered copies cost in memory and time. With `--strategies ddp,deepspeed`: a ZeRO-2 engine on the
 one rank (fp32 mode under autocast), its update and its optimizer state through the tensor-fragment API.
-Multi-GPU numbers need a 2-GPU host (tests/test_fsdp.py runs the 2-rank paths on CPU over gloo).
+Multi-GPU numbers need a 2-GPU host (tests/e2e/test_fsdp.py runs the 2-rank paths on CPU over gloo).
 
     python3 benchmarks/fsdp_check.py --model /tmp/rand-llama-1b-v49k --steps 8 --out fsdp.jsonl
 """
@@ -98,7 +98,8 @@ def run(strategy: str, args) -> dict:
     setup = memory_estimate.Setup.from_config(cfg)
     # From the meta model, as --dry-run does: a loaded 4-bit layer's numel counts packed storage elements.
     shape = memory_estimate.shape_of(modeling.meta_lora_model(cfg, ModelSource(args.model, True, "benchmark")))
-    row = {"strategy": strategy, "load_s": load_s, "host_gib_after_load": host_after_load, "quantized_weight_dtypes": sorted(storage), "steps": args.steps,
+    row = {"strategy": strategy, "load_s": load_s, "host_gib_after_load": host_after_load,
+           "quantized_weight_dtypes": sorted(storage), "steps": args.steps,
            "batch": f"{args.bs}x{args.seq}", "kernels": args.kernels, "fused_cross_entropy": args.fused,
            "step_s_median": statistics.median(times), "tokens_per_s": args.bs * args.seq / statistics.median(times),
            "peak_gib": peak, "losses": losses, "adapter_tensors": len(adapter),

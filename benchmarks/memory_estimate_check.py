@@ -61,7 +61,8 @@ ROWS = [
     # Measured after the estimate was written (H200, 2026-11-29, gpu_ray_overhead.sh): out of sample.
     Row("1B-v49k", "Liger, packed alpaca rows, no Ray (speed.py)", 3.98, LIGER),
     Row("1B-v49k", "Liger, packed alpaca rows, the ray job submit'ed Ray Train job", 3.93, LIGER),
-    # H200, 2026-11-29 (gpu_speed_h200.sh PART=checkpointing and PART=budget): compiled layers (no Liger layer kernels under compile),
+    # H200, 2026-11-29 (gpu_speed_h200.sh PART=checkpointing and PART=budget): compiled layers (no Liger layer kernels
+    # under compile),
     # Liger's fused loss; the budget rows without whole-layer checkpointing.
     Row("8B", "compile", 15.30, COMPILED),
     Row("8B", "compile + checkpointed_fraction 0.85", 25.24, {**COMPILED, "checkpointed_fraction": 0.85}),

@@ -12,7 +12,7 @@ given. The step is the worker's own: train_step.forward_backward + Strategy.appl
 --first-measured K applies the first K variants without timing them; --profile N runs N more steps of each
 measured variant under torch.profiler and prints where the GPU time went (kernel categories, top kernels).
 
-MFU: useful FLOPs (4N per token + 12 L h s^2 per row, qlora/speed.py) over time over the GPU's peak.
+MFU: useful FLOPs (4N per token + 12 L h s^2 per row, qlora/mfu.py) over time over the GPU's peak.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from qlora import distributed, kernels, modeling, speed
+from qlora import distributed, kernels, mfu, modeling
 from qlora.config import JobConfig
 from qlora.evaluation import to_tensors, token_losses
 from qlora.model_source import ModelSource
@@ -120,7 +120,7 @@ def profile_steps(step, steps: list[dict]) -> dict:
             "top_kernels_ms": [[name[:110], round(ms, 2)] for name, ms in top]}
 
 
-def run_variant(cfg, model, hidden, use_autocast: bool, init: dict, args, flops: speed.FlopCounter,
+def run_variant(cfg, model, hidden, use_autocast: bool, init: dict, args, flops: mfu.FlopCounter,
                 data: list[dict] | None = None) -> dict:
     from peft import set_peft_model_state_dict
     set_peft_model_state_dict(model, init)
@@ -155,7 +155,7 @@ def run_variant(cfg, model, hidden, use_autocast: bool, init: dict, args, flops:
             useful.append(int(mask.sum()))
             rows = [{"input_ids": r, "position_ids": p.tolist()} for r, p in zip(
                 b["input_ids"], b["position_ids"])] if "position_ids" in b else None
-            flops.add([n for r in rows for n in speed.example_lengths(r)] if rows else mask.sum(1).tolist())
+            flops.add([n for r in rows for n in mfu.example_lengths(r)] if rows else mask.sum(1).tolist())
     total = sum(times)
     step_s = sorted(times)[len(times) // 2]
     mfu = flops.mfu(total)
@@ -185,7 +185,7 @@ def main():
     cfg, base, model, load_s = build(args.model, args.bs, args.seq, gc=True)
     from peft import get_peft_model_state_dict
     init = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
-    flops = speed.FlopCounter(speed.base_param_count(model), base.config,
+    flops = mfu.FlopCounter(mfu.base_param_count(model), base.config,
                               torch.cuda.get_device_name(0) if CUDA else None)
     hidden, use_autocast, applied, real, packed = None, False, [], False, False
     for variant in args.variants.split(","):

@@ -3,7 +3,8 @@ the job's first training step, and each step's tokens/s as the worker reported i
 
     python3 benchmarks/submit_timing.py --address http://127.0.0.1:8265 -- --config CONFIG [--set k=v ...]
 Prints one JSON line, with the job's throughput by the clock and each rank's peak GPU memory (its last JSON
-line), the steps whose window fell under 80% of the median, and the recompiles TORCH_LOGS=recompiles logged. Needs RAY_AUTH_MODE=token (as the cluster) and `ray` on PATH.
+line), the steps whose window fell under 80% of the median, and the recompiles TORCH_LOGS=recompiles logged.
+Needs RAY_AUTH_MODE=token (as the cluster) and `ray` on PATH.
 """
 import argparse
 import json

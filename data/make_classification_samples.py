@@ -52,7 +52,8 @@ def pairwise(seed: int = 0, n: int = 96) -> None:
     single = [r for r in records if [t["from"] for t in r["conversations"]] == ["human"]]
     rows = []
     for i, r in enumerate(rng.sample(single, n)):
-        prompt, chosen, rejected = r["conversations"][0]["value"][:500], r["chosen"]["value"][:700], r["rejected"]["value"][:700]
+        prompt = r["conversations"][0]["value"][:500]
+        chosen, rejected = r["chosen"]["value"][:700], r["rejected"]["value"][:700]
         if rng.random() < 1 / 6:
             a, b, winner = chosen, chosen, (0, 0, 1)
         elif rng.random() < 0.5:

@@ -37,7 +37,8 @@ def chat_messages(src: Path) -> list[dict]:
 def sharegpt_zh(src: Path) -> list[dict]:
     lines = (src / "sharegpt_zh_1k" / "sharegpt_zh_1K_format.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines if line.strip()]
-    short = [r for r in records if len(r["conversations"]) <= 4 and {t["from"] for t in r["conversations"]} == {"human", "gpt"}
+    short = [r for r in records
+             if len(r["conversations"]) <= 4 and {t["from"] for t in r["conversations"]} == {"human", "gpt"}
              and len(json.dumps(r, ensure_ascii=False).encode()) <= 1200]
     return short[:150]
 

@@ -13,8 +13,8 @@ import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
-from qlora import checkpoint, tracking
-from qlora.config import JobConfig, load_config
+from qlora import checkpoint, tasks, tracking
+from qlora.config import JobConfig, apply_override, load_config
 from qlora.errors import ConfigError
 
 ADAPTER_DIR, CONFIG_FILE = "adapter", "config.yaml"
@@ -125,3 +125,22 @@ def log_to_mlflow(uri: str, run_id: str, folder: Path, metadata: dict, register_
                       registered_uri=f"models:/{register_as}/{mv.version}")
         print(f"[qlora] registered {result['registered_uri']}", file=sys.stderr, flush=True)
     return result
+
+
+def load_job(ref: str, config_path: str | None, overrides: list[str]) -> tuple[Path, JobConfig]:
+    """The adapter folder and the config to use: --config if given, else the adapter's own, plus --set."""
+    given = load_config(config_path, overrides) if config_path else None
+    uri = given.tracking.uri if given else _override_value(overrides, "tracking.uri")
+    folder = resolve(ref, uri)
+    own = read_config(folder, overrides if not given else [])
+    return folder, tasks.for_config(given).with_adapter(given, own) if given else own
+
+
+def _override_value(overrides: list[str], key: str):
+    """The value `--set` overrides give `key` (parsed as the config loader parses them), or None."""
+    raw: dict = {}
+    for item in overrides:
+        apply_override(raw, item)
+    for part in key.split("."):
+        raw = raw.get(part) if isinstance(raw, dict) else None
+    return raw

@@ -36,7 +36,8 @@ class PersistentASHA(ASHAScheduler):
                 recorded.update(saved_recorded)
 
     def _save(self) -> None:
-        rungs = [[[milestone, {t: float(v) for t, v in recorded.items()}] for milestone, recorded in b._rungs] for b in self._brackets]
+        rungs = [[[milestone, {t: float(v) for t, v in recorded.items()}] for milestone, recorded in b._rungs]
+                 for b in self._brackets]
         tmp = f"{self._state_file}.tmp"
         Path(tmp).write_text(json.dumps(rungs))
         os.replace(tmp, self._state_file)  # a crash mid-write leaves the previous state, not half a file

@@ -1,5 +1,5 @@
 """docs/config.md, generated from the schema (qlora/config/): every section and key with its type, default and
-description, so the reference cannot drift from what the config accepts (tests/test_config.py compares them).
+description, so the reference cannot drift from what the config accepts (tests/unit/test_config.py compares them).
 
     python -m qlora.config_reference > docs/config.md
 """

@@ -144,7 +144,7 @@ def check_ray_address(address: str | None) -> None:
 
 
 def storage_folder(storage_path: str) -> Path:
-    """Where the driver will put a local storage_path (see driver.storage_root)."""
+    """Where the driver will put a local storage_path (see runtime.storage_root)."""
     return output_home() / Path(storage_path).expanduser()  # an absolute path stays as it is
 
 

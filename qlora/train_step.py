@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
-from qlora import distributed, kernels, memory, speed
+from qlora import distributed, kernels, mfu, oom
 from qlora.strategies import Strategy
 from qlora.config import JobConfig
 
@@ -62,8 +62,8 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def out_of_memory(model, cfg: JobConfig, device: torch.device, step: int, tokens: int) -> memory.OutOfMemory:
-    return memory.OutOfMemory(memory.describe(model, cfg, device, step, tokens))
+def out_of_memory(model, cfg: JobConfig, device: torch.device, step: int, tokens: int) -> oom.OutOfMemory:
+    return oom.OutOfMemory(oom.describe(model, cfg, device, step, tokens))
 
 
 @dataclass
@@ -80,7 +80,7 @@ class Window:
         self.tokens, self.slots = self.tokens + real, self.slots + token_mask.numel()
         return real
 
-    def metrics(self, ctx: distributed.Context, flops: speed.FlopCounter) -> dict:
+    def metrics(self, ctx: distributed.Context, flops: mfu.FlopCounter) -> dict:
         """loss, tokens_per_second, packing_efficiency (and mfu on GPUs) over all ranks: a collective."""
         elapsed = time.perf_counter() - self.start
         mfu = flops.mfu(elapsed)

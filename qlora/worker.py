@@ -18,8 +18,8 @@ from typing import Optional
 
 import torch
 
-from qlora import (checkpoint, console, distributed, evaluation, kernels, modeling, multiple_choice, speed,
-                   strategies, tasks)
+from qlora import (checkpoint, console, distributed, evaluation, kernels, mfu, modeling, multiple_choice, strategies,
+                   tasks)
 from qlora.batching import BatchPlan, model_inputs, train_batch
 from qlora.config import JobConfig
 from qlora.data import PreparedData, to_tensors
@@ -52,7 +52,7 @@ class Run:
     plan: BatchPlan
     hidden: Optional[kernels.HiddenStates]  # train.fused_cross_entropy
     dtype: torch.dtype
-    flops: speed.FlopCounter
+    flops: mfu.FlopCounter
     mc_items: list
     weights_gib: float
     sink: Optional[MetricsSink]
@@ -92,7 +92,7 @@ def set_up(payload: dict) -> Run:
         log(ctx, f"compiling {n} decoder layers (the first steps include the compile)")
     hidden = kernels.HiddenStates(model, cfg.train.kernels == "liger") if cfg.train.fused_cross_entropy else None
     dtype = modeling.compute_dtype(cfg.quantization, ctx.device)
-    flops = speed.FlopCounter(speed.base_param_count(model), base.config,
+    flops = mfu.FlopCounter(mfu.base_param_count(model), base.config,
                               torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else None)
     trainer_state = resume_adapter(model, ctx)  # before sharding: each rank loads the whole saved adapter
     wrapped, optimizer = strategy.wrap(model, lambda params: make_optimizer(cfg, params),
@@ -134,7 +134,7 @@ def train_step(run: Run, step: int, window: Window, clock: Clock) -> tuple[int, 
             raise out_of_memory(run.model, cfg, ctx.device, step, batch["input_ids"].numel()) from None
         step_loss += loss.item() / accum
         clock.tokens += window.add_micro_batch(batch["token_mask"])
-        run.flops.add([n for e in items for n in speed.example_lengths(e)])  # attention is per example
+        run.flops.add([n for e in items for n in mfu.example_lengths(e)])  # attention is per example
     if not math.isfinite(step_loss):
         raise TrainingFailure(f"loss became {step_loss} at step {step + 1}; the last good checkpoint is kept "
                               "(lower train.learning_rate or train.max_grad_norm)")
@@ -232,7 +232,7 @@ def final_results(metrics: dict, before: dict, device: torch.device) -> dict:
     """metrics.json of a finished run: held-out metrics before and after, training numbers, memory."""
     after = {k: metrics[k] for k in before if k in metrics}
     return {"before": before, "after": after,
-            "train": {k: metrics.get(k) for k in ("step", "loss", "train_seconds", "tokens_per_second", *speed.CLOCK_KEYS)},
+            "train": {k: metrics.get(k) for k in ("step", "loss", "train_seconds", "tokens_per_second", *mfu.CLOCK_KEYS)},
             "memory": {"weights_gib": metrics["weights_memory_gib"], "peak_gib": metrics["peak_memory_gib"],
                        "peak_gib_by_rank": metrics.get("peak_memory_gib_by_rank"),
                        "weights_kind": "bytes of the frozen base's parameters and buffers this worker "

@@ -14,9 +14,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def job():
-        from qlora import adapter_jobs
-        folder, cfg = adapter_jobs.load_job(args.adapter, args.config, args.overrides)
-        return adapter_jobs.evaluate(args.adapter, cfg, folder, args.out)
+        from qlora import adapters
+        from qlora.jobs import evaluate
+        folder, cfg = adapters.load_job(args.adapter, args.config, args.overrides)
+        return evaluate.evaluate(args.adapter, cfg, folder, args.out)
 
     return run(job)
 

@@ -18,9 +18,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def job():
-        from qlora import adapter_jobs
-        folder, cfg = adapter_jobs.load_job(args.adapter, args.config, args.overrides)
-        return adapter_jobs.export(args.adapter, cfg, folder, args.out, args.merge, args.dtype)
+        from qlora import adapters
+        from qlora.jobs import export
+        folder, cfg = adapters.load_job(args.adapter, args.config, args.overrides)
+        return export.export(args.adapter, cfg, folder, args.out, args.merge, args.dtype)
 
     return run(job)
 

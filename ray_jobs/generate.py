@@ -18,10 +18,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def job():
-        from qlora import adapter_jobs
-        prompts = args.prompt + (adapter_jobs.read_prompts(args.prompts_file) if args.prompts_file else [])
-        folder, cfg = adapter_jobs.load_job(args.adapter, args.config, args.overrides)
-        return adapter_jobs.generate(cfg, folder, prompts, args.max_new_tokens, args.compare_base)
+        from qlora import adapters
+        from qlora.jobs import generate
+        prompts = args.prompt + (generate.read_prompts(args.prompts_file) if args.prompts_file else [])
+        folder, cfg = adapters.load_job(args.adapter, args.config, args.overrides)
+        return generate.generate(cfg, folder, prompts, args.max_new_tokens, args.compare_base)
 
     return run(job)
 

@@ -1,7 +1,8 @@
 """Check a job (or sweep) against a Ray cluster config before submitting it: does one worker fit a node
 type, and how many nodes of which type will the autoscaler start? Launches nothing.
 
-    python -m ray_jobs.plan --config configs/quickstart.yaml [--space tune_spaces/lr_grid.yaml] --cluster cluster.yaml [--set ...]
+    python -m ray_jobs.plan --config configs/quickstart.yaml [--space tune_spaces/lr_grid.yaml] --cluster cluster.yaml \
+        [--set ...]
 
 Exit code 2 (with the problem and the fix) when the cluster cannot run it.
 """
@@ -18,7 +19,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def job():
-        from qlora.plan import plan_job
+        from qlora.jobs.plan import plan_job
         from qlora.search_space import SearchSpace
         cfg = load_config(args.config, args.overrides)
         space = load_config(args.space, model=SearchSpace) if args.space else None

@@ -1,6 +1,7 @@
 """Sweep LoRA rank, learning rate, data size (any config path) with Ray Tune; each trial a Ray Train run.
 
-    python -m ray_jobs.sweep --config configs/quickstart.yaml --space tune_spaces/rank_lr_datasize.yaml [--set ...] [--resume]
+    python -m ray_jobs.sweep --config configs/quickstart.yaml --space tune_spaces/rank_lr_datasize.yaml \
+        [--set ...] [--resume]
 """
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ def main(argv=None) -> int:
 
     def job():
         from qlora.search_space import SearchSpace
-        from qlora.sweep import sweep
+        from qlora.jobs.sweep import sweep
         cfg = load_config(args.config, args.overrides)
         space = load_config(args.space, model=SearchSpace)
         name = cfg.tracking.run_name or f"sweep-{Path(args.config).stem}-{Path(args.space).stem}"

@@ -15,9 +15,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def job():
-        from qlora import driver, dry_run  # heavy imports after argument parsing
+        from qlora.jobs import dry_run, train  # heavy imports after argument parsing
         cfg = load_config(args.config, args.overrides)
-        return dry_run.dry_run(cfg) if args.dry_run else driver.train(cfg)
+        return dry_run.dry_run(cfg) if args.dry_run else train.train(cfg)
 
     return run(job)
 

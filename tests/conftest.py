@@ -14,6 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("QLORA_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
+def pytest_collection_modifyitems(items):
+    """Tests under tests/e2e/ are marked e2e (jobs on a real Ray cluster, servers): `pytest -m "not e2e"` is the
+    quick inner loop over tests/unit/."""
+    for item in items:
+        if "e2e" in Path(str(item.fspath)).relative_to(ROOT).parts:
+            item.add_marker(pytest.mark.e2e)
+
+
 @pytest.fixture(scope="session")
 def smollm_dir() -> Path:
     """The packaged SmolLM2-135M-Instruct GGUF, converted to safetensors (cached across runs)."""

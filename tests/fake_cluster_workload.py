@@ -1,9 +1,9 @@
-"""Driver run by tests/test_cluster.py against a local fake multi-node autoscaling cluster.
+"""Driver run by tests/e2e/test_cluster.py against a local fake multi-node autoscaling cluster.
 
     python tests/fake_cluster_workload.py SPEC_JSON OUT_JSON
 
 Imports first (slow on 2 cores), then waits for the cluster (SPEC["ready_file"]), connects, and runs one
-real Ray Train job whose ScalingConfig comes from the project config (qlora.plan.scaling_kwargs), with a
+real Ray Train job whose ScalingConfig comes from the project config (qlora.resources.scaling_kwargs), with a
 custom resource standing in for GPUs. A thread samples the live nodes every 0.3 s from before the job until
 every worker node is gone again (or SPEC["deadline_s"]). Writes the samples, the job's reports and the
 timestamps to OUT_JSON.
@@ -23,7 +23,7 @@ def main(spec_path: str, out_path: str) -> None:
     from ray.train.torch import TorchTrainer
 
     from qlora.config import JobConfig
-    from qlora.plan import scaling_kwargs
+    from qlora.resources import scaling_kwargs
 
     cfg = JobConfig.from_json(spec["config"])
     while not os.path.exists(spec["ready_file"]):

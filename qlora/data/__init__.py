@@ -20,7 +20,7 @@ from qlora.data.examples import PreparedData
 from qlora.data.prepare import prepare_in_memory, sample_segments
 from qlora.data.splits import kfold_indices, nested_subset, split_indices
 
-__all__ = ["IGNORE", "batched", "to_tensors", "collate", "collate_packed", "length_grouped_order", "pack_examples", "pack_plan", "packed_row",
-           "padding_efficiency", "Encoder", "answer_letter", "as_alpaca", "build_example", "cap_segments",
-           "choice_prompt", "detect_format", "render_segments", "to_messages", "PreparedData", "prepare_in_memory",
-           "sample_segments", "kfold_indices", "nested_subset", "split_indices"]
+__all__ = ["IGNORE", "batched", "to_tensors", "collate", "collate_packed", "length_grouped_order", "pack_examples",
+           "pack_plan", "packed_row", "padding_efficiency", "Encoder", "answer_letter", "as_alpaca", "build_example",
+           "cap_segments", "choice_prompt", "detect_format", "render_segments", "to_messages", "PreparedData",
+           "prepare_in_memory", "sample_segments", "kfold_indices", "nested_subset", "split_indices"]

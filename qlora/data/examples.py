@@ -2,7 +2,7 @@
 records are selected (held-out split, k-fold, nested subset), how a selected record becomes an example, and
 what is computed over the whole set from a few numbers per example (kept examples, statistics, the packing
 plan). Both executors produce the same examples and the same per-example numbers, so they end in the same
-index (tests/test_data_pipeline.py compares them batch by batch).
+index (tests/e2e/test_data_pipeline.py compares them batch by batch).
 """
 from __future__ import annotations
 

@@ -189,7 +189,7 @@ def _run(source: sources.Source, fmt: Optional[str], cfg: DataSection, tokenizer
     checks.check_columns(columns, fmt, cfg, source.location)
     positions = select_fn(n, ds, fmt)
     # Record numbers: zip with a range (deprecated from Ray 2.62 for `join`; correct here because the order is
-    # preserved, which tests/test_data_pipeline.py checks against the in-memory path).
+    # preserved, which tests/e2e/test_data_pipeline.py checks against the in-memory path).
     numbered = ds.zip(ray.data.range(n).rename_columns({"id": RECORD}))
     blocks = max(2 * _cluster_cpus(), math.ceil(n / ROWS_PER_BLOCK))
     # Tasks, spread over the cluster's CPUs (Ray Data's default scheduling), each encoding BATCH records at a time.

@@ -1,182 +1,21 @@
 """Planning check: does one Ray Train worker of a config fit a node type of the cluster, and how many
 nodes of which type will the autoscaler start for the job (or for a sweep's concurrent trials)?
 
-Nothing is launched. The cluster is the cluster launcher YAML (cluster.yaml): node types and their
-`resources`; for AWS node types the CPUs, GPUs and accelerator type come from the EC2 instance type
-(`AWS_INSTANCE_TYPES`, the table Ray's AWS provider would fill in from the EC2 API), explicit `resources`
-win. The choice of node types is Ray's own: the bin packing the cluster's autoscaler runs
+Nothing is launched. The cluster is the cluster launcher YAML (cluster.yaml), read by qlora/cluster_config.py.
+The choice of node types is Ray's own: the bin packing the cluster's autoscaler runs
 (`ray.autoscaler._private.resource_demand_scheduler`, Ray 2.60) applied to the bundles the job will
-request, in the order it requests them. tests/test_cluster.py checks the prediction against a real
+request, in the order it requests them. tests/e2e/test_cluster.py checks the prediction against a real
 autoscaler on a local fake multi-node cluster.
 """
 from __future__ import annotations
 
 import logging
-import math
 from collections import Counter
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Optional
 
-import yaml
-
-from qlora.config import JobConfig, ScalingSection
-from qlora.errors import ConfigError, EnvironmentProblem
-
-# EC2 instance type -> (vCPUs, memory GiB, GPUs, accelerator type as Ray names it), for the types that
-# cluster.yaml uses (and close relatives). Add a row when cluster.yaml gets a new instance type, or
-# write the node type's `resources` explicitly.
-AWS_INSTANCE_TYPES: dict[str, tuple[int, int, int, Optional[str]]] = {
-    "m5.large": (2, 8, 0, None),
-    "m5.xlarge": (4, 16, 0, None),
-    "m5.2xlarge": (8, 32, 0, None),
-    "m5.4xlarge": (16, 64, 0, None),
-    "g5.xlarge": (4, 16, 1, "A10G"),
-    "g5.2xlarge": (8, 32, 1, "A10G"),
-    "g5.12xlarge": (48, 192, 4, "A10G"),
-    "g5.48xlarge": (192, 768, 8, "A10G"),
-    "g6.xlarge": (4, 16, 1, "L4"),
-    "p4d.24xlarge": (96, 1152, 8, "A100"),
-    "p4de.24xlarge": (96, 1152, 8, "A100"),
-    "p5.48xlarge": (192, 2048, 8, "H100"),
-}
-# Ray's AWS provider advertises this share of a worker's RAM as the `memory` resource (the rest is
-# left to the object store): ray._private.ray_constants.DEFAULT_OBJECT_STORE_MEMORY_PROPORTION = 0.3.
-_MEMORY_SHARE = 0.7
-# What each Tune trial itself asks for (qlora/sweep.py: tune.with_resources(run_trial, {"CPU": 0.01})).
-TRIAL_RESOURCES = {"CPU": 0.01}
-ACCELERATOR_PREFIX = "accelerator_type:"
-
-
-@dataclass
-class NodeType:
-    name: str
-    resources: dict[str, float]
-    min_workers: int
-    max_workers: int
-    instance_type: Optional[str] = None
-
-
-@dataclass
-class Cluster:
-    name: str
-    source: str
-    head: str
-    max_workers: int
-    node_types: dict[str, NodeType]
-
-    def workers(self) -> dict[str, NodeType]:
-        return {n: t for n, t in self.node_types.items() if n != self.head and t.max_workers > 0}
-
-
-# --- the cluster ---------------------------------------------------------------------------------
-
-def load_cluster(path) -> Cluster:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"cluster file {p} does not exist", "pass --cluster with a Ray cluster launcher YAML, "
-                          "e.g. cluster.yaml")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"cluster file {p} is not valid YAML: {e}", "fix the YAML syntax") from None
-    return cluster_from_dict(raw, str(p))
-
-
-def cluster_from_dict(raw: Any, source: str = "cluster config") -> Cluster:
-    """Node types with the resources the autoscaler will assume for them. Raises ConfigError."""
-    def bad(problem: str, fix: str):
-        raise ConfigError(f"{source}: {problem}", fix)
-
-    if not isinstance(raw, dict):
-        bad("is not a mapping", "write a Ray cluster launcher config (cluster_name, provider, available_node_types, ...)")
-    types = raw.get("available_node_types")
-    head = raw.get("head_node_type")
-    if not isinstance(types, dict) or not types:
-        bad("has no available_node_types", "list the head and worker node types under available_node_types")
-    if head not in types:
-        bad(f"head_node_type {head!r} is not one of available_node_types ({', '.join(types)})",
-            "set head_node_type to the name of the head's node type")
-    max_workers = raw.get("max_workers", 2)  # Ray's default for the cluster launcher
-    if not isinstance(max_workers, int) or max_workers < 0:
-        bad(f"max_workers must be a whole number >= 0 (got {max_workers!r})", "set max_workers, e.g. max_workers: 10")
-    provider = (raw.get("provider") or {}).get("type")
-    node_types = {}
-    for name, spec in types.items():
-        if not isinstance(spec, dict):
-            bad(f"node type {name} is not a mapping", "give it resources, node_config, min_workers, max_workers")
-        explicit = spec.get("resources") or {}
-        if not isinstance(explicit, dict) or not all(isinstance(v, (int, float)) for v in explicit.values()):
-            bad(f"node type {name}: resources must map names to numbers (got {explicit!r})",
-                'write e.g. resources: {"CPU": 4, "GPU": 1}')
-        instance = (spec.get("node_config") or {}).get("InstanceType")
-        resources = dict(explicit)
-        if provider == "aws":
-            if instance in AWS_INSTANCE_TYPES:
-                resources = {**_aws_resources(instance, worker=name != head), **explicit}
-            elif "CPU" not in explicit:
-                bad(f"node type {name}: instance type {instance!r} is not in qlora/plan.py's AWS_INSTANCE_TYPES "
-                    "and its resources do not say how many CPUs (and GPUs) it has",
-                    f"write them under available_node_types.{name}.resources (e.g. {{\"CPU\": 8, \"GPU\": 1, "
-                    "\"accelerator_type:A10G\": 1}}), or add the instance type to AWS_INSTANCE_TYPES")
-        default_max = 0 if name == head else max_workers
-        node_types[name] = NodeType(name, {k: float(v) for k, v in resources.items()},
-                                    int(spec.get("min_workers", 0)), int(spec.get("max_workers", default_max)),
-                                    instance)
-    return Cluster(str(raw.get("cluster_name", "default")), source, head, max_workers, node_types)
-
-
-def _aws_resources(instance: str, worker: bool) -> dict[str, float]:
-    cpus, gib, gpus, accelerator = AWS_INSTANCE_TYPES[instance]
-    res: dict[str, float] = {"CPU": cpus}
-    if worker:  # Ray autodetects `memory` for worker types only
-        res["memory"] = int(gib * 1024 ** 3 * _MEMORY_SHARE)
-    if gpus:
-        res["GPU"] = gpus
-        if accelerator:
-            res[ACCELERATOR_PREFIX + accelerator] = 1
-    return res
-
-
-# --- what the job asks for ------------------------------------------------------------------------
-
-def scaling_kwargs(s: ScalingSection) -> dict:
-    """Keyword arguments of ray.train.ScalingConfig for this config (what driver.fit passes)."""
-    return {"num_workers": s.num_workers, "use_gpu": s.use_gpu,
-            "resources_per_worker": {"CPU": s.cpus_per_worker, **s.resources_per_worker},
-            "accelerator_type": s.accelerator_type}
-
-
-def worker_bundle(s: ScalingSection) -> dict[str, float]:
-    """The resources one Ray Train worker reserves, computed as ray.train.ScalingConfig does from
-    scaling_kwargs(s): zero entries dropped, GPU 1 with use_gpu unless given, accelerator_type:<type> 0.001."""
-    res = {k: float(v) for k, v in {"CPU": s.cpus_per_worker, **s.resources_per_worker}.items() if v != 0}
-    gpu = s.resources_per_worker.get("GPU")
-    if gpu is not None and gpu > 0 and not s.use_gpu:
-        raise ConfigError(f"scaling.resources_per_worker.GPU={gpu:g} but scaling.use_gpu is false "
-                          "(Ray Train refuses this)", "set scaling.use_gpu=true, or drop GPU from resources_per_worker")
-    if s.use_gpu and gpu == 0:
-        raise ConfigError("scaling.use_gpu is true but scaling.resources_per_worker.GPU is 0 (Ray Train refuses this)",
-                          "drop GPU from resources_per_worker (1 GPU per worker), or set scaling.use_gpu=false")
-    if s.use_gpu:
-        res.setdefault("GPU", 1.0)
-    if s.accelerator_type:
-        res.setdefault(ACCELERATOR_PREFIX + s.accelerator_type, 0.001)
-    return res
-
-
-def trial_count(space) -> int:
-    """Trials a sweep runs: num_samples x the product of the grid sizes."""
-    return space.num_samples * math.prod(len(d.grid) for d in space.params.values() if d.kind == "grid")
-
-
-# --- fitting ------------------------------------------------------------------------------------
-
-def per_node(bundle: dict, resources: dict) -> int:
-    """How many copies of `bundle` one node with `resources` holds."""
-    counts = [math.floor(resources.get(k, 0.0) / v + 1e-9) for k, v in bundle.items() if v > 0]
-    return min(counts) if counts else 0
-
+from qlora.cluster_config import Cluster, load_cluster
+from qlora.config import JobConfig
+from qlora.errors import EnvironmentProblem
+from qlora.resources import ACCELERATOR_PREFIX, TRIAL_RESOURCES, per_node, trial_count, worker_bundle
 
 def fitting_types(cluster: Cluster, bundle: dict) -> dict[str, int]:
     """Node types (head included) on which one worker fits -> workers per node."""
@@ -238,8 +77,6 @@ def _no_fit(cluster: Cluster, bundle: dict, what: str) -> EnvironmentProblem:
         f"change scaling.* so one node type holds a worker, or add such a node type to {src}")
 
 
-# --- the autoscaler's choice ----------------------------------------------------------------------
-
 def launch(cluster: Cluster, phases: list[list[dict]], unbounded: bool = False) -> tuple[dict[str, int], list[dict]]:
     """Nodes the autoscaler adds for `phases` (bundles requested together; a later phase only after the
     earlier one runs), and the bundles that still do not fit. Ray's autoscaler (v1) bin packing."""
@@ -296,8 +133,6 @@ def _phases(bundle: dict, workers: int, trials: int, sweep: bool) -> list[list[d
     # Tune starts the trials first (each a 0.01-CPU actor); each then asks for its workers.
     return [[dict(TRIAL_RESOURCES)] * trials, [bundle] * (workers * trials)]
 
-
-# --- the plan -------------------------------------------------------------------------------------
 
 def plan(cfg: JobConfig, cluster: Cluster, space=None) -> dict:
     """The plan as a dict; raises ConfigError / EnvironmentProblem for requests the cluster cannot serve."""
@@ -420,8 +255,6 @@ def _warnings(cfg: JobConfig, cluster: Cluster, p: dict) -> list[str]:
     return out
 
 
-# --- output ---------------------------------------------------------------------------------------
-
 def _fmt(res: dict) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in res.items()) + "}"
 
@@ -444,7 +277,8 @@ def describe(p: dict, cluster: Cluster) -> str:
     else:
         lines.append(f"train: {p['workers_per_trial']} workers")
     if p["nodes"]:
-        nodes = ", ".join(f"{k} x {n}" + (f" ({cluster.node_types[n].instance_type})" if cluster.node_types[n].instance_type else "")
+        nodes = ", ".join(f"{k} x {n}" + (f" ({cluster.node_types[n].instance_type})"
+                                           if cluster.node_types[n].instance_type else "")
                           for n, k in p["nodes"].items())
         lines.append(f"the autoscaler will start {p['worker_nodes']} worker node(s): {nodes}")
     else:

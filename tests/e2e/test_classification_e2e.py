@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qlora import adapter_jobs, adapters, classification, distributed, driver
+from qlora import adapters, classification, distributed
+from qlora.jobs import evaluate, train
 from qlora.config import JobConfig
 from qlora.data import prepare_in_memory
 from qlora.tracking import client
@@ -54,7 +55,7 @@ def test_smollm2_learns_sst2_and_its_adapter_reproduces_the_metrics(ray_cluster,
                "format": "classification", "text_column": "sentence", "max_length": 48, "max_samples": 24,
                "eval_max_samples": 32},
               {"max_steps": 3, "batch_size": 8, "learning_rate": 2e-4})
-    result = driver.train(cfg)
+    result = train.train(cfg)
     before, after = result["metrics_before"], result["metrics_after"]
     print(f"SST-2 held-out (32 records), before -> after 3 steps: {before} -> {after}")
     assert set(after) == set(before) == {"eval_loss", "accuracy", "log_loss"}
@@ -78,9 +79,9 @@ def test_smollm2_learns_sst2_and_its_adapter_reproduces_the_metrics(ray_cluster,
     del model
 
     # The evaluate job (ray_jobs.evaluate) on the adapter: same metrics, one prediction per record.
-    ref_folder, eval_cfg = adapter_jobs.load_job(str(folder), None, [])
+    ref_folder, eval_cfg = adapters.load_job(str(folder), None, [])
     out = tmp_path / "eval"
-    evaluated = adapter_jobs.evaluate(str(folder), eval_cfg, ref_folder, str(out))
+    evaluated = evaluate.evaluate(str(folder), eval_cfg, ref_folder, str(out))
     assert evaluated["metrics"]["accuracy"] == pytest.approx(after["accuracy"], abs=1e-9)
     assert evaluated["metrics"]["log_loss"] == pytest.approx(after["log_loss"], abs=1e-5)
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
@@ -98,14 +99,15 @@ def test_tiny_gemma2_pairwise_with_qkv_lora_skipping_layer_0(ray_cluster, tmp_pa
                "kfold": {"folds": 4, "fold": 0}, "max_samples": 16},
               {"max_steps": 2, "batch_size": 4, "learning_rate": 1e-3},
               {"r": 4, "target_modules": ["q_proj", "k_proj", "v_proj"], "skip_first_layers": 1})
-    result = driver.train(cfg)
+    result = train.train(cfg)
     after = result["metrics_after"]
     assert set(after) == {"eval_loss", "accuracy", "log_loss"} and all(torch.isfinite(torch.tensor(list(after.values()))))
     assert set(result["metrics_before"]) == set(after)
 
     folder = Path(result["checkpoint"])
     adapter_cfg = json.loads((folder / "adapter" / "adapter_config.json").read_text())
-    assert adapter_cfg["layers_to_transform"] == [1, 2] and set(adapter_cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj"}
+    assert adapter_cfg["layers_to_transform"] == [1, 2]
+    assert set(adapter_cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj"}
     assert adapter_cfg["task_type"] == "SEQ_CLS"
     weights = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
     lora = sum(w.numel() for k, w in weights.items() if "lora_" in k)

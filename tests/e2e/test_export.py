@@ -7,7 +7,6 @@ import torch
 
 from qlora import checkpoint, modeling
 from qlora.config import load_config
-from qlora.errors import ConfigError
 from qlora.model_source import resolve
 from ray_jobs import export
 
@@ -94,7 +93,7 @@ def test_adapter_export_is_complete_and_loads_with_peft(tiny_model_dir, tmp_path
 
 def test_merge_by_default_takes_the_smallest_dtype_that_passes_the_parity_check(ray_session, tiny_model_dir,
                                                                                 tmp_path, capsys):
-    from qlora.adapter_jobs import MERGE_ORDER, MERGE_TOLERANCE
+    from qlora.jobs.export import MERGE_ORDER, MERGE_TOLERANCE
     trained_adapter(tmp_path / "run", ROOT / "configs/quickstart.yaml", tiny_model_dir, 4)
     assert export.main(["--adapter", str(tmp_path / "run"), "--out", str(tmp_path / "m"), "--merge"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -116,14 +115,15 @@ def test_merging_into_a_quantized_dtype_is_refused(tiny_model_dir, tmp_path, cap
 def test_evaluate_job_splits_the_held_out_set_over_ray_train_workers(ray_session, tiny_model_dir, tmp_path):
     """ray_jobs.evaluate with scaling.num_workers=2 runs on a Ray Train worker group, each worker scoring
     its share: the same metrics as one worker, and every prediction once, in record order."""
-    from qlora import adapter_jobs
+    from qlora import adapters
+    from qlora.jobs import evaluate
     trained_adapter(tmp_path / "run", ROOT / "configs/quickstart.yaml", tiny_model_dir, 4)
     runs = {}
     for n in (1, 2):
-        folder, cfg = adapter_jobs.load_job(str(tmp_path / "run"), None, [
+        folder, cfg = adapters.load_job(str(tmp_path / "run"), None, [
             f"scaling.num_workers={n}", "evaluation.num_generate=8", "evaluation.max_new_tokens=4",
             f"scaling.storage_path={tmp_path / 'runs'}"])
-        result = adapter_jobs.evaluate(str(tmp_path / "run"), cfg, folder, str(tmp_path / f"eval{n}"))
+        result = evaluate.evaluate(str(tmp_path / "run"), cfg, folder, str(tmp_path / f"eval{n}"))
         lines = (tmp_path / f"eval{n}" / "predictions.jsonl").read_text().splitlines()
         runs[n] = result["metrics"], [json.loads(line)["prompt"] for line in lines]
     (one, prompts_one), (two, prompts_two) = runs[1], runs[2]

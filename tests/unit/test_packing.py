@@ -199,7 +199,7 @@ def test_truncation_counts_lost_trained_tokens():
 # --- run names ------------------------------------------------------------------------------------
 
 def test_run_name_template_is_resolved_from_the_config_and_deterministic():
-    from qlora.driver import run_name
+    from qlora.jobs.base import run_name
     sets = ["data.path=x.jsonl", "lora.r=8", "train.learning_rate=1e-4", "data.max_samples=500", "train.epochs=2",
             "tracking.run_name=qwen-r{lora.r}-lr{train.learning_rate}-n{data.max_samples}-ep{train.epochs}",
             "tracking.experiment=chat-{model.name}"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora import driver
+from qlora.jobs import train
 from qlora.config import load_config
 from qlora.tracking import RUN_NAME_TAG, client
 
@@ -27,7 +27,7 @@ def run(tmp_path: Path, config: str, extra: list[str]) -> tuple[dict, object]:
         f"data.path={ROOT / load_config(ROOT / 'configs' / 'cpu' / config).data.path}",
         "train.max_steps=2", "train.log_every=1", "data.eval_max_samples=4", "data.max_length=128", "scaling.num_workers=1",
         f"scaling.storage_path={tmp_path / 'runs'}", f"tracking.uri={uri}", *extra])
-    result = driver.train(cfg)
+    result = train.train(cfg)
     runs = client(uri).search_runs([client(uri).get_experiment_by_name(cfg.tracking.experiment).experiment_id])
     assert len(runs) == 1 and runs[0].info.run_id == result["mlflow_run_id"] and runs[0].info.status == "FINISHED"
     return result, runs[0]
@@ -60,7 +60,8 @@ def test_guanaco_text_sft_with_packing(tmp_path, ray_cluster):
 
 
 def test_chat_sft_messages_with_templated_run_name(tmp_path, ray_cluster):
-    result, mlflow_run = run(tmp_path, "chat_sft_smollm2.yaml", ["data.max_samples=32", "evaluation.num_generate=2", "evaluation.max_new_tokens=8"])
+    result, mlflow_run = run(tmp_path, "chat_sft_smollm2.yaml",
+                             ["data.max_samples=32", "evaluation.num_generate=2", "evaluation.max_new_tokens=8"])
     check_common(result, mlflow_run, tmp_path / "mlflow.db")
     assert mlflow_run.info.run_name == "smollm2-chat-r8-lr0.0005-n32-ep1"
     assert mlflow_run.data.params["lora.target_modules"] == str(

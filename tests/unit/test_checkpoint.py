@@ -1,5 +1,4 @@
 """Checkpoint folders: atomic write, manifest check, corruption detection."""
-from pathlib import Path
 
 import pytest
 import torch

@@ -27,7 +27,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from conftest import ROOT, SHARED
 
@@ -83,7 +82,8 @@ SAMPLES = {
     "messages": lambda i: {"messages": [{"role": "user", "content": f"Say {i}."},
                                         {"role": "assistant", "content": str(i)}]},
     "sharegpt": lambda i: {"conversations": [{"from": "human", "value": f"Say {i}."}, {"from": "gpt", "value": str(i)}]},
-    "pairwise": lambda i: {"prompt": f"Name {i}.", "response_a": str(i), "response_b": "no", "winner_model_a": int(i % 3 == 0),
+    "pairwise": lambda i: {"prompt": f"Name {i}.", "response_a": str(i), "response_b": "no",
+                           "winner_model_a": int(i % 3 == 0),
                            "winner_model_b": int(i % 3 == 1), "winner_tie": int(i % 3 == 2)},
 }
 
@@ -190,7 +190,7 @@ def test_every_config_passes_dry_run(hf_home, tmp_path, smollm_dir):
         else:
             assert cfg.model.name in HUB_MODELS, (
                 f"{path.relative_to(ROOT)} names {cfg.model.name}: add its published config.json and the closest "
-                "tokenizer to HUB_MODELS in tests/test_configs_dry_run.py")
+                "tokenizer to HUB_MODELS in tests/e2e/test_configs_dry_run.py")
             model_config = HUB_MODELS[cfg.model.name][1]
         if model_config["model_type"] in LLAMA_ARCHS:
             expected[str(path)] = independent_lora_count(model_config, cfg.lora)
@@ -222,4 +222,5 @@ print(json.dumps(results))
         if str(path) in expected:
             assert summary["trainable_params"] == expected[str(path)], path
     llama3 = next(p for p in CONFIGS if p.name == "gsm8k_llama3_8b_4bit.yaml")
-    assert json.loads(results[str(llama3)]["last"])["trainable_params"] == 41_943_040  # 16 x 32 layers x 81,920: the known Llama-3-8B r=16 count
+    # 16 x 32 layers x 81,920: the known Llama-3-8B r=16 count
+    assert json.loads(results[str(llama3)]["last"])["trainable_params"] == 41_943_040

@@ -3,7 +3,7 @@ end with exit code 2 and a message that names the problem and the fix, before an
 cluster resource is used, and leave nothing behind (no storage folder, no mlflow.db, no MLflow run).
 
 Most cases run the real command line in-process (`ray_jobs.train.main([...])`, so a case costs a
-fraction of a second instead of a Python start with torch); `driver.connect_ray` is replaced by a
+fraction of a second instead of a Python start with torch); `runtime.connect_ray` is replaced by a
 tripwire, so a check that is missing fails the test instead of starting a cluster. A handful run as
 real subprocesses (started together at the beginning, in parallel), one of them a real training run
 that checks secrets from the environment end up in no output. The environment checks of
@@ -27,7 +27,8 @@ import pytest
 import torch
 import yaml
 
-from qlora import driver, modeling, preflight
+from qlora import modeling, preflight
+from qlora import runtime
 from qlora.config import load_config
 from qlora.errors import EnvironmentProblem
 from qlora.model_source import ModelSource, packaged_gguf, resolve
@@ -95,9 +96,9 @@ def work(tmp_path, monkeypatch) -> Path:
         monkeypatch.delenv(var, raising=False)
 
     def no_ray(*args, **kwargs):
-        raise AssertionError("bad input reached driver.connect_ray: a check runs too late")
+        raise AssertionError("bad input reached runtime.connect_ray: a check runs too late")
 
-    monkeypatch.setattr(driver, "connect_ray", no_ray)
+    monkeypatch.setattr(runtime, "connect_ray", no_ray)
     folder = tmp_path / "work"
     folder.mkdir()
     monkeypatch.chdir(folder)

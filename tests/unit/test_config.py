@@ -169,14 +169,15 @@ def test_deepspeed_without_the_package_fails_before_anything_loads(tmp_path, mon
     and no cluster starts. The package is installed in this environment, so its absence is simulated."""
     import importlib.util
 
-    from qlora import driver
+    from qlora.jobs.base import prepare_job
     from qlora.errors import EnvironmentProblem
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "deepspeed" else real_find_spec(name, *a))
     cfg = load_config(write(tmp_path, BASE), ["scaling.strategy=deepspeed", "scaling.num_workers=2",
                                               f"data.path={tmp_path / 'absent.jsonl'}"])
     with pytest.raises(EnvironmentProblem) as err:
-        driver.prepare_job(cfg)
+        prepare_job(cfg)
     assert "deepspeed package is not installed" in str(err.value) and "qlora-ray[deepspeed]" in str(err.value)
 
 

@@ -1,5 +1,5 @@
 """Scaling out: cluster.yaml passes Ray's own cluster schema, the KubeRay manifests have the structure we
-rely on, the planning check (qlora/plan.py, `python -m ray_jobs.plan`) answers a table of requests, and
+rely on, the planning check (qlora/jobs/plan.py, `python -m ray_jobs.plan`) answers a table of requests, and
 cluster.yaml's node types autoscale for real on a local fake multi-node Ray cluster: a Ray Train job makes
 the autoscaler add exactly the planned worker nodes, the job runs on them, and they go away when idle."""
 import copy
@@ -22,7 +22,8 @@ import pytest
 import yaml
 
 import ray
-from qlora import plan
+from qlora import cluster_config, resources
+from qlora.jobs import plan
 from qlora.config import load_config
 from qlora.errors import ConfigError, EnvironmentProblem
 from qlora.search_space import SearchSpace
@@ -84,7 +85,7 @@ def test_cluster_yaml_design():
     types = raw["available_node_types"]
     head = types[raw["head_node_type"]]
     assert head["resources"] == {"CPU": 0} and "GPU" not in head["resources"]
-    cluster = plan.load_cluster(CLUSTER)
+    cluster = cluster_config.load_cluster(CLUSTER)
     workers = cluster.workers()
     gpu_types = {n: t for n, t in workers.items() if t.resources.get("GPU")}
     assert all(t.min_workers == 0 for t in workers.values())
@@ -158,7 +159,7 @@ def test_kuberay_manifests():
             exposed = [(k, v) for k, v in values(doc) if k in ("serviceType", "type") and v in ("LoadBalancer", "NodePort")]
             assert not exposed, (path, exposed)
     # The worker groups mirror cluster.yaml's node types (names, GPUs, accelerator types, spot marker).
-    cluster = plan.load_cluster(CLUSTER)
+    cluster = cluster_config.load_cluster(CLUSTER)
     assert {g["groupName"] for g in groups} == set(cluster.workers())
     for g in groups:
         t = cluster.node_types[g["groupName"]]
@@ -196,7 +197,8 @@ GPU = ["scaling.use_gpu=true"]
     (GPU + ["scaling.resources_per_worker.GPU=16"], None,
      (EnvironmentProblem, "asks for 16 GPUs but the largest GPU node type of", "at most 8 GPUs per worker")),
     (GPU + ["scaling.accelerator_type=B200"], None,
-     (EnvironmentProblem, "has B200 GPUs (it has: A100, A10G, H100)", "scaling.accelerator_type to one of A100, A10G, H100")),
+     (EnvironmentProblem, "has B200 GPUs (it has: A100, A10G, H100)",
+      "scaling.accelerator_type to one of A100, A10G, H100")),
     (GPU + ["scaling.accelerator_type=A100", "scaling.num_workers=24"], None,
      (EnvironmentProblem, "gpu-8x-a100: max_workers 2", "lower scaling.num_workers to at most 16")),
     (GPU + ["scaling.accelerator_type=A10G", "scaling.num_workers=11"], None,
@@ -215,7 +217,7 @@ def test_plan_table(overrides, space, expected):
     elif isinstance(space, dict):
         space = SearchSpace(params={"train.learning_rate": {"grid": [1e-4, 2e-4, 3e-4, 4e-4, 5e-4]}}, search="grid",
                             num_samples=1, **space)
-    cluster = plan.load_cluster(CLUSTER)
+    cluster = cluster_config.load_cluster(CLUSTER)
     if isinstance(expected, dict):
         result = plan.plan(cfg, cluster, space)
         assert result["nodes"] == expected
@@ -229,7 +231,7 @@ def test_plan_table(overrides, space, expected):
 
 
 def test_sweep_of_unset_concurrency_runs_what_fits_and_scaling_params_plan_the_largest_trial():
-    cluster = plan.load_cluster(CLUSTER)
+    cluster = cluster_config.load_cluster(CLUSTER)
     cfg = load_config(QUICKSTART, GPU + ["scaling.accelerator_type=A10G"])
     many = SearchSpace(params={"lora.r": {"choice": [8, 16]}}, num_samples=20)  # max_concurrent_trials unset
     result = plan.plan(cfg, cluster, many)
@@ -243,7 +245,7 @@ def test_sweep_of_unset_concurrency_runs_what_fits_and_scaling_params_plan_the_l
 
 
 def test_every_shipped_config_and_space_plans_on_the_cluster():
-    cluster = plan.load_cluster(CLUSTER)
+    cluster = cluster_config.load_cluster(CLUSTER)
     configs = sorted((ROOT / "configs").rglob("*.yaml")) + sorted((ROOT / "benchmarks").rglob("*.yaml"))
     spaces = [None] + [load_config(p, model=SearchSpace) for p in sorted((ROOT / "tune_spaces").rglob("*.yaml"))]
     for path in configs:
@@ -262,7 +264,7 @@ def test_every_shipped_config_and_space_plans_on_the_cluster():
 def test_worker_bundle_is_what_ray_train_reserves(scaling):
     from ray.train import ScalingConfig
     s = load_config(QUICKSTART).scaling.model_copy(update=scaling)
-    assert plan.worker_bundle(s) == ScalingConfig(**plan.scaling_kwargs(s))._resources_per_worker_not_none
+    assert resources.worker_bundle(s) == ScalingConfig(**resources.scaling_kwargs(s))._resources_per_worker_not_none
 
 
 def test_accelerator_type_is_a_config_key():
@@ -274,14 +276,14 @@ def test_accelerator_type_is_a_config_key():
 
 def test_cluster_file_problems_are_named(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
-        plan.load_cluster(tmp_path / "nope.yaml")
+        cluster_config.load_cluster(tmp_path / "nope.yaml")
     raw = cluster_raw()
     raw["available_node_types"]["gpu-1x-a10g"]["node_config"]["InstanceType"] = "x9.huge"
     with pytest.raises(ConfigError) as err:
-        plan.cluster_from_dict(raw, "c.yaml")
+        cluster_config.cluster_from_dict(raw, "c.yaml")
     assert "x9.huge" in err.value.problem and "available_node_types.gpu-1x-a10g.resources" in err.value.fix
     raw["available_node_types"]["gpu-1x-a10g"]["resources"] = {"CPU": 8, "GPU": 1, "accelerator_type:L40S": 1}
-    assert plan.cluster_from_dict(raw).node_types["gpu-1x-a10g"].resources["accelerator_type:L40S"] == 1
+    assert cluster_config.cluster_from_dict(raw).node_types["gpu-1x-a10g"].resources["accelerator_type:L40S"] == 1
 
 
 def run_plan(*args) -> tuple[int, dict, str]:
@@ -307,7 +309,7 @@ IDLE_TIMEOUT_MIN = 0.1  # 6 s
 FAKE_GPU = "fake_gpu"
 
 
-def fake_cluster_config(cluster: plan.Cluster, gcs_address: str) -> dict:
+def fake_cluster_config(cluster: cluster_config.Cluster, gcs_address: str) -> dict:
     """cluster.yaml's node types on Ray's fake multi-node provider: same names, same accelerator types and
     markers, GPUs as the custom resource fake_gpu, 2 CPUs per worker node, at most 2 nodes per type."""
     types = {"ray.head.default": {"resources": {k: int(v) for k, v in cluster.node_types[cluster.head].resources.items()},
@@ -361,7 +363,7 @@ class FakeAutoscalingCluster:
     """Like ray.cluster_utils.AutoscalingCluster, but on its own ports and temp dir, with token auth, and
     stopped by PID (AutoscalingCluster runs `ray stop --force`, which kills every Ray process of the user)."""
 
-    def __init__(self, cluster: plan.Cluster):
+    def __init__(self, cluster: cluster_config.Cluster):
         self.tmp = Path(tempfile.mkdtemp(prefix="qlray", dir="/tmp"))  # short: Ray's socket paths have a limit
         self.port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -428,7 +430,7 @@ class FakeAutoscalingCluster:
 
 @pytest.fixture
 def fake_cluster():
-    c = FakeAutoscalingCluster(plan.load_cluster(CLUSTER))
+    c = FakeAutoscalingCluster(cluster_config.load_cluster(CLUSTER))
     yield c
     c.stop()
 
@@ -439,7 +441,7 @@ def test_autoscaling_on_fake_multinode_cluster(fake_cluster, tmp_path):
     the two nodes), and the nodes are removed once idle."""
     cfg = load_config(QUICKSTART, ["scaling.num_workers=2", "scaling.cpus_per_worker=1", "scaling.accelerator_type=A10G",
                                    "scaling.resources_per_worker={fake_gpu: 1}", "tracking.enabled=false"])
-    fake = plan.cluster_from_dict(fake_cluster.config, "fake cluster")
+    fake = cluster_config.cluster_from_dict(fake_cluster.config, "fake cluster")
     predicted = plan.plan(cfg, fake)["nodes"]
     assert predicted == {"gpu-1x-a10g": 2}  # the spot type has the same GPU but is only for `spot` requests
 

@@ -2,14 +2,16 @@
 GSM8K question/answer SFT on a 4-bit and an 8-bit SmolLM2 base (memory footprint of each, files beside
 the final adapter, generation from the reloaded adapter), and the CPU variant of the original QLoRA recipe
 (added [PAD] token, source/target caps, multiple-choice accuracy before and after).
-Resuming from the last checkpoint is covered by tests/test_recovery.py."""
+Resuming from the last checkpoint is covered by tests/e2e/test_recovery.py."""
 import json
 from pathlib import Path
 
 import pytest
 from safetensors import safe_open
 
-from qlora import adapter_jobs, adapters, driver
+from qlora import adapters
+from qlora.jobs import generate
+from qlora.jobs import train as train_job
 from qlora.config import load_config
 from qlora.tracking import client
 
@@ -31,7 +33,7 @@ def train(config: str, tmp_path: Path, name: str, overrides: list[str]) -> dict:
     cfg = load_config(ROOT / config, SHORT + overrides + [
         f"scaling.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
         f"tracking.run_name={name}"])
-    return driver.train(cfg)
+    return train_job.train(cfg)
 
 
 def files_beside_adapter(result: dict, n_predictions: int) -> dict:
@@ -68,7 +70,7 @@ def test_gsm8k_on_4bit_and_8bit_bases(ray_cluster, tmp_path):
     # Reload the saved 4-bit adapter (ray_jobs.generate's path: a Ray task) and answer a new question.
     folder = adapters.resolve(four["checkpoint"])
     cfg = adapters.read_config(folder)
-    out = adapter_jobs.generate(cfg, folder, ["Tom has 3 apples and buys 4 more. How many apples does he have?"], 8,
+    out = generate.generate(cfg, folder, ["Tom has 3 apples and buys 4 more. How many apples does he have?"], 8,
                                 compare_base=True)
     assert len(out["completions"]) == 1 and out["completions"][0].strip()
     assert len(out["base_completions"]) == 1 and out["base_completions"][0].strip()  # the adapter switched off
@@ -90,4 +92,4 @@ def test_qlora_recipe_cpu_variant(ray_cluster, tmp_path):
     with safe_open(str(folder / "adapter" / "adapter_model.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert keys and all("lora_" in k for k in keys)  # adapter only: the [PAD] rows are re-created at load
-    assert (folder / "trainer_state.pt").is_file()  # what resuming needs (tests/test_recovery.py)
+    assert (folder / "trainer_state.pt").is_file()  # what resuming needs (tests/e2e/test_recovery.py)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qlora import kernels, speed
+from qlora import kernels, mfu
 from qlora.config import LoraSection, load_config
 from qlora.data import IGNORE
 from qlora.errors import ConfigError
@@ -94,16 +94,16 @@ def test_mfu_formula_reproduces_the_issue_baseline():
     H100 (4N + attention FLOPs per token, 989 TFLOP/s)."""
     from transformers import LlamaConfig
     cfg = LlamaConfig(hidden_size=4096, num_hidden_layers=32)
-    counter = speed.FlopCounter(8.03e9, cfg, "NVIDIA H100 80GB HBM3")
+    counter = mfu.FlopCounter(8.03e9, cfg, "NVIDIA H100 80GB HBM3")
     steps = 10
     for _ in range(steps):
         counter.add([2048] * 4)
-    mfu = counter.mfu(seconds=steps * 4 * 2048 / 5333)
-    assert mfu == pytest.approx(0.19, abs=0.005)
-    assert speed.peak_flops("NVIDIA H100 PCIe") == 756e12
-    assert speed.FlopCounter(1, cfg, None).mfu(1.0) is None  # CPU: no MFU
-    assert speed.example_lengths({"input_ids": [5] * 7, "position_ids": [0, 1, 2, 0, 1, 0, 1]}) == [3, 2, 2]
-    assert speed.example_lengths({"input_ids": [5] * 4}) == [4]
+    utilization = counter.mfu(seconds=steps * 4 * 2048 / 5333)
+    assert utilization == pytest.approx(0.19, abs=0.005)
+    assert mfu.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert mfu.FlopCounter(1, cfg, None).mfu(1.0) is None  # CPU: no MFU
+    assert mfu.example_lengths({"input_ids": [5] * 7, "position_ids": [0, 1, 2, 0, 1, 0, 1]}) == [3, 2, 2]
+    assert mfu.example_lengths({"input_ids": [5] * 4}) == [4]
 
 
 def tiny_4bit_llama(layers: int = 2):
@@ -126,7 +126,7 @@ def tiny_4bit_llama(layers: int = 2):
 def test_base_param_count_unpacks_4bit_weights():
     q, expected = tiny_4bit_llama()
     assert sum(p.numel() for p in q.parameters()) < expected  # packed
-    assert speed.base_param_count(q) == expected
+    assert mfu.base_param_count(q) == expected
 
 
 def test_the_flop_counter_knows_the_bitsandbytes_matmuls():
@@ -206,7 +206,7 @@ def test_fused_loss_on_a_softcapping_model_fails_before_ray(tmp_path, smollm_tok
     (the dry-run / driver step before any cluster), naming the key and the fix."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    from qlora.driver import prepare_job
+    from qlora.jobs.base import prepare_job
     Gemma2ForCausalLM(Gemma2Config(vocab_size=len(smollm_tokenizer), hidden_size=32, intermediate_size=64,
                                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                                    head_dim=16)).save_pretrained(tmp_path / "gemma2")

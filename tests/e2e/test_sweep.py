@@ -27,7 +27,7 @@ def test_every_shipped_space_loads_and_fits_the_config():
     for path in SPACES:
         space = load_config(path, model=SearchSpace)
         space.check_against(base)
-        assert path.read_text().startswith(f"# python -m ray_jobs.sweep --config configs/"), path
+        assert path.read_text().startswith("# python -m ray_jobs.sweep --config configs/"), path
 
 
 def test_rank_lr_datasize_space_ties_alpha_to_rank():
@@ -137,13 +137,14 @@ def test_search_algorithms_and_scheduler_are_built_from_the_space(tmp_path):
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from qlora.sweep import _tune_config
+    from qlora.jobs.sweep import _tune_config
     space = SearchSpace.model_validate({"search": "optuna", "num_samples": 6, "max_concurrent_trials": 2,
                                         "time_budget_s": 60, "params": {"lora.r": {"choice": [8, 16]}}})
     tc = _tune_config(space, tmp_path)
     assert isinstance(tc.search_alg, OptunaSearch) and isinstance(tc.scheduler, ASHAScheduler)
     assert (tc.num_samples, tc.max_concurrent_trials, tc.time_budget_s, tc.metric) == (6, 2, 60, "eval_loss")
-    none = _tune_config(SearchSpace.model_validate({"scheduler": {"type": "none"}, "params": {"lora.r": {"randint": [4, 9]}}}), tmp_path)
+    space = SearchSpace.model_validate({"scheduler": {"type": "none"}, "params": {"lora.r": {"randint": [4, 9]}}})
+    none = _tune_config(space, tmp_path)
     assert none.scheduler is None and none.search_alg is None
 
 

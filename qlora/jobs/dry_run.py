@@ -6,12 +6,12 @@ from __future__ import annotations
 import torch
 import yaml
 
-from qlora import memory_estimate, preflight, tasks
+from qlora import memory_estimate, preflight, runtime, tasks
 from qlora.batching import BatchPlan
 from qlora.config import JobConfig
 from qlora.data import padding_efficiency
 from qlora.distributed import Context
-from qlora.driver import connect_ray, describe_preparation, ensure_data, prepare_job, run_name
+from qlora.jobs.base import describe_preparation, ensure_data, prepare_job, run_name
 
 
 def dry_run(cfg: JobConfig) -> dict:
@@ -20,7 +20,7 @@ def dry_run(cfg: JobConfig) -> dict:
     if not job.data_plan.needs_ray:  # cached, or small enough for this process: bad records fail before Ray
         ensure_data(job)
     else:  # a Ray Data preparation: on the configured cluster, or a local one started here
-        local = connect_ray(cfg.scaling.ray_address)
+        local = runtime.connect_ray(cfg.scaling.ray_address)
         try:
             ensure_data(job)
         finally:

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import yaml
 
-from qlora import adapters, console, driver, plan, preflight, tracking
+from qlora import adapters, console, preflight, resources, runtime, tracking, train_driver
 from qlora.config import JobConfig, flatten
 from qlora.errors import ConfigError
+from qlora.jobs.base import ensure_data, finish, prepare_job, start_mlflow_run
 from qlora.search_space import SearchSpace, apply_params, with_tied
 
 STATE_FILE = "qlora_sweep.json"
@@ -39,15 +40,15 @@ def run_trial(config: dict, base_json: str, space_json: str, uri, parent_run_id,
     cfg = trial_config(JobConfig.from_json(base_json), config["params"], space)
     trial_id = tune.get_context().get_trial_id()
     name = f"{sweep_name}-trial-{trial_id}"
-    job = driver.ensure_data(driver.prepare_job(cfg, storage))  # the sweep driver prepared it: a cache hit
+    job = ensure_data(prepare_job(cfg, storage))  # the sweep driver prepared it: a cache hit
     run_id = None
     if uri:
         existing = _child_runs(uri, cfg.tracking.experiment, parent_run_id, trial_id)
-        run_id = existing[0].info.run_id if existing else driver.start_mlflow_run(
+        run_id = existing[0].info.run_id if existing else start_mlflow_run(
             job, uri, name, {"mlflow.parentRunId": parent_run_id, "trial_id": trial_id})
     payload = {"config": cfg.to_json(), "tracking_uri": uri, "mlflow_run_id": run_id, "data_cache": job.data.cache,
                "verbose": console.verbose()}
-    driver.finish(driver.fit(cfg, payload, name, storage, callbacks=[TuneReportCallback()]), job, uri, run_id)
+    finish(train_driver.fit(cfg, payload, name, storage, callbacks=[TuneReportCallback()]), job, uri, run_id)
 
 
 def prepare_data(cfg: JobConfig, space: SearchSpace, storage: str) -> None:
@@ -58,7 +59,7 @@ def prepare_data(cfg: JobConfig, space: SearchSpace, storage: str) -> None:
     for key, dist in data_params.items():
         variants = [{**v, key: value} for v in variants for value in dist.args]
     for values in variants:
-        driver.ensure_data(driver.prepare_job(apply_params(cfg, values, {}), storage))
+        ensure_data(prepare_job(apply_params(cfg, values, {}), storage))
 
 
 def _child_runs(uri: str, experiment: str, parent: str, trial_id: str | None = None):
@@ -78,13 +79,13 @@ def sweep(cfg: JobConfig, space: SearchSpace, name: str, resume: bool = False) -
     from ray import tune
 
     space.check_against(cfg)
-    base = driver.prepare_job(cfg)  # model, data sources and LoRA checks before the cluster is touched
+    base = prepare_job(cfg)  # model, data sources and LoRA checks before the cluster is touched
     preflight.check(cfg)
-    preflight.check_sweep_compute(cfg, plan.TRIAL_RESOURCES["CPU"])
+    preflight.check_sweep_compute(cfg, resources.TRIAL_RESOURCES["CPU"])
     if not base.data_plan.needs_ray:  # small data: bad records fail before Ray
-        driver.ensure_data(base)
-    storage = driver.storage_root(cfg)
-    uri = driver.tracking_target(cfg)
+        ensure_data(base)
+    storage = runtime.storage_root(cfg)
+    uri = runtime.tracking_target(cfg)
     sweep_dir = Path(storage) / name
     state_path = sweep_dir / STATE_FILE
     if resume and not state_path.is_file():
@@ -93,7 +94,7 @@ def sweep(cfg: JobConfig, space: SearchSpace, name: str, resume: bool = False) -
     if not resume and state_path.is_file():
         raise ConfigError(f"a sweep named {name} already exists in {storage}",
                           "pass --resume to continue it, or set tracking.run_name to start a new one")
-    local = driver.connect_ray(cfg.scaling.ray_address)
+    local = runtime.connect_ray(cfg.scaling.ray_address)
     try:
         prepare_data(cfg, space, storage)
         if resume:
@@ -105,16 +106,17 @@ def sweep(cfg: JobConfig, space: SearchSpace, name: str, resume: bool = False) -
             sweep_dir.mkdir(parents=True, exist_ok=True)
             state_path.write_text(json.dumps({"mlflow_parent_run_id": parent}))
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, base_json=driver.worker_config(cfg).to_json(),  # Tune moves trials' cwd
+            tune.with_parameters(run_trial, base_json=runtime.worker_config(cfg).to_json(),  # Tune moves trials' cwd
                                  space_json=space.model_dump_json(), uri=uri, parent_run_id=parent, storage=storage,
                                  sweep_name=name, verbose=console.verbose()),
-            plan.TRIAL_RESOURCES)  # the trial function only waits on its TorchTrainer; 0 CPUs is refused
+            resources.TRIAL_RESOURCES)  # the trial function only waits on its TorchTrainer; 0 CPUs is refused
         if resume:
             tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
                                        restart_errored=True)
         else:
             tuner = tune.Tuner(trainable, param_space={"params": {k: d.to_tune() for k, d in space.params.items()}},
-                               tune_config=_tune_config(space, sweep_dir), run_config=tune.RunConfig(name=name, storage_path=storage))
+                               tune_config=_tune_config(space, sweep_dir),
+                               run_config=tune.RunConfig(name=name, storage_path=storage))
         grid = tuner.fit()
         return summarize(grid, cfg, space, uri, parent, name)
     finally:
@@ -162,7 +164,8 @@ def summarize(grid, cfg: JobConfig, space: SearchSpace, uri, parent, name: str) 
     best_params = {k: best[k] for k in space.params}
     best_cfg = trial_config(cfg, {k: _plain(v) for k, v in best_params.items()}, space)
     print(table.to_string(index=False))
-    print("\n# best config (python -m ray_jobs.train --config best.yaml)\n" + yaml.safe_dump(best_cfg.model_dump(), sort_keys=False))
+    print("\n# best config (python -m ray_jobs.train --config best.yaml)\n"
+          + yaml.safe_dump(best_cfg.model_dump(), sort_keys=False))
     best_adapter = None
     if uri and parent:
         best_adapter = _log_parent(uri, parent, cfg, table, curves, space, best["trial"], best_cfg)

@@ -1,0 +1,130 @@
+"""The job's connections, for every job driver: the Ray cluster (join or start), run storage (local folder or
+cloud URI), the MLflow server, the config as workers see it, one Ray task sized like a training worker, and
+the error a failed worker's exception becomes."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from qlora import preflight, tracking
+from qlora.config import JobConfig
+from qlora.errors import EnvironmentProblem, TrainingFailure, UserError
+from qlora.files import output_home
+
+RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
+
+
+def connect_ray(address: str | None) -> bool:
+    """Join the configured/submitting cluster, or start a local one. Returns True if started here."""
+    import ray
+    if ray.is_initialized():
+        return False
+    started_here = address is None and "RAY_ADDRESS" not in os.environ
+    try:
+        ray.init(address=address)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise EnvironmentProblem(f"Ray cluster at {address or os.environ.get('RAY_ADDRESS')} is unreachable ({e})",
+                                 "start it with `ray start --head`, or fix scaling.ray_address / RAY_ADDRESS") from None
+    return started_here
+
+
+def storage_location(cfg: JobConfig) -> str:
+    """scaling.storage_path as the driver will use it (a cloud URI, or a local folder), creating nothing."""
+    storage = cfg.scaling.storage_path
+    return storage if "://" in storage else str(preflight.storage_folder(storage))
+
+
+def storage_root(cfg: JobConfig) -> str:
+    storage = cfg.scaling.storage_path
+    if "://" in storage:
+        return storage
+    path = output_home() / Path(storage).expanduser()  # an absolute path stays as it is
+    _check_writable(path)
+    return str(path)
+
+
+def _check_writable(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise EnvironmentProblem(f"scaling.storage_path {path} is not writable ({e})",
+                                 "choose a folder you can write to, or a cloud URI") from None
+
+
+def tracking_target(cfg: JobConfig) -> str | None:
+    """The MLflow URI this job logs to (checked reachable), or None when tracking is off."""
+    if not cfg.tracking.enabled:
+        return None
+    uri = tracking.tracking_uri(cfg.tracking.uri)
+    tracking.check_reachable(uri)
+    return uri
+
+
+def has_checkpoints(storage: str, name: str) -> bool:
+    """Whether Ray Train already keeps checkpoints of a run named `name` in `storage` (local or cloud)."""
+    import pyarrow.fs
+    fs, path = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else Path(storage).as_uri())
+    return fs.get_file_info(f"{path}/{name}/{RAY_TRAIN_SNAPSHOT}").type != pyarrow.fs.FileType.NotFound
+
+
+def worker_config(cfg: JobConfig) -> JobConfig:
+    """Paths as workers see them: absolute. Ray Train (and Tune) move each worker's current folder to a
+    run folder, so a relative data path would miss; under `ray job submit` the absolute path is inside
+    the uploaded working dir, which Ray unpacks at that same path on every node the job uses."""
+    changes = {f"data.{k}": str(Path(v).resolve()) for k in ("path", "eval_path")
+               if (v := getattr(cfg.data, k)) and Path(v).exists()}
+    if Path(cfg.model.name).expanduser().exists():
+        changes["model.name"] = str(Path(cfg.model.name).expanduser().resolve())
+    if cfg.evaluation.multiple_choice_path:
+        changes["evaluation.multiple_choice_path"] = str(Path(cfg.evaluation.multiple_choice_path).resolve())
+    return cfg.with_changes(changes)
+
+
+def on_worker(cfg: JobConfig, fn, *args):
+    """Run fn(*args) as one Ray task sized like one training worker; user errors come back as they are."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    preflight.check_compute(cfg)
+    preflight.check_ray_address(cfg.scaling.ray_address)
+    local = connect_ray(cfg.scaling.ray_address)
+    task = ray.remote(num_cpus=cfg.scaling.cpus_per_worker, num_gpus=1 if cfg.scaling.use_gpu else 0,
+                      resources=cfg.scaling.resources_per_worker or None,
+                      accelerator_type=cfg.scaling.accelerator_type, max_retries=0)(fn)
+    try:
+        return ray.get(task.remote(worker_config(cfg).to_json(), *args))
+    except RayTaskError as e:
+        if isinstance(e.cause, UserError):
+            raise e.cause from None
+        raise TrainingFailure(f"{fn.__name__} failed: {type(e.cause).__name__}: {e.cause}") from None
+    finally:
+        if local:
+            ray.shutdown()
+
+
+def worker_error(e: BaseException, what: str) -> Exception:
+    """The error to raise for a failed Ray Train run: the worker's own UserError / TrainingFailure as it
+    is (its message names the problem and the fix), anything else wrapped as a TrainingFailure."""
+    cause = _root_cause(e)
+    if isinstance(cause, (UserError, TrainingFailure)):
+        return cause
+    return TrainingFailure(f"{what} failed: {type(cause).__name__}: {cause}")
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The exception a worker raised, unwrapped from Ray Train's WorkerGroupError and RayTaskError."""
+    failures = getattr(e, "worker_failures", None)
+    if failures:
+        e = failures[min(failures)]
+    e = getattr(e, "cause", None) or e
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return e
+
+
+def finish_mlflow_run(uri, run_id, status: str) -> None:
+    if uri and run_id:
+        tracking.client(uri).set_terminated(run_id, status)

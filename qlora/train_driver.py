@@ -1,0 +1,74 @@
+"""The Ray Train driver: one TorchTrainer run of scaling.num_workers workers (the training loop, or another
+job's loop on the same resources), and the out-of-memory retries of train.auto_batch_size."""
+from __future__ import annotations
+
+import os
+import sys
+
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+from qlora import console, oom, resources, runtime, tracking
+from qlora.config import JobConfig
+from qlora.worker import train_loop_per_worker
+
+# How often Ray Train's controller polls the workers, and so takes their reports: a worker's report queue holds
+# one result, so each ray.train.report waits until the previous one is taken. At Ray's default of 2 s, reports
+# from steps shorter than that blocked the training loop for the rest of the 2 s (measured on an H200: 1.2 s
+# per report of 0.74 s steps); at 0.1 s a report costs milliseconds. Ray passes it on to controller and workers.
+RAY_TRAIN_POLL_INTERVAL_S = "0.1"
+
+
+class Trainer(TorchTrainer):
+    """Ray's TorchTrainer without its placement-group cleaner. The cleaner (a detached actor, Ray 2.60) polls the
+    state API for the Train controller and reads an empty answer as a dead controller; on a loaded machine it then
+    removed the placement group of a live run, whose workers died with "Destroying worker since its placement
+    group was removed" (seen in this suite's e2e tests; ray-project/ray PR #65447). The placement group of a
+    job's run is removed with the job's driver anyway, which is what the cleaner is for."""
+
+    def _create_default_callbacks(self):
+        return [c for c in super()._create_default_callbacks() if not isinstance(c, PlacementGroupCleanerCallback)]
+
+
+def fit(cfg: JobConfig, payload: dict, name: str, storage: str, callbacks=(), loop=train_loop_per_worker,
+        what: str = "training"):
+    """One Ray Train run of `scaling.num_workers` workers running `loop(payload)`; returns Ray's Result or raises
+    TrainingFailure."""
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", RAY_TRAIN_POLL_INTERVAL_S)
+    trainer = Trainer(
+        loop, train_loop_config=payload,
+        scaling_config=ScalingConfig(**resources.scaling_kwargs(cfg.scaling)),  # the request `ray_jobs.plan` checks
+        run_config=RunConfig(name=name, storage_path=storage, callbacks=list(callbacks),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+                             logging_config=LoggingConfig(log_level=console.ray_train_log_level())),
+    )
+    try:
+        return trainer.fit()
+    except Exception as e:  # Ray wraps the worker's exception (TrainingFailed / WorkerGroupError)
+        runtime.finish_mlflow_run(payload.get("tracking_uri"), payload.get("mlflow_run_id"), "FAILED")
+        raise runtime.worker_error(e, what) from None
+
+
+def fit_with_memory_retries(cfg: JobConfig, name: str, storage: str, uri: str | None, run_id: str | None,
+                            data_cache: str):
+    """fit(); with train.auto_batch_size, a GPU out-of-memory retries with half the micro-batch and twice
+    the accumulation (same global batch) as a fresh run, until it fits or the micro-batch is 1."""
+    base_name = name
+    while True:
+        payload = {"config": runtime.worker_config(cfg).to_json(), "tracking_uri": uri, "mlflow_run_id": run_id,
+                   "data_cache": data_cache, "verbose": console.verbose()}
+        try:
+            return fit(cfg, payload, name, storage)
+        except oom.OutOfMemory as e:
+            smaller = oom.halved(cfg) if cfg.train.auto_batch_size else None
+            if smaller is None:
+                raise
+            print(f"[qlora] {e}\n[qlora] train.auto_batch_size: retrying with train.batch_size="
+                  f"{smaller.train.batch_size}, train.gradient_accumulation={smaller.train.gradient_accumulation}",
+                  file=sys.stderr, flush=True)
+            if uri and run_id:
+                tracking.client(uri).update_run(run_id, status="RUNNING")
+                tracking.client(uri).set_tag(run_id, "auto_batch_size", str(smaller.train.batch_size))
+            cfg, name = smaller, f"{base_name}-bs{smaller.train.batch_size}"  # a fresh Ray Train run folder
