@@ -26,7 +26,7 @@ import torch.distributed as dist
 from qlora import distributed, evaluation, kernels, memory_estimate, modeling
 from qlora.config import JobConfig
 from qlora.model_source import ModelSource
-from qlora.strategies import STRATEGIES
+from qlora.strategies import STRATEGIES, Strategy
 from qlora.strategies.fsdp import full_trainable_state
 from qlora.train_step import make_optimizer
 
@@ -56,7 +56,7 @@ def host_memory_gib() -> dict:
 def run(strategy: str, args) -> dict:
     cfg = config(args.model, strategy, args)
     # A one-rank mesh, FSDP (or a DeepSpeed engine) all the same.
-    cls = STRATEGIES[strategy]
+    cls = Strategy if strategy == "ddp" else STRATEGIES[strategy]  # one rank: ddp trains as one process
     runner = cls(distributed.Context(0, 1, DEVICE, sharded=cls.lockstep), cfg)
     torch.cuda.reset_peak_memory_stats() if DEVICE.type == "cuda" else None
     t = time.perf_counter()

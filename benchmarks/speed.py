@@ -158,12 +158,12 @@ def run_variant(cfg, model, hidden, use_autocast: bool, init: dict, args, flops:
             flops.add([n for r in rows for n in mfu.example_lengths(r)] if rows else mask.sum(1).tolist())
     total = sum(times)
     step_s = sorted(times)[len(times) // 2]
-    mfu = flops.mfu(total)
+    utilization = flops.mfu(total)
     profiled = {"profile": profile_steps(step, steps[-args.profile:])} if args.profile and CUDA else {}
     return {**profiled, "step_s": round(step_s, 4), "tok_s": round(sum(useful) / total),
             "slots_per_step": int(b["input_ids"].numel()), "useful_per_step": round(sum(useful) / len(useful)),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if CUDA else None,
-            "mfu": round(mfu, 4) if mfu is not None else None,
+            "mfu": round(utilization, 4) if utilization is not None else None,
             "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4)}
 
 

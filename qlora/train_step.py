@@ -83,13 +83,13 @@ class Window:
     def metrics(self, ctx: distributed.Context, flops: mfu.FlopCounter) -> dict:
         """loss, tokens_per_second, packing_efficiency (and mfu on GPUs) over all ranks: a collective."""
         elapsed = time.perf_counter() - self.start
-        mfu = flops.mfu(elapsed)
+        utilization = flops.mfu(elapsed)
         loss, tokens, slots, mfu_all = distributed.all_sum([self.loss / self.steps, self.tokens, self.slots,
-                                                            mfu or 0.0], ctx)
+                                                            utilization or 0.0], ctx)
         out = {"loss": loss / ctx.world_size, "tokens_per_second": tokens / elapsed,
                # Real (non-pad) tokens / batch slots: what packing or group_by_length save on padding.
                "packing_efficiency": tokens / max(slots, 1)}
-        if mfu is not None:  # GPUs only: a CPU has no meaningful tensor-core peak
+        if utilization is not None:  # GPUs only: a CPU has no meaningful tensor-core peak
             out["mfu"] = mfu_all / ctx.world_size
         return out
 
