@@ -7,8 +7,10 @@ GGUF-loaded model.
 from __future__ import annotations
 
 import importlib.util
+import mmap
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,6 +207,59 @@ _GGUF_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
 
 
+class _GGUFHeader:
+    """A cursor over a GGUF file's header bytes; every read past the end is a truncated file."""
+
+    def __init__(self, buf, size: int, order: str, bad):
+        self.buf, self.size, self.order, self.bad, self.pos = buf, size, order, bad, 8
+
+    def take(self, fmt: str):
+        width = struct.calcsize(fmt)
+        self.skip(width)
+        return struct.unpack_from(self.order + fmt, self.buf, self.pos - width)[0]
+
+    def skip(self, n: int) -> None:
+        if self.pos + n > self.size:
+            raise self.bad(f"the header ends at byte {self.size}, inside its metadata: the file is truncated")
+        self.pos += n
+
+    def string(self) -> bytes:
+        n = self.take("Q")
+        self.skip(n)
+        return bytes(self.buf[self.pos - n:self.pos])
+
+    def value(self, vtype: int):
+        if vtype in _GGUF_SCALAR:
+            return self.take({1: "B", 2: "H", 4: "I", 8: "Q"}[_GGUF_SCALAR[vtype]])
+        if vtype == _GGUF_STRING:
+            return self.string()
+        if vtype == _GGUF_ARRAY:
+            etype, count = self.take("I"), self.take("Q")
+            if etype in _GGUF_SCALAR:
+                self.skip(count * _GGUF_SCALAR[etype])
+            else:
+                for _ in range(count):
+                    self.value(etype)
+            return None
+        raise self.bad(f"unknown metadata value type {vtype} at byte {self.pos}")
+
+    def tensors(self) -> tuple[int, list]:
+        """(the aligned start of the data section, [(name, dims, ggml type, offset)]): the rest of the header."""
+        n_tensors, n_kv = self.take("Q"), self.take("Q")
+        alignment = 32
+        for _ in range(n_kv):
+            key = self.string()
+            v = self.value(self.take("I"))
+            if key == b"general.alignment" and isinstance(v, int) and v > 0:
+                alignment = v
+        tensors = []
+        for _ in range(n_tensors):
+            name = self.string()
+            dims = [self.take("Q") for _ in range(self.take("I"))]
+            tensors.append((name, dims, self.take("I"), self.take("Q")))
+        return -(-self.pos // alignment) * alignment, tensors
+
+
 def check_gguf(path: Path) -> None:
     """Walk a GGUF file's header (metadata and tensor table) and check the file holds every tensor.
 
@@ -212,9 +267,6 @@ def check_gguf(path: Path) -> None:
     aligned data section): milliseconds, where a full load of a truncated file takes half a minute
     before it fails.
     """
-    import mmap
-    import struct
-
     size = path.stat().st_size
 
     def bad(why: str):
@@ -229,62 +281,10 @@ def check_gguf(path: Path) -> None:
         order = "<"
         version = struct.unpack_from("<I", buf, 4)[0]
         if version not in (2, 3):
-            if struct.unpack_from(">I", buf, 4)[0] in (2, 3):
-                order = ">"
-            else:
+            if struct.unpack_from(">I", buf, 4)[0] not in (2, 3):
                 raise bad(f"GGUF version {version}; versions 2 and 3 are supported")
-        pos = 8
-
-        def take(fmt: str):
-            nonlocal pos
-            width = struct.calcsize(fmt)
-            if pos + width > size:
-                raise bad(f"the header ends at byte {size}, inside its metadata: the file is truncated")
-            value = struct.unpack_from(order + fmt, buf, pos)[0]
-            pos += width
-            return value
-
-        def skip(n: int):
-            nonlocal pos
-            if pos + n > size:
-                raise bad(f"the header ends at byte {size}, inside its metadata: the file is truncated")
-            pos += n
-
-        def string() -> bytes:
-            n = take("Q")
-            start = pos
-            skip(n)
-            return bytes(buf[start:pos])
-
-        def value(vtype: int):
-            if vtype in _GGUF_SCALAR:
-                fmt = {1: "B", 2: "H", 4: "I", 8: "Q"}[_GGUF_SCALAR[vtype]]
-                return take(fmt)
-            if vtype == _GGUF_STRING:
-                return string()
-            if vtype == _GGUF_ARRAY:
-                etype, count = take("I"), take("Q")
-                if etype in _GGUF_SCALAR:
-                    skip(count * _GGUF_SCALAR[etype])
-                else:
-                    for _ in range(count):
-                        value(etype)
-                return None
-            raise bad(f"unknown metadata value type {vtype} at byte {pos}")
-
-        n_tensors, n_kv = take("Q"), take("Q")
-        alignment = 32
-        for _ in range(n_kv):
-            key = string()
-            v = value(take("I"))
-            if key == b"general.alignment" and isinstance(v, int) and v > 0:
-                alignment = v
-        tensors = []
-        for _ in range(n_tensors):
-            name = string()
-            dims = [take("Q") for _ in range(take("I"))]
-            tensors.append((name, dims, take("I"), take("Q")))
-        data_start = -(-pos // alignment) * alignment
+            order = ">"
+        data_start, tensors = _GGUFHeader(buf, size, order, bad).tensors()
     from gguf.constants import GGML_QUANT_SIZES
     need = data_start
     for name, dims, ggml_type, offset in tensors:
