@@ -130,3 +130,35 @@ def test_evaluate_job_splits_the_held_out_set_over_ray_train_workers(ray_session
     assert one.keys() == two.keys() >= {"eval_loss", "exact_match"}
     assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-3)  # batches are padded differently
     assert prompts_two == prompts_one and len(prompts_one) == 8
+
+
+@pytest.mark.parametrize("config", ["configs/quickstart.yaml", "configs/cpu/sst2_classification.yaml"],
+                         ids=["causal-lm", "classifier"])
+def test_the_registered_mlflow_model_predicts_what_the_adapter_does(tiny_model_dir, tmp_path, monkeypatch, config):
+    """The adapter as the train job logs it (qlora/mlflow_model.py, a model from code) and registers it, loaded back
+    by MLflow from the registry: its predict on a list and on a DataFrame equals the task's predict on the adapter
+    loaded directly."""
+    import mlflow
+    import pandas as pd
+
+    from qlora import adapters, tasks, tracking
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is relative to the current folder
+    cfg = trained_adapter(tmp_path / "run", ROOT / config, tiny_model_dir, 4)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = tracking.start_run(uri, "models", "log-model", {}, {})
+    logged = adapters.log_to_mlflow(uri, run_id, tmp_path / "run", {"base_model": str(tiny_model_dir)}, "tiny")
+    assert logged["registered_uri"] == "models:/tiny/1"
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model(logged["registered_uri"])
+
+    task = tasks.for_config(cfg)
+    direct, tok = adapters.load_for_inference(cfg, tmp_path / "run", torch.device("cpu"))
+    if task.can_generate:
+        rows, frame = PROBE, pd.DataFrame({"prompt": PROBE})
+    else:
+        rows = [{cfg.data.text_column: text} for text in PROBE]
+        frame = pd.DataFrame(rows)
+    expected = task.predict(direct, tok, cfg, rows, cfg.evaluation.max_new_tokens)
+    assert len(expected) == len(PROBE)
+    assert model.predict(rows) == expected
+    assert model.predict(frame) == expected
