@@ -9,7 +9,6 @@ packages recorded in the model's requirements.
 from pathlib import Path
 
 import mlflow
-import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 
@@ -23,10 +22,12 @@ class AdapterModel(PythonModel):
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.tokenizer = adapters.load_for_inference(self.cfg, folder, device)
 
-    # model_input: a DataFrame (a "prompt" column, or a classifier's input columns) or a plain list of prompts or
-    # records. The DataFrame hint is one MLflow infers no schema from, so it validates nothing and passes lists
-    # through as they are; without a hint it warns at every log_model.
-    def predict(self, context, model_input: pd.DataFrame, params=None):
+    # predict takes a DataFrame (a "prompt" column, or a classifier's input columns) or a plain list of prompts or
+    # records, and checks them itself (tasks.*.predict). MLflow's type-hint validation would only warn (at every
+    # log_model) that there are no hints, or that a DataFrame hint gives no signature.
+    _skip_type_hint_validation = True
+
+    def predict(self, context, model_input, params=None):
         from qlora import tasks
         task = tasks.for_config(self.cfg)
         if task.can_generate:  # prompts -> completions
