@@ -21,22 +21,24 @@ RAY_TRAIN_POLL_INTERVAL_S = "0.1"
 
 
 class Trainer(TorchTrainer):
-    """Ray's TorchTrainer without its placement-group cleaner. The cleaner (a detached actor, Ray 2.60) polls the
-    state API for the Train controller and reads an empty answer as a dead controller; on a loaded machine it then
-    removed the placement group of a live run, whose workers died with "Destroying worker since its placement
-    group was removed" (seen in this suite's e2e tests; ray-project/ray PR #65447). The placement group of a
-    job's run is removed with the job's driver anyway, which is what the cleaner is for."""
+    """Ray's TorchTrainer without its placement-group cleaner, for runs the job's driver owns. The cleaner (a
+    detached actor, Ray 2.60) polls the state API for the Train controller and reads an empty answer as a dead
+    controller; on a loaded machine it then removed the placement group of a live run, whose workers died with
+    "Destroying worker since its placement group was removed" (seen in this suite's e2e tests; ray-project/ray
+    PR #65447 treats that answer as transient). A run started by the job's driver needs no cleaner: Ray removes
+    its placement group with the driver. A sweep trial's run is owned by the trial's actor, not the driver, so
+    sweeps keep Ray's trainer and its cleaner (ray-project/ray PR #58515 added it for that case)."""
 
     def _create_default_callbacks(self):
         return [c for c in super()._create_default_callbacks() if not isinstance(c, PlacementGroupCleanerCallback)]
 
 
 def fit(cfg: JobConfig, payload: dict, name: str, storage: str, callbacks=(), loop=train_loop_per_worker,
-        what: str = "training"):
+        what: str = "training", in_tune_trial: bool = False):
     """One Ray Train run of `scaling.num_workers` workers running `loop(payload)`; returns Ray's Result or raises
-    TrainingFailure."""
+    TrainingFailure. `in_tune_trial`: started inside a Tune trial (see Trainer)."""
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", RAY_TRAIN_POLL_INTERVAL_S)
-    trainer = Trainer(
+    trainer = (TorchTrainer if in_tune_trial else Trainer)(
         loop, train_loop_config=payload,
         scaling_config=ScalingConfig(**resources.scaling_kwargs(cfg.scaling)),  # the request `ray_jobs.plan` checks
         run_config=RunConfig(name=name, storage_path=storage, callbacks=list(callbacks),

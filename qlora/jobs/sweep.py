@@ -48,7 +48,8 @@ def run_trial(config: dict, base_json: str, space_json: str, uri, parent_run_id,
             job, uri, name, {"mlflow.parentRunId": parent_run_id, "trial_id": trial_id})
     payload = {"config": cfg.to_json(), "tracking_uri": uri, "mlflow_run_id": run_id, "data_cache": job.data.cache,
                "verbose": console.verbose()}
-    finish(train_driver.fit(cfg, payload, name, storage, callbacks=[TuneReportCallback()]), job, uri, run_id)
+    result = train_driver.fit(cfg, payload, name, storage, callbacks=[TuneReportCallback()], in_tune_trial=True)
+    finish(result, job, uri, run_id)
 
 
 def prepare_data(cfg: JobConfig, space: SearchSpace, storage: str) -> None:
