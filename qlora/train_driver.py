@@ -11,6 +11,7 @@ from ray.train.v2._internal.callbacks.placement_group_callback import PlacementG
 
 from qlora import console, oom, resources, runtime, tracking
 from qlora.config import JobConfig
+from qlora.payload import WorkerPayload
 from qlora.worker import train_loop_per_worker
 
 # How often Ray Train's controller polls the workers, and so takes their reports: a worker's report queue holds
@@ -33,13 +34,13 @@ class Trainer(TorchTrainer):
         return [c for c in super()._create_default_callbacks() if not isinstance(c, PlacementGroupCleanerCallback)]
 
 
-def fit(cfg: JobConfig, payload: dict, name: str, storage: str, callbacks=(), loop=train_loop_per_worker,
+def fit(cfg: JobConfig, payload: WorkerPayload, name: str, storage: str, callbacks=(), loop=train_loop_per_worker,
         what: str = "training", in_tune_trial: bool = False):
     """One Ray Train run of `scaling.num_workers` workers running `loop(payload)`; returns Ray's Result or raises
     TrainingFailure. `in_tune_trial`: started inside a Tune trial (see Trainer)."""
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", RAY_TRAIN_POLL_INTERVAL_S)
     trainer = (TorchTrainer if in_tune_trial else Trainer)(
-        loop, train_loop_config=payload,
+        loop, train_loop_config=payload.to_dict(),
         scaling_config=ScalingConfig(**resources.scaling_kwargs(cfg.scaling)),  # the request `ray_jobs.plan` checks
         run_config=RunConfig(name=name, storage_path=storage, callbacks=list(callbacks),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -49,7 +50,7 @@ def fit(cfg: JobConfig, payload: dict, name: str, storage: str, callbacks=(), lo
     try:
         return trainer.fit()
     except Exception as e:  # Ray wraps the worker's exception (TrainingFailed / WorkerGroupError)
-        runtime.finish_mlflow_run(payload.get("tracking_uri"), payload.get("mlflow_run_id"), "FAILED")
+        runtime.finish_mlflow_run(payload.tracking_uri, payload.mlflow_run_id, "FAILED")
         raise runtime.worker_error(e, what) from None
 
 
@@ -59,8 +60,7 @@ def fit_with_memory_retries(cfg: JobConfig, name: str, storage: str, uri: str | 
     the accumulation (same global batch) as a fresh run, until it fits or the micro-batch is 1."""
     base_name = name
     while True:
-        payload = {"config": runtime.worker_config(cfg).to_json(), "tracking_uri": uri, "mlflow_run_id": run_id,
-                   "data_cache": data_cache, "verbose": console.verbose()}
+        payload = WorkerPayload(runtime.worker_config(cfg).to_json(), data_cache, uri, run_id, console.verbose())
         try:
             return fit(cfg, payload, name, storage)
         except oom.OutOfMemory as e:

@@ -26,6 +26,7 @@ from qlora.data import PreparedData, to_tensors
 from qlora.data.pipeline import open_prepared
 from qlora.errors import TrainingFailure
 from qlora.model_source import resolve
+from qlora.payload import WorkerPayload
 from qlora.tracking import MetricsSink
 from qlora.train_step import (PEAK_MEMORY_KIND, Clock, Window, forward_backward, make_optimizer, make_scheduler,
                               out_of_memory, peak_memory_gib)
@@ -67,16 +68,16 @@ class Run:
         return tasks.for_config(self.cfg)
 
 
-def set_up(payload: dict) -> Run:
-    if payload.get("verbose"):
+def set_up(payload: WorkerPayload) -> Run:
+    if payload.verbose:
         os.environ[console.VERBOSE_ENV] = "1"
     console.quiet_libraries()  # before the libraries load: bitsandbytes' notice comes with its import
-    cfg = JobConfig.from_json(payload["config"])  # validated again on this side of the Ray boundary
+    cfg = JobConfig.from_json(payload.config)  # validated again on this side of the Ray boundary
     strategy = strategies.for_worker(cfg)
     ctx = strategy.ctx
     source = resolve(cfg.model.name, cfg.model.gguf_file, cfg.model.revision)
     tokenizer = modeling.load_tokenizer(source, cfg)
-    data = open_prepared(payload["data_cache"])  # the driver's prepared data, memory-mapped
+    data = open_prepared(payload.data_cache)  # the driver's prepared data, memory-mapped
     cfg = tasks.for_config(cfg).resolve(cfg, data)  # saved with checkpoints, so the adapter knows its classes
     # A classifier's new head is initialised randomly inside from_pretrained: same seed, same head on every rank.
     torch.manual_seed(cfg.train.seed)
@@ -101,7 +102,7 @@ def set_up(payload: dict) -> Run:
     weights_gib = distributed.local_bytes([p for p in model.parameters() if not p.requires_grad]
                                           + list(model.buffers())) / 2**30
     plan = BatchPlan(len(data.train), cfg, ctx, data.lengths)
-    sink = MetricsSink(payload.get("tracking_uri"), payload.get("mlflow_run_id")) if ctx.is_writer else None
+    sink = MetricsSink(payload.tracking_uri, payload.mlflow_run_id) if ctx.is_writer else None
     return Run(cfg, strategy, tokenizer, data, model, wrapped, optimizer, make_scheduler(cfg, optimizer, plan.total_steps),
                plan, hidden, dtype, flops, multiple_choice.prepare(cfg, tokenizer), weights_gib, sink, trainer_state)
 
@@ -184,9 +185,9 @@ def step_metrics(run: Run, step: int, epoch: int, grad_norm: float, window: Wind
     return metrics
 
 
-def train_loop_per_worker(payload: dict) -> None:
+def train_loop_per_worker(config: dict) -> None:
     import ray.train
-    run = set_up(payload)
+    run = set_up(WorkerPayload.from_dict(config))
     cfg, ctx, total = run.cfg, run.ctx, run.plan.total_steps
     step, before = 0, None
     if run.trainer_state:

@@ -21,6 +21,7 @@ from qlora import (adapters, console, distributed, evaluation, multiple_choice, 
 from qlora.config import JobConfig
 from qlora.data.pipeline import open_prepared
 from qlora.jobs.base import ensure_data, prepare_job
+from qlora.payload import WorkerPayload
 
 def evaluate(ref: str, cfg: JobConfig, folder: Path, out: str | None) -> dict:
     job = prepare_job(cfg)  # data and model checks before Ray
@@ -87,7 +88,7 @@ def _evaluate_on_workers(cfg: JobConfig, files: dict, data_cache: str) -> dict:
     preflight.check_compute(cfg)
     preflight.check_ray_address(cfg.scaling.ray_address)
     local = runtime.connect_ray(cfg.scaling.ray_address)
-    payload = {"config": runtime.worker_config(cfg).to_json(), "files": files, "data_cache": data_cache}
+    payload = WorkerPayload(runtime.worker_config(cfg).to_json(), data_cache, files=files)
     try:
         result = train_driver.fit(cfg, payload, f"eval-{time.strftime('%Y%m%d-%H%M%S')}", runtime.storage_root(cfg),
                                   loop=evaluation_loop, what="evaluation")
@@ -98,12 +99,13 @@ def _evaluate_on_workers(cfg: JobConfig, files: dict, data_cache: str) -> dict:
             ray.shutdown()
 
 
-def evaluation_loop(payload: dict) -> None:
+def evaluation_loop(config: dict) -> None:
     """Each Ray Train worker's part of _evaluate_on_workers; rank 0 hands back the gathered result."""
     console.quiet_libraries()
-    cfg = JobConfig.from_json(payload["config"])
+    payload = WorkerPayload.from_dict(config)
+    cfg = JobConfig.from_json(payload.config)
     ctx = distributed.context(cfg.scaling.use_gpu)
-    result = _evaluate(cfg, payload["files"], ctx, payload["data_cache"])
+    result = _evaluate(cfg, payload.files, ctx, payload.data_cache)
     with tempfile.TemporaryDirectory() as tmp:  # Ray Train v2 keeps only what comes with a checkpoint
         checkpoint = None
         if ctx.is_writer:  # every rank has the gathered result; one writes it

@@ -15,6 +15,7 @@ from qlora import adapters, console, preflight, resources, runtime, tracking, tr
 from qlora.config import JobConfig, flatten
 from qlora.errors import ConfigError
 from qlora.jobs.base import ensure_data, finish, prepare_job, start_mlflow_run
+from qlora.payload import WorkerPayload
 from qlora.search_space import SearchSpace, apply_params, with_tied
 
 STATE_FILE = "qlora_sweep.json"
@@ -46,8 +47,7 @@ def run_trial(config: dict, base_json: str, space_json: str, uri, parent_run_id,
         existing = _child_runs(uri, cfg.tracking.experiment, parent_run_id, trial_id)
         run_id = existing[0].info.run_id if existing else start_mlflow_run(
             job, uri, name, {"mlflow.parentRunId": parent_run_id, "trial_id": trial_id})
-    payload = {"config": cfg.to_json(), "tracking_uri": uri, "mlflow_run_id": run_id, "data_cache": job.data.cache,
-               "verbose": console.verbose()}
+    payload = WorkerPayload(cfg.to_json(), job.data.cache, uri, run_id, console.verbose())
     result = train_driver.fit(cfg, payload, name, storage, callbacks=[TuneReportCallback()], in_tune_trial=True)
     finish(result, job, uri, run_id)
 

@@ -14,3 +14,15 @@ def test_the_trainer_has_rays_default_callbacks_but_the_placement_group_cleaner(
     ray_default, ours = kinds(TorchTrainer), kinds(Trainer)
     assert PlacementGroupCleanerCallback in ray_default  # what the subclass exists to drop is still there upstream
     assert ours == [k for k in ray_default if k is not PlacementGroupCleanerCallback]
+
+
+def test_the_worker_payload_crosses_as_a_dict_and_refuses_unknown_or_missing_keys():
+    import pytest
+
+    from qlora.payload import WorkerPayload
+    sent = WorkerPayload('{"data": {"path": "x.jsonl"}}', "/runs/data_cache/k", "sqlite:///m.db", "run1", True)
+    assert WorkerPayload.from_dict(sent.to_dict()) == sent
+    with pytest.raises(TypeError, match="cfg"):  # the spelling the evaluate driver once used
+        WorkerPayload.from_dict({"cfg": "{}", "data_cache": "/c"})
+    with pytest.raises(TypeError, match="expected"):
+        WorkerPayload.from_dict({"config": "{}"})
