@@ -3,6 +3,7 @@ cloud URI), the MLflow server, the config as workers see it, one Ray task sized 
 the error a failed worker's exception becomes."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -26,6 +27,18 @@ def connect_ray(address: str | None) -> bool:
         raise EnvironmentProblem(f"Ray cluster at {address or os.environ.get('RAY_ADDRESS')} is unreachable ({e})",
                                  "start it with `ray start --head`, or fix scaling.ray_address / RAY_ADDRESS") from None
     return started_here
+
+
+@contextlib.contextmanager
+def ray_connected(address: str | None):
+    """Ray joined for the block (connect_ray); a local cluster started here is shut down after it."""
+    local = connect_ray(address)
+    try:
+        yield
+    finally:
+        if local:
+            import ray
+            ray.shutdown()
 
 
 def storage_location(cfg: JobConfig) -> str:
@@ -90,19 +103,16 @@ def on_worker(cfg: JobConfig, fn, *args):
 
     preflight.check_compute(cfg)
     preflight.check_ray_address(cfg.scaling.ray_address)
-    local = connect_ray(cfg.scaling.ray_address)
     task = ray.remote(num_cpus=cfg.scaling.cpus_per_worker, num_gpus=1 if cfg.scaling.use_gpu else 0,
                       resources=cfg.scaling.resources_per_worker or None,
                       accelerator_type=cfg.scaling.accelerator_type, max_retries=0)(fn)
-    try:
-        return ray.get(task.remote(worker_config(cfg).to_json(), *args))
-    except RayTaskError as e:
-        if isinstance(e.cause, UserError):
-            raise e.cause from None
-        raise TrainingFailure(f"{fn.__name__} failed: {type(e.cause).__name__}: {e.cause}") from None
-    finally:
-        if local:
-            ray.shutdown()
+    with ray_connected(cfg.scaling.ray_address):
+        try:
+            return ray.get(task.remote(worker_config(cfg).to_json(), *args))
+        except RayTaskError as e:
+            if isinstance(e.cause, UserError):
+                raise e.cause from None
+            raise TrainingFailure(f"{fn.__name__} failed: {type(e.cause).__name__}: {e.cause}") from None
 
 
 def worker_error(e: BaseException, what: str) -> Exception:

@@ -62,6 +62,10 @@ class CausalLM:
             what += f", greedy answers to {min(n_examples, cfg.evaluation.num_generate)}"
         return what + (f", {n_choice_items} multiple-choice questions" if n_choice_items else "")
 
+    def describe_prediction(self, p: dict) -> str:
+        """One record of predictions.jsonl for the console (ray_jobs.evaluate shows the first few)."""
+        return f"  prompt: {p['prompt'][-120:]!r}\n  answer: {p['answer']!r}\n  reference: {p['reference']!r}"
+
     def data_lines(self, cfg: JobConfig, fmt: str, n_eval: int, s: dict) -> list[str]:
         """--dry-run's lines about the prepared data (`s`: its stats)."""
         lost = f"; {s['dropped_no_labels']} examples dropped (no trained token left)" if s["dropped_no_labels"] else ""
@@ -129,6 +133,9 @@ class SequenceClassifier(CausalLM):
     def describe_evaluation(self, cfg, n_examples, n_choice_items=0) -> str:
         return f"accuracy and log loss on {n_examples} examples" + (
             f", {n_choice_items} multiple-choice questions" if n_choice_items else "")
+
+    def describe_prediction(self, p: dict) -> str:
+        return f"  record {p['record']}: label {p['label']}, predicted {p['predicted']} (p={max(p['probabilities']):.3f})"
 
     def data_lines(self, cfg, fmt, n_eval, s) -> list[str]:
         # One label per example: truncation cuts text, never a trained token.

@@ -20,13 +20,8 @@ def dry_run(cfg: JobConfig) -> dict:
     if not job.data_plan.needs_ray:  # cached, or small enough for this process: bad records fail before Ray
         ensure_data(job)
     else:  # a Ray Data preparation: on the configured cluster, or a local one started here
-        local = runtime.connect_ray(cfg.scaling.ray_address)
-        try:
+        with runtime.ray_connected(cfg.scaling.ray_address):
             ensure_data(job)
-        finally:
-            if local:
-                import ray
-                ray.shutdown()
     cfg = job.cfg
     print("# resolved config\n" + yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     print(f"model: {job.source.description} -> {job.source.path}")

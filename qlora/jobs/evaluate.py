@@ -8,12 +8,12 @@ no shared file system.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
 from pathlib import Path
 
-import ray
 import ray.train
 
 from qlora import (adapters, console, distributed, evaluation, multiple_choice, preflight, runtime, tasks, tracking,
@@ -23,31 +23,24 @@ from qlora.data.pipeline import open_prepared
 from qlora.jobs.base import ensure_data, prepare_job
 from qlora.payload import WorkerPayload
 
+
 def evaluate(ref: str, cfg: JobConfig, folder: Path, out: str | None) -> dict:
     job = prepare_job(cfg)  # data and model checks before Ray
     uri = runtime.tracking_target(cfg)
     started = time.time()
     if not job.data_plan.needs_ray:  # cached, or small enough for this process: bad records fail before Ray
         ensure_data(job)
-    local = job.data is None and runtime.connect_ray(cfg.scaling.ray_address)  # a Ray Data preparation first
-    try:
+    # A Ray Data preparation needs the cluster first; else the worker's checks run before it is joined.
+    with runtime.ray_connected(cfg.scaling.ray_address) if job.data is None else contextlib.nullcontext():
         cache = ensure_data(job).data.cache
         if cfg.scaling.num_workers > 1:  # the held-out set split over Ray Train workers, as training evaluates
             result = _evaluate_on_workers(cfg, adapters.pack(folder), cache)
         else:
             result = runtime.on_worker(cfg, _evaluate_task, adapters.pack(folder), cache)
-    finally:
-        if local:
-            import ray
-            ray.shutdown()
     metrics, predictions = result["metrics"], result["predictions"]
     print("held-out metrics: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
     for p in predictions[:3]:
-        if "label" in p:  # a classifier
-            print(f"  record {p['record']}: label {p['label']}, predicted {p['predicted']} "
-                  f"(p={max(p['probabilities']):.3f})")
-        else:
-            print(f"  prompt: {p['prompt'][-120:]!r}\n  answer: {p['answer']!r}\n  reference: {p['reference']!r}")
+        print(tasks.for_config(cfg).describe_prediction(p))
     run_id = None
     with tempfile.TemporaryDirectory() as tmp:
         folder_out = Path(out) if out else Path(tmp)
@@ -87,16 +80,12 @@ def _evaluate_on_workers(cfg: JobConfig, files: dict, data_cache: str) -> dict:
     """_evaluate on `scaling.num_workers` Ray Train workers (the training job's resources, the Train driver's fit)."""
     preflight.check_compute(cfg)
     preflight.check_ray_address(cfg.scaling.ray_address)
-    local = runtime.connect_ray(cfg.scaling.ray_address)
     payload = WorkerPayload(runtime.worker_config(cfg).to_json(), data_cache, files=files)
-    try:
+    with runtime.ray_connected(cfg.scaling.ray_address):
         result = train_driver.fit(cfg, payload, f"eval-{time.strftime('%Y%m%d-%H%M%S')}", runtime.storage_root(cfg),
                                   loop=evaluation_loop, what="evaluation")
         with result.checkpoint.as_directory() as folder:
             return json.loads((Path(folder) / "result.json").read_text())
-    finally:
-        if local:
-            ray.shutdown()
 
 
 def evaluation_loop(config: dict) -> None:

@@ -76,7 +76,6 @@ def sweep(cfg: JobConfig, space: SearchSpace, name: str, resume: bool = False) -
     # Save Tune's experiment state on every loop: a trial that finished is never run again after a
     # driver crash (the state is a few KB; trials take minutes).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
-    import ray
     from ray import tune
 
     space.check_against(cfg)
@@ -95,8 +94,7 @@ def sweep(cfg: JobConfig, space: SearchSpace, name: str, resume: bool = False) -
     if not resume and state_path.is_file():
         raise ConfigError(f"a sweep named {name} already exists in {storage}",
                           "pass --resume to continue it, or set tracking.run_name to start a new one")
-    local = runtime.connect_ray(cfg.scaling.ray_address)
-    try:
+    with runtime.ray_connected(cfg.scaling.ray_address):
         prepare_data(cfg, space, storage)
         if resume:
             parent = json.loads(state_path.read_text())["mlflow_parent_run_id"]
@@ -120,9 +118,6 @@ def sweep(cfg: JobConfig, space: SearchSpace, name: str, resume: bool = False) -
                                run_config=tune.RunConfig(name=name, storage_path=storage))
         grid = tuner.fit()
         return summarize(grid, cfg, space, uri, parent, name)
-    finally:
-        if local:
-            ray.shutdown()
 
 
 def _tune_config(space: SearchSpace, sweep_dir: Path):

@@ -9,8 +9,6 @@ from qlora.config import JobConfig, redact_uri
 from qlora.jobs.base import ensure_data, finish, prepare_job, run_name, start_mlflow_run
 
 def train(cfg: JobConfig) -> dict:
-    import ray
-
     job = prepare_job(cfg)
     preflight.check(cfg)  # compute, Ray address, storage, MLflow: seconds, and nothing is created
     if not job.data_plan.needs_ray:  # cached, or small enough for this process: bad records fail before Ray
@@ -18,8 +16,7 @@ def train(cfg: JobConfig) -> dict:
     name = run_name(cfg)
     storage = runtime.storage_root(cfg)
     uri = runtime.tracking_target(cfg)
-    local = runtime.connect_ray(cfg.scaling.ray_address)
-    try:
+    with runtime.ray_connected(cfg.scaling.ray_address):
         cfg = ensure_data(job).cfg  # a Ray Data preparation runs here, on the cluster, before any GPU is asked for
         run_id, log_result = None, True
         if runtime.has_checkpoints(storage, name):  # Ray Train restores the run's checkpoint state by itself
@@ -38,6 +35,3 @@ def train(cfg: JobConfig) -> dict:
               f"held-out before: {summary['metrics_before']}\nheld-out after:  {summary['metrics_after']}", flush=True)
         return {**summary, "data_cache": job.data.cache, "data_seconds": round(job.data_seconds, 2),
                 "job_seconds": round(time.time() - started, 1)}
-    finally:
-        if local:
-            ray.shutdown()

@@ -20,6 +20,12 @@ from qlora.distributed import Context, clip_grad_norm
 MakeOptimizer = Callable[[list], torch.optim.Optimizer]  # the trainable parameters -> their optimizer
 
 
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The LoRA (and a classifier head's) parameters, in the order every strategy hands them to the optimizer:
+    DeepSpeed's state mapping relies on that order."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 class Strategy:
     name = "single"
     # Every forward pass is a collective (parameters sharded over the ranks): every rank must run the same
@@ -45,7 +51,7 @@ class Strategy:
              autocast_dtype: torch.dtype | None = None) -> tuple[nn.Module, torch.optim.Optimizer]:
         """(what the training step calls, the optimizer of the trainable parameters). `autocast_dtype`: the
         step's autocast (kernels.autocast_dtype), for engines that run the forward pass themselves."""
-        return model, make_optimizer([p for p in model.parameters() if p.requires_grad])
+        return model, make_optimizer(trainable_parameters(model))
 
     def gradient_sync(self, wrapped: nn.Module, sync: bool):
         """Context for one micro-batch's backward: reduce gradients over the ranks only when `sync` (the last

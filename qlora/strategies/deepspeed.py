@@ -12,7 +12,7 @@ from torch import nn
 
 from qlora.config import JobConfig
 from qlora.errors import EnvironmentProblem
-from qlora.strategies.base import MakeOptimizer, Strategy
+from qlora.strategies.base import MakeOptimizer, Strategy, trainable_parameters
 
 
 class DeepSpeed(Strategy):
@@ -31,7 +31,7 @@ class DeepSpeed(Strategy):
         cast the whole module, the 4-bit layers included. The scheduler stays ours: it sets the learning rate in
         the optimizer's param groups, which ZeRO's step reads."""
         import deepspeed
-        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
+        optimizer = make_optimizer(trainable_parameters(model))
         t = self.cfg.train
         # DeepSpeed picks its device from LOCAL_RANK; Ray Train has already chosen ours.
         os.environ["LOCAL_RANK"] = str(self.ctx.device.index or 0)
@@ -67,7 +67,7 @@ class DeepSpeed(Strategy):
 
     def optimizer_state(self, wrapped: nn.Module, optimizer) -> dict:
         from deepspeed.utils import safe_get_full_optimizer_state
-        params = [p for p in wrapped.module.parameters() if p.requires_grad]  # the optimizer's order
+        params = trainable_parameters(wrapped.module)  # the optimizer's order
         flat_state = next(iter(optimizer.state.values()), None)
         state = {}
         if flat_state is not None:  # none before the first update
@@ -83,7 +83,7 @@ class DeepSpeed(Strategy):
 
     def load_optimizer_state(self, wrapped: nn.Module, optimizer, saved: dict) -> None:
         from deepspeed.utils import safe_set_full_optimizer_state
-        params = [p for p in wrapped.module.parameters() if p.requires_grad]
+        params = trainable_parameters(wrapped.module)
         for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
             group.update({k: v for k, v in saved_group.items() if k != "params"})
         if not saved["state"]:
