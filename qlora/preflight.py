@@ -190,6 +190,15 @@ def check_tracking(cfg: JobConfig, network: bool = True) -> None:
                               must_exist=True, shown=f"{key} {shown}")
     elif uri.startswith(("http://", "https://")) and network:
         _check_http(uri, shown, key, fix_key)
+    elif _is_file_store(uri) and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+        raise EnvironmentProblem(f"{key} {shown} is a file store (a folder of runs), which MLflow 3 no longer opens",
+                                 f"point {fix_key} at a database, e.g. sqlite:///mlflow.db (`mlflow migrate-filestore` "
+                                 "moves an existing folder into one), or set MLFLOW_ALLOW_FILE_STORE=true")
+
+
+def _is_file_store(uri: str) -> bool:
+    """A plain path or a file:// URI: what MLflow opens as a FileStore."""
+    return "://" not in uri or uri.startswith("file:")
 
 
 def _check_http(uri: str, shown: str, key: str, fix_key: str) -> None:

@@ -3,6 +3,7 @@ loopback, started as users start them and stopped by PID."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -46,6 +47,7 @@ class RayHead:
         _, alive = psutil.wait_procs(mine, timeout=15)
         for p in alive:
             p.kill()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)  # its sessions, logs and the home folder made for it
 
 
 def start_ray_head(num_cpus: int = 2) -> RayHead:

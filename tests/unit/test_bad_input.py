@@ -500,6 +500,14 @@ def test_preflight_sqlite_store_in_a_missing_folder(work, models):
     assert not (work / "no").exists()
 
 
+def test_preflight_file_store_names_the_database_fix(work, models, monkeypatch):
+    for uri in (f"file://{work}/mlruns", "./mlruns"):
+        _preflight_fails(_cfg(work, models, f"tracking.uri={uri}"), "is a file store", "sqlite:///mlflow.db",
+                         network=False)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the user's explicit opt-in is respected
+    preflight.check(_cfg(work, models, f"tracking.uri=file://{work}/mlruns"), network=False)
+
+
 def test_preflight_sqlite_store_that_is_not_a_database(work, models):
     (work / "mlflow.db").write_bytes(b"this is not sqlite\n" * 10)
     _preflight_fails(_cfg(work, models), "is not an SQLite database", "move that file away", network=False)
