@@ -1,12 +1,12 @@
 """The sharded strategies on CPU: 2 Ray Train workers over gloo, a 4-bit (NF4) base with LoRA.
 
-scaling.strategy=fsdp (FSDP2 shards every layer): the run must train exactly as DDP does (same data, same
-steps), with each worker holding half the frozen weights; its adapter checkpoints must be whole (every LoRA
-tensor at full shape, gathered from both shards, loadable by plain peft in one process); a killed worker must
-resume from the sharded optimizer state to the uninterrupted result. Held-out sets of odd size make the ranks'
-shares unequal, which FSDP's collective forwards must survive (evaluation and generation in lockstep).
-scaling.strategy=deepspeed (a ZeRO-2 engine partitions the optimizer state): a killed worker resumes from the
-partitioned state to DDP's uninterrupted result, with a checkpoint in DDP's format."""
+scaling.strategy=fsdp (FSDP2 shards every layer): the run must train exactly as DDP does (same data, same steps),
+with each worker holding half the frozen weights; its adapter checkpoints must be whole (every LoRA tensor at full
+shape, gathered from both shards, loadable by plain peft in one process); the FSDP run has a worker killed after
+its first checkpoint, and must resume from its sharded state to DDP's uninterrupted result. Held-out sets of odd
+size make the ranks' shares unequal, which FSDP's collective forwards must survive (evaluation and generation in
+lockstep). scaling.strategy=deepspeed (a ZeRO-2 engine partitions the optimizer state): a killed worker resumes
+from the partitioned state to DDP's uninterrupted result, with a checkpoint in DDP's format."""
 import json
 import os
 import subprocess
@@ -60,13 +60,20 @@ def adapter(result: dict) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, untied_model_dir) -> dict:
-    folder = tmp_path_factory.mktemp("fsdp-runs")
-    return {s: run_job(job_cmd(folder, untied_model_dir, s, s)) for s in ("ddp", "fsdp")}
+def ddp(tmp_path_factory, untied_model_dir) -> dict:
+    """The uninterrupted DDP run every sharded run must reproduce."""
+    folder = tmp_path_factory.mktemp("ddp-run")
+    return run_job(job_cmd(folder, untied_model_dir, "ddp", "ddp"))
 
 
-def test_fsdp_trains_as_ddp_does_with_half_the_weights_per_worker(runs):
-    ddp, fsdp = runs["ddp"], runs["fsdp"]
+@pytest.fixture(scope="module")
+def fsdp(tmp_path_factory, untied_model_dir) -> dict:
+    """The same job under FSDP, one worker killed after its first checkpoint and the group restarted."""
+    return killed_and_resumed(tmp_path_factory.mktemp("fsdp-run"), untied_model_dir, "fsdp")
+
+
+def test_fsdp_resumed_after_a_killed_worker_trains_as_ddp_does_with_half_the_weights_per_worker(ddp, fsdp):
+    """Resumed from its sharded adapter and optimizer state, the FSDP run ends where uninterrupted DDP does."""
     assert fsdp["steps"] == ddp["steps"] == 12
     a, b = adapter(ddp), adapter(fsdp)
     assert a.keys() == b.keys()
@@ -82,15 +89,15 @@ def test_fsdp_trains_as_ddp_does_with_half_the_weights_per_worker(runs):
         assert len(lines) == NUM_GENERATE
 
 
-def test_fsdp_adapter_checkpoint_is_whole_and_loads_in_one_process(runs, untied_model_dir):
+def test_fsdp_adapter_checkpoint_is_whole_and_loads_in_one_process(fsdp, untied_model_dir):
     """Gathered from both shards before rank 0 writes (an adapter saved from one shard is empty or half:
     TRL #4416). Plain peft on a plain base loads it with nothing missing, and every LoRA B matrix, zero at
     initialisation, has been trained."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-    weights = adapter(runs["fsdp"])
+    weights = adapter(fsdp)
     base = AutoModelForCausalLM.from_pretrained(untied_model_dir)
-    model = PeftModel.from_pretrained(base, runs["fsdp"]["adapter"])
+    model = PeftModel.from_pretrained(base, fsdp["adapter"])
     expected = {n: p.shape for n, p in model.named_parameters() if "lora_" in n}
     assert len(weights) == len(expected) == 2 * 7 * 2  # A and B, 7 linear layers, 2 decoder layers
     for name, tensor in weights.items():
@@ -99,7 +106,7 @@ def test_fsdp_adapter_checkpoint_is_whole_and_loads_in_one_process(runs, untied_
         if "lora_B" in name:
             assert tensor.abs().sum() > 0, f"{name} is still zero"
     # The trainer state holds the whole optimizer state too: AdamW's moments at each LoRA tensor's full shape.
-    state = torch.load(Path(runs["fsdp"]["checkpoint"]) / "trainer_state.pt", weights_only=False)
+    state = torch.load(Path(fsdp["checkpoint"]) / "trainer_state.pt", weights_only=False)
     moments = state["optimizer"]["state"]
     assert {k.replace(".default", "") for k in moments} == weights.keys()
     for key, moment in moments.items():
@@ -127,27 +134,19 @@ def killed_and_resumed(tmp_path: Path, model: Path, strategy: str) -> dict:
     return json.loads(log.strip().splitlines()[-1])
 
 
-def test_fsdp_resumes_a_killed_worker_from_its_sharded_state(tmp_path, runs, untied_model_dir):
-    result = killed_and_resumed(tmp_path, untied_model_dir, "fsdp")
-    a, b = adapter(runs["fsdp"]), adapter(result)
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
-    assert result["metrics_after"]["eval_loss"] == pytest.approx(runs["fsdp"]["metrics_after"]["eval_loss"], abs=1e-5)
-
-
-def test_deepspeed_zero2_resumes_a_killed_worker_to_ddps_result(tmp_path, runs, untied_model_dir):
+def test_deepspeed_zero2_resumes_a_killed_worker_to_ddps_result(tmp_path, ddp, untied_model_dir):
     """ZeRO-2 partitions the AdamW moments over the 2 workers; checkpoints hold them whole (DeepSpeed's
     tensor-fragment API), in torch's format as DDP writes it, and a restarted group splits them again. The
     resumed run ends where uninterrupted DDP does: same data, same steps, same update."""
     result = killed_and_resumed(tmp_path, untied_model_dir, "deepspeed")
     assert result["steps"] == 12
-    a, b = adapter(runs["ddp"]), adapter(result)
+    a, b = adapter(ddp), adapter(result)
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
-    assert result["metrics_after"]["eval_loss"] == pytest.approx(runs["ddp"]["metrics_after"]["eval_loss"], rel=1e-4)
+    assert result["metrics_after"]["eval_loss"] == pytest.approx(ddp["metrics_after"]["eval_loss"], rel=1e-4)
     ours, ddps = (torch.load(Path(r["checkpoint"]) / "trainer_state.pt", weights_only=False)["optimizer"]
-                  for r in (result, runs["ddp"]))
+                  for r in (result, ddp))
     assert ours["state"].keys() == ddps["state"].keys() and len(ours["state"]) == 2 * 7 * 2
     for i, moments in ddps["state"].items():
         assert ours["state"][i]["step"] == moments["step"] == 12
