@@ -22,7 +22,10 @@ case: every row full), h hidden size, I MLP size, L decoder layers, V the output
                       rows with the chunked torch loss, for none with Liger's fused kernel; plus the bf16 copy of
                       an fp32 head that autocast (or Liger's kernel) makes.
   workspace           the backward of one decoder layer: its recomputed activations when it is checkpointed, and
-                      the gradients in flight, T*(16*h + 6*I).
+                      the gradients in flight, T*(16*h + 6*I); with DoRA also the temporaries peft's DoRA layer
+                      makes in each forward (recomputed with the layer), for its largest adapted layer (i in,
+                      o out): the identity it multiplies through lora_A (i*i), B A, the dequantized W and W + s B A
+                      (3*o*i), 2 B each in bf16.
   total = weights + lora_and_optimizer + activations + max(logits, workspace): the loss and the layers' backward
   run one after the other, so their temporaries are never held together.
 
@@ -44,6 +47,7 @@ from typing import Literal
 from qlora.config import JobConfig
 from qlora.evaluation import EVAL_BYTES_PER_LOGIT, EVAL_LOGIT_BYTES, rows_per_forward
 from qlora.kernels import CHUNK_TOKENS
+from qlora.mfu import dora_layers
 
 GIB = 2**30
 BLOCK = 64  # bitsandbytes 4-bit: one absmax per 64 weights
@@ -73,6 +77,7 @@ C_MLP_NO_LIGER = 2
 # (about three I-wide). Counted, not fitted.
 W_HIDDEN = 16
 W_MLP = 6
+DORA_BYTES_PER_ELEMENT = 2  # DoRA's temporaries are in the layer's input dtype: bf16 under autocast (peft's dora.py)
 LOGIT_BYTES = 12  # fp32 log-softmax output + its gradient + the gradient of its input
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "paged_adamw_32bit": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2,
                          "sgd": 4}  # two fp32 moments; two 8-bit moments; SGD's momentum (qlora.worker)
@@ -91,6 +96,7 @@ class ModelShape:
     intermediate_size: int
     num_layers: int
     head_rows: int  # outputs of the head: the vocabulary, or a classifier's labels
+    dora_elements: int = 0  # DoRA: elements of the largest adapted layer's forward temporaries, i*i + 3*o*i
 
 
 @dataclass(frozen=True)
@@ -252,7 +258,8 @@ def logit_bytes(shape: ModelShape, setup: Setup) -> int:
 
 def workspace_bytes(shape: ModelShape, setup: Setup) -> int:
     recomputed = layer_bytes(shape, setup.tokens, setup.fused_layers) if checkpointed_layers(shape, setup) else 0
-    return recomputed + setup.tokens * (W_HIDDEN * shape.hidden_size + W_MLP * shape.intermediate_size)
+    dora = DORA_BYTES_PER_ELEMENT * shape.dora_elements
+    return recomputed + setup.tokens * (W_HIDDEN * shape.hidden_size + W_MLP * shape.intermediate_size) + dora
 
 
 def estimate(shape: ModelShape, setup: Setup) -> Estimate:
@@ -282,6 +289,7 @@ def shape_of(model) -> ModelShape:
                    and head.weight is not model.get_input_embeddings().weight)
     not_other = {id(m.weight) for m in quantized} | ({id(head.weight)} if untied_copy else set())
     params = list(model.parameters())  # shared parameters once
+    dora, _ = dora_layers(model)
     return ModelShape(quantized_params=sum(m.weight.numel() for m in quantized),
                       quantized_rows=sum(m.out_features for m in quantized),
                       other_params=sum(p.numel() for p in params if not p.requires_grad and id(p) not in not_other),
@@ -289,4 +297,5 @@ def shape_of(model) -> ModelShape:
                       hidden_size=text.hidden_size,
                       intermediate_size=getattr(text, "intermediate_size", None) or 4 * text.hidden_size,
                       num_layers=layer_count(model),
-                      head_rows=head.out_features if head is not None else model.config.num_labels)
+                      head_rows=head.out_features if head is not None else model.config.num_labels,
+                      dora_elements=max((i * i + 3 * o * i for i, o in dora), default=0))

@@ -3,6 +3,9 @@
 FLOPs counted per trained token, on the LoRA basis (the base weights get no weight gradients):
     4 N                 forward (2N) + backward to the activations (2N); N = all base parameters
     + 12 L h s          attention scores and values, forward + backward, for a sequence of s tokens
+and per micro-batch, with DoRA (lora.use_dora), what peft's DoRA layer computes in each forward pass whatever
+the token count: the LoRA weight B A as lora_B(lora_A(I)), 2 r i (i + o) for an i-in, o-out layer, and the
+column norms of W + s B A, 3 o i (add, square, sum). The norms are detached, so no backward (DoRA paper, 4.3).
 Recomputation by activation checkpointing is not counted: it is overhead, not useful work.
 """
 from __future__ import annotations
@@ -42,17 +45,37 @@ def example_lengths(row: dict) -> list[int]:
     return [b - a for a, b in zip(starts, starts[1:])]
 
 
-class FlopCounter:
-    """Accumulates useful FLOPs between reports; `mfu(seconds)` turns them into a utilisation."""
+def dora_flops(layers: list[tuple[int, int]], r: int) -> float:
+    """FLOPs of peft's DoRA work in one forward pass over (in_features, out_features) adapted layers."""
+    return float(sum(2 * r * i * (i + o) + 3 * o * i for i, o in layers))
 
-    def __init__(self, n_params: int, model_config, device_name: Optional[str]):
+
+def dora_layers(model) -> tuple[list[tuple[int, int]], int]:
+    """(in, out) of every layer with a DoRA magnitude vector, and their LoRA rank (0 without DoRA)."""
+    layers, rank = [], 0
+    for module in model.modules():
+        magnitude = getattr(module, "lora_magnitude_vector", None)
+        if magnitude:  # a peft LoRA layer with DoRA: a non-empty ModuleDict of magnitudes
+            base = module.get_base_layer()
+            layers.append((base.in_features, base.out_features))
+            rank = next(iter(module.r.values()))
+    return layers, rank
+
+
+class FlopCounter:
+    """Accumulates useful FLOPs between reports; `mfu(seconds)` turns them into a utilisation.
+    `per_forward`: FLOPs every forward pass adds whatever its tokens (DoRA's, see dora_flops)."""
+
+    def __init__(self, n_params: int, model_config, device_name: Optional[str], per_forward: float = 0.0):
         text = getattr(model_config, "text_config", None) or model_config
         self.n_params, self.layers, self.hidden = n_params, text.num_hidden_layers, text.hidden_size
         self.peak = peak_flops(device_name) if device_name else None
+        self.per_forward = per_forward
         self.flops = 0.0
 
     def add(self, row_lengths: list[int]) -> None:
-        self.flops += step_flops(self.n_params, self.layers, self.hidden, row_lengths)
+        """One micro-batch's forward and backward over rows of these (unpadded) lengths."""
+        self.flops += step_flops(self.n_params, self.layers, self.hidden, row_lengths) + self.per_forward
 
     def mfu(self, seconds: float) -> Optional[float]:
         """Utilisation of this worker's GPU over `seconds`; None on CPU or an unknown GPU."""

@@ -180,9 +180,41 @@ def lora_config(lora: LoraSection, task: str = "causal_lm"):
     from peft import LoraConfig
     # SEQ_CLS makes peft train and save the (new, randomly initialised) classification head in full
     # (modules_to_save) beside the LoRA weights.
+    # LoftQ starts from peft's default init: init_lora_weights (below) then fits A and B to each 4-bit layer.
+    init = {"default": True, "loftq": True, "gaussian": "gaussian"}[lora.init]
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
                       target_modules=lora.target_modules, layers_to_transform=lora.layers_to_transform,
+                      use_dora=lora.use_dora, use_rslora=lora.use_rslora, init_lora_weights=init,
                       task_type=tasks.TASKS[task].peft_task_type)
+
+
+def init_lora_weights(model, lora: LoraSection, source: ModelSource) -> None:
+    """lora.init=loftq: peft's LoftQ fit of every 4-bit layer's A and B to the error between the quantized
+    weight and the base's full-precision weight (read from its safetensors), so training starts closer to the
+    unquantized model. The other inits happen inside get_peft_model."""
+    if lora.init != "loftq":
+        return
+    from peft.utils.loftq_utils import replace_lora_weights_loftq
+    replace_lora_weights_loftq(model, model_path=source.path if source.is_local else None)
+    # peft sets B A to the residual's low-rank fit itself, but the layer adds scaling * B A (alpha / r, or
+    # alpha / sqrt(r) with rsLoRA): unless scaling is 1 the start overshoots the fit (measured on an H200 at
+    # alpha / r = 2: exactly the quantization error of B = 0). Divide it out of B.
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__ == "Linear4bit" and hasattr(module, "lora_B"):
+                for name, b in module.lora_B.items():
+                    b.weight.div_(module.scaling[name])
+
+
+def check_lora_init(lora: LoraSection, source: ModelSource) -> None:
+    """Before any cluster: LoftQ reads the base's full-precision weights from model.safetensors (or its index)."""
+    if lora.init != "loftq" or not source.is_local:
+        return
+    folder = Path(source.path)
+    if not (folder / "model.safetensors").is_file() and not (folder / "model.safetensors.index.json").is_file():
+        raise ConfigError(f"lora.init=loftq reads the full-precision weights of {folder}, which has no "
+                          "model.safetensors (or model.safetensors.index.json)",
+                          "save the base with save_pretrained (safetensors), or use lora.init=default")
 
 
 def layer_count(model: nn.Module) -> int:
@@ -236,7 +268,7 @@ def linear_module_names(model: nn.Module) -> list[str]:
 
 
 def expected_lora_params(model: nn.Module, lora: LoraSection) -> int:
-    """r * (in + out) for every linear layer the config selects, computed without peft. The LM head and a
+    """r * (in + out) (+ out with DoRA) for every linear layer the config selects, computed without peft. The LM head and a
     classification head (`score` / `classifier`, trained whole by peft, not by LoRA) are never counted."""
     heads = [model.get_output_embeddings(), getattr(model, "score", None), getattr(model, "classifier", None)]
     total = 0
@@ -250,7 +282,8 @@ def expected_lora_params(model: nn.Module, lora: LoraSection) -> int:
             m = LAYER_INDEX.search(name)
             if m is None or int(m.group(1)) not in lora.layers_to_transform:
                 continue
-        total += lora.r * (module.in_features + module.out_features)
+        # DoRA adds one trained magnitude per output feature of the layer.
+        total += lora.r * (module.in_features + module.out_features) + (module.out_features if lora.use_dora else 0)
     return total
 
 

@@ -88,13 +88,15 @@ def set_up(payload: WorkerPayload) -> Run:
         log(ctx, f"activation checkpointing in {len(kept)} decoder layers: {kept}")
     torch.manual_seed(cfg.train.seed)  # identical LoRA init on every rank
     model = modeling.attach_lora(base, cfg.lora, cfg.model.task)
+    modeling.init_lora_weights(model, cfg.lora, source)
     if cfg.train.compile:
         n = kernels.compile_layers(model, cfg.train.compile_memory_budget)
         log(ctx, f"compiling {n} decoder layers (the first steps include the compile)")
     hidden = kernels.HiddenStates(model, cfg.train.kernels == "liger") if cfg.train.fused_cross_entropy else None
     dtype = modeling.compute_dtype(cfg.quantization, ctx.device)
     flops = mfu.FlopCounter(mfu.base_param_count(model), base.config,
-                              torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else None)
+                            torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else None,
+                            mfu.dora_flops(*mfu.dora_layers(model)))
     trainer_state = resume_adapter(model, ctx)  # before sharding: each rank loads the whole saved adapter
     wrapped, optimizer = strategy.wrap(model, lambda params: make_optimizer(cfg, params),
                                        kernels.autocast_dtype(ctx.device, dtype))

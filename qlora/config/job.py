@@ -44,6 +44,12 @@ class JobConfig(Section):
                              "backward pass for FlexAttention): use sdpa on CPU, or set scaling.use_gpu=true")
         if self.quantization.bits != 16 and self.quantization.compute_dtype == "float16" and not self.scaling.use_gpu:
             raise ValueError("quantization.compute_dtype=float16 needs a GPU: use auto or float32 on CPU")
+        if self.lora.init == "loftq" and self.quantization.bits != 4:
+            raise ValueError(f"lora.init=loftq fits the adapter to the 4-bit quantization error, but "
+                             f"quantization.bits={self.quantization.bits}: set quantization.bits=4, or lora.init=default")
+        if self.lora.init == "loftq" and not self.scaling.use_gpu:
+            raise ValueError("lora.init=loftq: peft computes the LoftQ fit on a CUDA (or XPU) device only: set "
+                             "scaling.use_gpu=true, or lora.init=default (or gaussian) on CPU")
         self._check_strategy()
         classifying = self.model.task == "sequence_classification"
         if classifying and self.data.format not in CLASSIFICATION_FORMATS:
@@ -65,6 +71,11 @@ class JobConfig(Section):
 
     def _check_strategy(self) -> None:
         """What the sharded strategies cannot do, refused before any worker starts."""
+        if self.scaling.strategy in ("fsdp", "deepspeed") and (self.lora.use_dora or self.lora.init == "loftq"):
+            what = "lora.use_dora=true" if self.lora.use_dora else "lora.init=loftq"
+            raise ValueError(f"scaling.strategy={self.scaling.strategy} with {what} is not verified here (DoRA's "
+                             "weight norms and LoftQ's fit read each whole 4-bit weight): use scaling.strategy=ddp, "
+                             f"or unset {what.split('=')[0]}")
         if self.scaling.strategy == "deepspeed":
             return self._check_deepspeed()
         if self.scaling.strategy != "fsdp":
@@ -93,6 +104,10 @@ class JobConfig(Section):
         if self.quantization.bits == 8:
             raise ValueError("scaling.strategy=deepspeed with quantization.bits=8 is not verified here: use "
                              "quantization.bits=4 (or 16), or scaling.strategy=ddp")
+        if self.train.loraplus_lr_ratio is not None:
+            raise ValueError("scaling.strategy=deepspeed with train.loraplus_lr_ratio: LoRA+ needs two optimizer "
+                             "parameter groups, and ZeRO's state mapping here handles one: unset "
+                             "train.loraplus_lr_ratio, or use scaling.strategy=ddp (or fsdp)")
         if self.optimizer_to_use() != "adamw":
             raise ValueError(f"scaling.strategy=deepspeed with train.optimizer={self.optimizer_to_use()}: ZeRO "
                              "partitions the state of torch AdamW only here (DeepSpeed marks SGD untested, and "

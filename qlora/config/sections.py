@@ -74,6 +74,25 @@ class LoraSection(Section):
                                    "layers_to_transform once the model's layer count is known).")
     bias: Literal["none", "all", "lora_only"] = Field("none",
             description="Which biases train (peft's bias): none, all, or those of the adapted layers.")
+    use_dora: bool = Field(False, description="DoRA (peft's use_dora): a trained magnitude per output feature of "
+                           "every adapted layer, on top of the LoRA direction (one more vector per layer; each "
+                           "forward pass also computes the adapted weight's column norms).")
+    use_rslora: bool = Field(False, description="rsLoRA (peft's use_rslora): scale the LoRA branch by "
+                             "alpha / sqrt(r) instead of alpha / r, which keeps high ranks learning.")
+    init: Literal["default", "gaussian", "loftq", "pissa", "olora"] = Field(
+        "default", description="How the LoRA weights start: default (A Kaiming-uniform, B zero: the model starts "
+        "as the base), gaussian (A Gaussian, B zero), loftq (A and B fitted to the 4-bit quantization error of "
+        "each layer, from the base's safetensors; quantization.bits=4 on GPUs only: peft fits it with CUDA). "
+        "pissa and olora are refused: they rewrite the base weights, which a quantized base cannot hold.")
+
+    @model_validator(mode="after")
+    def _init_applies(self):
+        if self.init in ("pissa", "olora"):
+            raise ValueError(f"lora.init={self.init} starts the adapter from the base weights' principal (pissa) or "
+                             "QR (olora) factors and subtracts them from the base, which peft cannot do on "
+                             "bitsandbytes 4- or 8-bit weights, and which would tie the adapter to a rewritten "
+                             "base: use lora.init=loftq (fitted to the 4-bit quantization error) or default")
+        return self
 
     @model_validator(mode="after")
     def _targets_not_empty(self):
@@ -181,6 +200,10 @@ class TrainSection(Section):
             description="Micro-batches per optimizer step (global batch = batch_size x this x workers).")
     max_grad_norm: float = Field(1.0, gt=0, description="Clip the gradient norm (over all workers) to this.")
     weight_decay: float = Field(0.0, ge=0, description="Weight decay of the optimizer.")
+    loraplus_lr_ratio: Optional[float] = Field(
+        None, gt=0, description="LoRA+: the LoRA B matrices (and 1-d trained vectors such as DoRA's magnitudes) "
+        "train at train.learning_rate times this (the paper suggests 16), through optimizer parameter groups "
+        "(peft's create_loraplus_optimizer grouping); unset: one learning rate.")
     optimizer: Literal["adamw", "sgd", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"] = Field(
         "adamw", description="paged_* and adamw_8bit are bitsandbytes CUDA optimizers (need scaling.use_gpu).")
     cpu_optimizer_fallback: Optional[Literal["adamw", "sgd"]] = Field(

@@ -43,6 +43,7 @@ def prepare_job(cfg: JobConfig, storage: str | None = None) -> Prepared:
         print(f"[qlora] train.optimizer={cfg.train.optimizer} needs a GPU and scaling.use_gpu is false: training with "
               f"train.cpu_optimizer_fallback={cfg.train.cpu_optimizer_fallback}", flush=True)
     source = resolve(cfg.model.name, cfg.model.gguf_file, cfg.model.revision)
+    modeling.check_lora_init(cfg.lora, source)
     tokenizer = modeling.load_tokenizer(source, cfg)
     started = time.perf_counter()
     data_plan = pipeline.plan(cfg.data, tokenizer, storage or runtime.storage_location(cfg))

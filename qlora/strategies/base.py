@@ -17,13 +17,32 @@ from torch import nn
 from qlora.config import JobConfig
 from qlora.distributed import Context, clip_grad_norm
 
-MakeOptimizer = Callable[[list], torch.optim.Optimizer]  # the trainable parameters -> their optimizer
+MakeOptimizer = Callable[[list], torch.optim.Optimizer]  # trainable parameters (or param groups) -> optimizer
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The LoRA (and a classifier head's) parameters, in the order every strategy hands them to the optimizer:
     DeepSpeed's state mapping relies on that order."""
     return [p for p in model.parameters() if p.requires_grad]
+
+
+class _ParamGroups(list):
+    """The param groups peft's create_loraplus_optimizer hands its optimizer class, kept as they are (empty
+    groups dropped), for our own optimizer: peft decides which parameters are LoRA+'s faster B group."""
+
+    def __init__(self, groups, **defaults):
+        super().__init__(g for g in groups if g["params"])
+
+
+def optimizer_params(model: nn.Module, cfg: JobConfig) -> list:
+    """What the optimizer trains: trainable_parameters, or with train.loraplus_lr_ratio two groups, the B
+    matrices (and 1-d vectors) at learning_rate x the ratio. The scheduler scales each group's own rate."""
+    ratio = cfg.train.loraplus_lr_ratio
+    if ratio is None:
+        return trainable_parameters(model)
+    from peft.optimizers import create_loraplus_optimizer
+    return create_loraplus_optimizer(model, _ParamGroups, lr=cfg.train.learning_rate, loraplus_lr_ratio=ratio,
+                                     loraplus_weight_decay=cfg.train.weight_decay)
 
 
 class Strategy:
@@ -51,7 +70,7 @@ class Strategy:
              autocast_dtype: torch.dtype | None = None) -> tuple[nn.Module, torch.optim.Optimizer]:
         """(what the training step calls, the optimizer of the trainable parameters). `autocast_dtype`: the
         step's autocast (kernels.autocast_dtype), for engines that run the forward pass themselves."""
-        return model, make_optimizer(trainable_parameters(model))
+        return model, make_optimizer(optimizer_params(model, self.cfg))
 
     def gradient_sync(self, wrapped: nn.Module, sync: bool):
         """Context for one micro-batch's backward: reduce gradients over the ranks only when `sync` (the last

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from qlora.strategies.base import MakeOptimizer, Strategy, trainable_parameters
+from qlora.strategies.base import MakeOptimizer, Strategy, optimizer_params
 
 
 class DDP(Strategy):
     name = "ddp"
 
     def wrap(self, model: nn.Module, make_optimizer: MakeOptimizer, autocast_dtype=None):
-        optimizer = make_optimizer(trainable_parameters(model))
+        optimizer = make_optimizer(optimizer_params(model, self.cfg))
         device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids), optimizer
 

@@ -12,7 +12,7 @@ from qlora.config import JobConfig
 from qlora.distributed import full
 from qlora.errors import ConfigError
 from qlora.modeling import decoder_layers
-from qlora.strategies.base import MakeOptimizer, Strategy, trainable_parameters
+from qlora.strategies.base import MakeOptimizer, Strategy, optimizer_params
 
 
 class FSDP(Strategy):
@@ -46,7 +46,7 @@ class FSDP(Strategy):
         # peft's generate calls the inner model, which would bypass the root's hooks (they gather the root's
         # parameters and start the layers' prefetching).
         register_fsdp_forward_method(model, "generate")
-        return model, make_optimizer(trainable_parameters(model))
+        return model, make_optimizer(optimizer_params(model, self.cfg))
 
     def gradient_sync(self, wrapped: nn.Module, sync: bool):
         return super().gradient_sync(wrapped, sync) if sync else _no_sync(wrapped)

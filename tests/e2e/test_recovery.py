@@ -1,7 +1,11 @@
 """Failures mid-run, one after another on the same run: a Ray Train worker killed (Ray restarts the worker
 group, the loop resumes at the latest checkpoint's exact step), then the job driver killed with its
 cluster and the newest checkpoint corrupted (the same command resumes from the previous intact one, in
-the same MLflow run). The final adapter equals that of an uninterrupted run."""
+the same MLflow run). The final adapter equals that of an uninterrupted run.
+
+The run uses the LoRA variants too (DoRA, rsLoRA, Gaussian initialisation, LoRA+'s two learning rates), so their
+extra state (DoRA's magnitudes, LoRA+'s optimizer parameter groups) is what must survive the failures; the
+default LoRA path resumes in tests/e2e/test_fsdp.py."""
 import json
 import os
 import signal
@@ -22,10 +26,11 @@ from conftest import ROOT
 
 def job_cmd(tmp_path: Path, model: Path, name: str) -> list[str]:
     cfg = {"model": {"name": str(model)},
+           "lora": {"use_dora": True, "use_rslora": True, "init": "gaussian"},
            "data": {"path": str(ROOT / "data" / "people_json.jsonl"), "max_samples": 256, "eval_max_samples": 8,
                     "max_length": 128},
            "train": {"max_steps": 20, "batch_size": 4, "learning_rate": 5e-3, "log_every": 4, "save_every": 4,
-                     "seed": 7},
+                     "seed": 7, "loraplus_lr_ratio": 4},
            "evaluation": {"generate": False},
            "scaling": {"num_workers": 1, "storage_path": str(tmp_path / name), "max_failures": 2},
            "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": name, "run_name": name}}
@@ -125,7 +130,9 @@ def test_killed_worker_then_killed_driver_and_corrupt_checkpoint_resume_to_ident
 
     a = load_file(str(Path(expected["adapter"]) / "adapter_model.safetensors"))
     b = load_file(str(Path(result["adapter"]) / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() and any("lora_magnitude_vector" in k for k in a)  # DoRA's magnitudes saved
+    groups = torch.load(Path(result["checkpoint"]) / "trainer_state.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert [g["initial_lr"] for g in groups] == [5e-3, 4 * 5e-3]  # LoRA+: A matrices, then B matrices x 4
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     assert abs(result["metrics_after"]["eval_loss"] - expected["metrics_after"]["eval_loss"]) < 1e-5
