@@ -33,6 +33,17 @@ def server_env(**extra: str) -> dict:
     return env
 
 
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM a server's process group, then SIGKILL it if its graceful shutdown outlasts 30 s (seen in CI for
+    mlflow server on a loaded machine): the port must be free when this returns."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
 @dataclass
 class RayHead:
     dashboard: str  # http://127.0.0.1:PORT, what `ray job submit --address` takes
@@ -78,8 +89,7 @@ class MlflowServer:
     folder: Path  # backend store and artifacts: a server restarted on it sees the same runs
 
     def stop(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)  # the server and its gunicorn/uvicorn workers
-        self.proc.wait(timeout=30)
+        stop_group(self.proc)  # the server and its gunicorn/uvicorn workers
 
 
 def start_mlflow_server(folder: Path, port: int | None = None) -> MlflowServer:
@@ -125,8 +135,7 @@ class S3Server:
                             aws_secret_access_key="testing", region_name="us-east-1")
 
     def stop(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        self.proc.wait(timeout=30)
+        stop_group(self.proc)
 
 
 def start_s3_server(folder: Path) -> S3Server:
