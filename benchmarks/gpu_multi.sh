@@ -50,7 +50,7 @@ main() {
   S8="--set model.name=$M8 --set train.max_steps=10"
   if [ "$PART" = compile ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/test/*.whl || return 1
-    timeout 240 python3 -m pytest -m gpu -q tests/unit/test_gpu.py -p no:cacheprovider > "$OUT/pytest_gpu.txt" 2>&1
+    timeout 240 python3 -m pytest -m gpu -q tests/unit/test_gpu.py -p no:cacheprovider -o addopts="" > "$OUT/pytest_gpu.txt" 2>&1
     echo "pytest -m gpu: exit $?"; grep -E "passed|failed|Error|^E " "$OUT/pytest_gpu.txt" | head -20
   fi
   ray start --head --num-gpus=$(nvidia-smi -L | wc -l) --dashboard-host=127.0.0.1 --disable-usage-stats > "$OUT/ray_start.txt" 2>&1 \

@@ -31,7 +31,7 @@ main() {
   ray get-auth-token --generate > /dev/null
   [ -f $M8/config.json ] || { timeout 150 python3 benchmarks/make_random_nf4.py --shape 8b $M8 2>&1 | grep "^{\|Error" || return 1; }
   if [ -n "$PYTEST" ]; then
-    timeout 300 python3 -m pytest -m gpu -q tests/unit/test_gpu.py -p no:cacheprovider > "$OUT/pytest_gpu.txt" 2>&1
+    timeout 300 python3 -m pytest -m gpu -q tests/unit/test_gpu.py -p no:cacheprovider -o addopts="" > "$OUT/pytest_gpu.txt" 2>&1
     echo "pytest -m gpu: exit $?"; grep -E "passed|failed|Error|^E " "$OUT/pytest_gpu.txt" | head -20
   fi
   TORCH_LOGS=recompiles ray start --head --num-gpus=1 --dashboard-host=127.0.0.1 --disable-usage-stats \

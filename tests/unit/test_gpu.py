@@ -1,4 +1,5 @@
-"""GPU paths that CPU runs cannot reach, on small random models (run on the GPU host: pytest -m gpu).
+"""GPU paths that CPU runs cannot reach, on small random models. On the GPU host (no pytest-xdist there, so the
+project's addopts are replaced): `python -m pytest -m gpu tests/unit/test_gpu.py -o addopts=""`.
 
 Each compares the optimized or distributed CUDA path with the plain one on the same weights and batches:
 - Liger's kernels and the fused loss against transformers' own layers and loss (bf16 autocast, NF4 base);
