@@ -8,8 +8,8 @@ collate_pairs), as published:
     log odds(y|x) = a - log(1 - exp(a)),  loss = NLL(y_w) - lambda * log sigmoid(log odds_w - log odds_l)
 - SimPO (Meng et al. 2024, eq. 6): no reference model; loss = -log sigmoid(beta * (a_w - a_l) - gamma).
 
-The implicit reward of an answer (the numbers held-out evaluation reports) is beta * (log pi - log ref) for DPO,
-and beta * a (the policy's own scale) for ORPO and SimPO.
+The reward of an answer (what reward accuracy and margin compare) is the implicit reward beta * (log pi - log ref)
+for DPO, beta * a for SimPO, and the mean log-probability a itself for ORPO (it has no beta).
 """
 from __future__ import annotations
 

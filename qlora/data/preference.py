@@ -14,10 +14,9 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from qlora.data.batches import IGNORE
+from qlora.data.batches import IGNORE, collate
 from qlora.data.classification import PAIRWISE_COLUMNS, flag, parse_turns
 
-LAYOUTS = ("explicit", "conversations", "arena")
 MIN_PROMPT_TOKENS = 8  # a cut prompt keeps at least this many of its last tokens (the turn markers and the question's end)
 
 
@@ -116,15 +115,8 @@ def build_pair(prompt: Sequence[int], chosen: Sequence[int], rejected: Sequence[
 
 
 def collate_pairs(examples: Sequence[dict], pad_id: int) -> dict:
-    """A micro-batch of pairs as 2B right-padded rows: the chosen sides first, then the rejected sides in the
-    same order, so row i and row B + i are one pair (both always in the same micro-batch)."""
-    rows = [(e["input_ids"], e["labels"]) for e in examples] + [
-        (e["rejected_input_ids"], e["rejected_labels"]) for e in examples]
-    width = max(len(ids) for ids, _ in rows)
-    out = {"input_ids": [], "labels": [], "attention_mask": []}
-    for ids, labels in rows:
-        pad = width - len(ids)
-        out["input_ids"].append(list(ids) + [pad_id] * pad)
-        out["labels"].append(list(labels) + [IGNORE] * pad)
-        out["attention_mask"].append([1] * len(ids) + [0] * pad)
-    return out
+    """A micro-batch of pairs as 2B right-padded rows (batches.collate): the chosen sides first, then the
+    rejected sides in the same order, so row i and row B + i are one pair (both always in the same micro-batch)."""
+    rows = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples] + [
+        {"input_ids": e["rejected_input_ids"], "labels": e["rejected_labels"]} for e in examples]
+    return collate(rows, pad_id)

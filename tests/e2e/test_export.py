@@ -72,10 +72,8 @@ def test_merged_model_matches_quantized_base_plus_adapter(ray_session, tiny_mode
         str(tmp_path / "run" / "adapter")).eval()
     # bitsandbytes 0.50 repacks 4-bit weights for its AVX512-BF16 CPU kernel at the first eval forward, after
     # which they no longer dequantize, and DoRA dequantizes them for its norms (plain peft here: 0.042 off on
-    # this CPU). The training path turns the repacking off (modeling.keep_cpu_weights_trainable); so does this.
-    for module in reference.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    # this CPU). The training path turns the repacking off; so does the reference.
+    modeling.keep_cpu_weights_trainable(reference)
     want, mask = logits(reference, tok, PROBE)
     got, _ = logits(merged, tok, PROBE)
     plain, _ = logits(cls.from_pretrained(tiny_model_dir, dtype=torch.float32, **extra).eval(), tok, PROBE)
