@@ -24,7 +24,7 @@ import torch
 
 from qlora import distributed, kernels, mfu, modeling
 from qlora.config import JobConfig
-from qlora.evaluation import to_tensors, token_losses
+from qlora.evaluation import to_tensors
 from qlora.model_source import ModelSource
 from qlora.batching import model_inputs, train_batch
 from qlora.strategies import Strategy
@@ -141,7 +141,7 @@ def run_variant(cfg, model, hidden, use_autocast: bool, init: dict, args, flops:
     one_gpu = Strategy(distributed.Context(0, 1, device), cfg)
 
     def step(b):  # the worker's step (qlora/train_step.py), on one GPU
-        loss = forward_backward(model, model_inputs(b), b["labels"], hidden, token_losses, dtype, one_gpu)
+        loss = forward_backward(model, model_inputs(b), b["labels"], hidden, kernels.next_token_loss, dtype, one_gpu)
         one_gpu.apply_update(model, opt, cfg.train.max_grad_norm)
         return loss.item()  # synchronizes
 

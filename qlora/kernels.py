@@ -204,14 +204,19 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     return chunked_linear_cross_entropy(hidden, weight, labels)
 
 
+def next_token_loss(model, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed next-token loss, count of labels) from the model's logits."""
+    return token_losses(model(**inputs).logits, labels)
+
+
 def forward_loss(model, inputs: dict, labels: torch.Tensor, hidden: Optional[HiddenStates] = None,
-                 losses=token_losses):
-    """(summed loss, count of labels) of one micro-batch. `inputs` are the forward arguments (padded:
-    attention_mask; packed: position_ids). Without `hidden`: `losses(logits, labels)` (next-token loss, or a
-    classifier's). With `hidden` (train.fused_cross_entropy, causal LMs): the next-token loss from the
-    captured hidden states, position t predicting label t+1."""
+                 task_loss=next_token_loss):
+    """(summed loss, what it averages over) of one micro-batch. `inputs` are the forward arguments (padded:
+    attention_mask; packed: position_ids). Without `hidden`: `task_loss(model, inputs, labels)` (the task's:
+    next-token loss, a classifier's, a preference objective's). With `hidden` (train.fused_cross_entropy,
+    causal LMs): the next-token loss from the captured hidden states, position t predicting label t+1."""
     if hidden is None:
-        return losses(model(**inputs).logits, labels)
+        return task_loss(model, inputs, labels)
     hidden.active = True
     try:
         model(**inputs)

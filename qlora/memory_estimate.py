@@ -128,11 +128,15 @@ class Setup:
         # The worker's loss paths (qlora.kernels.forward_loss): the model's logits unless
         # fused_cross_entropy; then Liger's kernel with kernels=liger (a GPU-only setting), else chunked torch.
         loss: Loss = ("liger" if t.kernels == "liger" else "chunked") if t.fused_cross_entropy else "full"
+        # A preference pair is two rows (chosen, rejected) of one micro-batch. DPO's reference pass runs
+        # without gradients before the policy's forward pass (qlora/preference.py): nothing of it is live at the
+        # peak, so it adds no term.
+        rows = 2 if cfg.model.task == "preference" else 1
         return cls(bits=cfg.quantization.bits, double_quant=cfg.quantization.double_quant, optimizer=cfg.optimizer_to_use(),
-                   batch_size=t.batch_size, max_length=cfg.data.max_length,
+                   batch_size=t.batch_size * rows, max_length=cfg.data.max_length,
                    gradient_checkpointing=t.gradient_checkpointing, checkpointed_fraction=t.checkpointed_fraction,
                    loss=loss, fused_layers=t.kernels == "liger" or t.compile, workers=cfg.scaling.num_workers,
-                   eval_batch_size=cfg.evaluation.batch_size, strategy=cfg.scaling.strategy,
+                   eval_batch_size=cfg.evaluation.batch_size * rows, strategy=cfg.scaling.strategy,
                    zero_stage=cfg.scaling.zero_stage, compile_memory_budget=t.compile_memory_budget)
 
     @property

@@ -73,9 +73,11 @@ class FlopCounter:
         self.per_forward = per_forward
         self.flops = 0.0
 
-    def add(self, row_lengths: list[int]) -> None:
-        """One micro-batch's forward and backward over rows of these (unpadded) lengths."""
-        self.flops += step_flops(self.n_params, self.layers, self.hidden, row_lengths) + self.per_forward
+    def add(self, row_lengths: list[int], forward_only: bool = False) -> None:
+        """One micro-batch's forward and backward over rows of these (unpadded) lengths; `forward_only`: a
+        forward pass without gradients (a third of the work: the backward pass costs twice the forward)."""
+        flops = step_flops(self.n_params, self.layers, self.hidden, row_lengths)
+        self.flops += (flops / 3 if forward_only else flops) + self.per_forward
 
     def mfu(self, seconds: float) -> Optional[float]:
         """Utilisation of this worker's GPU over `seconds`; None on CPU or an unknown GPU."""

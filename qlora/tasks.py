@@ -1,16 +1,17 @@
 """What a task (model.task) decides, behind one interface: the transformers class and peft task type, what a
 loaded base needs from the tokenizer, the training loss, the held-out metrics, the --dry-run data lines, and
 what an adapter predicts. Everything else (data pipeline, strategies, checkpoints, tracking) is task-free and
-asks `for_config(cfg)`. A preference task (DPO, ORPO) is the next class here.
+asks `for_config(cfg)`.
 """
 from __future__ import annotations
 
 from typing import Callable
 
-from qlora import classification, evaluation, multiple_choice
+from qlora import batching, classification, evaluation, mfu, multiple_choice, preference
 from qlora.config import JobConfig
 from qlora.data import IGNORE, Encoder, batched, sample_segments
 from qlora.data import classification as class_formats
+from qlora.data.preference import collate_pairs
 from qlora.errors import ConfigError
 
 
@@ -27,6 +28,19 @@ class CausalLM:
 
     def fit_base(self, model, pad_token_id: int | None) -> None:
         """What a loaded base needs from the tokenizer."""
+
+    def train_batch(self, items: list[dict], pad_id: int, cfg: JobConfig) -> dict:
+        """A training micro-batch as lists (batching.train_batch: padded examples or packed rows)."""
+        return batching.train_batch(items, pad_id, cfg.data.packing, cfg.data.max_length)
+
+    def forward_loss(self, model, inputs: dict, labels, cfg: JobConfig):
+        """(summed training loss, what it is averaged over) of one micro-batch, from the model's logits
+        (train.fused_cross_entropy computes it from hidden states instead: kernels.forward_loss)."""
+        return self.loss(model(**inputs).logits, labels)
+
+    def count_flops(self, flops: mfu.FlopCounter, items: list[dict], cfg: JobConfig) -> None:
+        """One micro-batch's useful FLOPs: a forward and backward pass per example (attention is per example)."""
+        flops.add([n for e in items for n in mfu.example_lengths(e)])
 
     def check_data(self, cfg: JobConfig, fmt: str, meta: dict, where: dict) -> None:
         """What the config asks of the prepared data, checked before it is written to the cache (`meta`: each
@@ -166,7 +180,65 @@ class SequenceClassifier(CausalLM):
         return [{"predicted": max(range(len(p)), key=p.__getitem__), "probabilities": p} for p in probs]
 
 
-TASKS = {t.name: t for t in (CausalLM(), SequenceClassifier())}
+class Preference(CausalLM):
+    """Preference pairs (DPO, ORPO, SimPO): a causal LM trained on each pair's chosen and rejected answers."""
+    name = "preference"
+
+    def train_batch(self, items, pad_id, cfg) -> dict:
+        batch = collate_pairs(items, pad_id)  # rows i and B + i are one pair
+        batch["token_mask"] = batch["attention_mask"]
+        return batch
+
+    def forward_loss(self, model, inputs, labels, cfg):
+        return preference.forward_loss(model, inputs, labels, cfg.preference)
+
+    def count_flops(self, flops, items, cfg) -> None:
+        sides = [len(e[k]) for e in items for k in ("input_ids", "rejected_input_ids")]
+        flops.add(sides)
+        if cfg.preference.loss in preference.NEEDS_REFERENCE:
+            flops.add(sides, forward_only=True)  # the reference pass
+
+    def check_data(self, cfg, fmt, meta, where) -> None:
+        """Nothing beyond the format's own checks."""
+
+    def evaluate(self, model, examples, tokenizer, cfg, ctx, mc_items=None, predictions=None) -> dict:
+        """Reward accuracy, margin, rewards and log-probabilities of the held-out pairs; greedy answers to
+        their prompts, scored against the chosen answers (exact_match)."""
+        metrics = preference.evaluate(model, examples, tokenizer.pad_token_id, cfg, ctx)
+        if cfg.evaluation.generate:
+            metrics.update(evaluation.exact_match(model, examples, tokenizer, cfg.evaluation, ctx, predictions))
+        return metrics
+
+    def describe_evaluation(self, cfg, n_examples, n_choice_items=0) -> str:
+        what = f"{cfg.preference.loss} loss and rewards on {n_examples} pairs"
+        if cfg.evaluation.generate:
+            what += f", greedy answers to {min(n_examples, cfg.evaluation.num_generate)} prompts"
+        return what
+
+    def data_lines(self, cfg, fmt, n_eval, s) -> list[str]:
+        ties = f"; {s['ties_dropped']} ties dropped (no preference)" if s.get("ties_dropped") else ""
+        lost = f"; {s['dropped_no_labels']} pairs dropped (an answer lost every token)" if s["dropped_no_labels"] else ""
+        return [_data_line(fmt, n_eval, s).replace("tokens p50", "pair tokens (prompt + longer answer) p50") + ties,
+                f"truncation at data.max_length={cfg.data.max_length}, prompt first: {s['truncated_examples']} of "
+                f"{s['records']} pairs cut ({s['truncated_fraction']:.1%}); {s['trained_tokens_cut']:,} answer tokens "
+                f"lost ({s['trained_tokens_cut_fraction']:.1%})" + lost]
+
+    def example_report(self, cfg, data, tokenizer) -> tuple[list[str], dict]:
+        s, first = data.stats, data.train[0]
+        chosen = sample_segments(first, tokenizer)
+        rejected = sample_segments({"input_ids": first["rejected_input_ids"], "labels": first["rejected_labels"]},
+                                   tokenizer)
+        lines = [f"one training pair ({cfg.preference.loss}; [[...]] is scored, the prompt is masked):",
+                 "chosen:   " + "".join(f"[[{t}]]" if trained else t for t, trained in chosen),
+                 "rejected: " + "".join(f"[[{t}]]" if trained else t for t, trained in rejected[-1:]),
+                 f"  tokens: chosen {len(first['input_ids'])}, rejected {len(first['rejected_input_ids'])}; "
+                 f"prompt tokens cut {first['prompt_cut']}"]
+        keys = ("truncated_examples", "trained_tokens", "trained_tokens_cut", "trained_tokens_cut_fraction")
+        return lines, {**{k: s[k] for k in keys}, "ties_dropped": s.get("ties_dropped", 0),
+                       "loss": cfg.preference.loss, "beta": cfg.preference.beta}
+
+
+TASKS = {t.name: t for t in (CausalLM(), SequenceClassifier(), Preference())}
 
 
 def for_config(cfg: JobConfig) -> CausalLM:

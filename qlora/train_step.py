@@ -36,14 +36,15 @@ def make_scheduler(cfg: JobConfig, optimizer, total_steps: int):
 
 
 def forward_backward(model, inputs: dict, labels: torch.Tensor, hidden: Optional[kernels.HiddenStates],
-                     losses: Callable, dtype: torch.dtype, strategy: Strategy, accum: int = 1,
+                     task_loss: Callable, dtype: torch.dtype, strategy: Strategy, accum: int = 1,
                      sync: bool = True) -> torch.Tensor:
-    """One micro-batch: the forward pass under the step's autocast, its mean loss, and the backward pass of
+    """One micro-batch: the forward pass under the step's autocast, its mean loss (`task_loss(model, inputs,
+    labels)` -> (sum, count), unless `hidden` computes the fused next-token loss), and the backward pass of
     that loss over `accum` micro-batches (the gradient all-reduce / reduce-scatter only when `sync`). Returns
     the loss (not synchronised: `.item()` it when needed)."""
     with strategy.gradient_sync(model, sync):
         with kernels.autocast(strategy.ctx.device, dtype):
-            loss_sum, n = kernels.forward_loss(model, inputs, labels, hidden, losses)
+            loss_sum, n = kernels.forward_loss(model, inputs, labels, hidden, task_loss)
         loss = loss_sum / n.clamp(min=1)
         strategy.backward(model, loss, accum)
     return loss.detach()

@@ -20,7 +20,7 @@ import torch
 
 from qlora import (checkpoint, console, distributed, evaluation, kernels, mfu, modeling, multiple_choice, strategies,
                    tasks)
-from qlora.batching import BatchPlan, model_inputs, train_batch
+from qlora.batching import BatchPlan, model_inputs
 from qlora.config import JobConfig
 from qlora.data import PreparedData, to_tensors
 from qlora.data.pipeline import open_prepared
@@ -66,6 +66,9 @@ class Run:
     @property
     def task(self) -> tasks.CausalLM:
         return tasks.for_config(self.cfg)
+
+    def task_loss(self, model, inputs: dict, labels: torch.Tensor):
+        return self.task.forward_loss(model, inputs, labels, self.cfg)
 
 
 def set_up(payload: WorkerPayload) -> Run:
@@ -128,16 +131,15 @@ def train_step(run: Run, step: int, window: Window, clock: Clock) -> tuple[int, 
         items = [run.data.train[i] for i in idx]
         # Packed rows are padded to max_length: one shape every step (a new shape recompiles compiled layers and
         # specialises Triton kernels again; rows are nearly full, so it costs little).
-        batch = to_tensors(train_batch(items, run.tokenizer.pad_token_id, cfg.data.packing, cfg.data.max_length),
-                           ctx.device)
+        batch = to_tensors(run.task.train_batch(items, run.tokenizer.pad_token_id, cfg), ctx.device)
         try:
-            loss = forward_backward(run.wrapped, model_inputs(batch), batch["labels"], run.hidden, run.task.loss,
+            loss = forward_backward(run.wrapped, model_inputs(batch), batch["labels"], run.hidden, run.task_loss,
                                     run.dtype, run.strategy, accum, sync=micro == accum - 1)
         except torch.OutOfMemoryError:
             raise out_of_memory(run.model, cfg, ctx.device, step, batch["input_ids"].numel()) from None
         step_loss += loss.item() / accum
         clock.tokens += window.add_micro_batch(batch["token_mask"])
-        run.flops.add([n for e in items for n in mfu.example_lengths(e)])  # attention is per example
+        run.task.count_flops(run.flops, items, cfg)
     if not math.isfinite(step_loss):
         raise TrainingFailure(f"loss became {step_loss} at step {step + 1}; the last good checkpoint is kept "
                               "(lower train.learning_rate or train.max_grad_norm)")

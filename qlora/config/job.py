@@ -7,9 +7,9 @@ import json
 from pydantic import Field, model_validator
 
 from qlora.config.names import resolve_name_template
-from qlora.config.sections import (CLASSIFICATION_FORMATS, GPU_ONLY_OPTIMIZERS, DataSection, EvaluationSection,
-                                   LoraSection, ModelSection, QuantizationSection, ScalingSection, Section,
-                                   TrackingSection, TrainSection)
+from qlora.config.sections import (CLASSIFICATION_FORMATS, GPU_ONLY_OPTIMIZERS, PREFERENCE_FORMATS, DataSection,
+                                   EvaluationSection, LoraSection, ModelSection, PreferenceSection,
+                                   QuantizationSection, ScalingSection, Section, TrackingSection, TrainSection)
 from qlora.config.validation import set_path, validate
 
 
@@ -22,6 +22,7 @@ class JobConfig(Section):
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
+    preference: PreferenceSection = Field(default_factory=PreferenceSection)
 
     def optimizer_to_use(self) -> str | None:
         """train.optimizer, or train.cpu_optimizer_fallback (None if unset) when the former needs a GPU this
@@ -51,23 +52,39 @@ class JobConfig(Section):
             raise ValueError("lora.init=loftq: peft computes the LoftQ fit on a CUDA (or XPU) device only: set "
                              "scaling.use_gpu=true, or lora.init=default (or gaussian) on CPU")
         self._check_strategy()
-        classifying = self.model.task == "sequence_classification"
-        if classifying and self.data.format not in CLASSIFICATION_FORMATS:
-            raise ValueError(f"model.task=sequence_classification needs labelled records, but data.format is "
-                             f"{self.data.format}: set data.format=classification (text + label columns) or "
-                             "data.format=pairwise (prompt, response_a, response_b, winner_* columns)")
-        if not classifying and self.data.format in CLASSIFICATION_FORMATS:
-            raise ValueError(f"data.format={self.data.format} holds class labels, which model.task=causal_lm "
-                             "cannot learn: set model.task=sequence_classification")
+        self._check_task()
+        return self
+
+    def _check_task(self) -> None:
+        """What each task needs of the data format, and what it cannot do."""
+        task, fmt = self.model.task, self.data.format
+        wants = {"sequence_classification": CLASSIFICATION_FORMATS, "preference": PREFERENCE_FORMATS}
+        if task in wants and fmt not in wants[task]:
+            fix = ("set data.format=classification (text + label columns) or data.format=pairwise (prompt, "
+                   "response_a, response_b, winner_* columns)" if task == "sequence_classification" else
+                   "set data.format=preference (prompt/chosen/rejected, chosen/rejected conversations, or the "
+                   "Chatbot Arena columns)")
+            raise ValueError(f"model.task={task} needs {'labelled records' if task != 'preference' else 'pairs'}, "
+                             f"but data.format is {fmt}: {fix}")
+        for other, formats in wants.items():
+            if fmt in formats and task != other:
+                raise ValueError(f"data.format={fmt} holds {'class labels' if other != 'preference' else 'answer pairs'}"
+                                 f", which model.task={task} cannot learn: set model.task={other}")
         for key in ("data.packing", "train.fused_cross_entropy"):
             section, field = key.split(".")
-            if classifying and getattr(getattr(self, section), field):
-                raise ValueError(f"{key}=true is for next-token training; a sequence classifier has one label per "
-                                 f"example: set {key}=false, or model.task=causal_lm")
-        if not classifying and self.model.num_labels is not None:
-            raise ValueError("model.num_labels is set but model.task is causal_lm: set "
+            if task != "causal_lm" and getattr(getattr(self, section), field):
+                why = ("a sequence classifier has one label per example" if task == "sequence_classification" else
+                       "preference losses compare whole answers, so each pair stays one unpacked row with its logits")
+                raise ValueError(f"{key}=true is for next-token training; {why}: set {key}=false")
+        if task != "sequence_classification" and self.model.num_labels is not None:
+            raise ValueError(f"model.num_labels is set but model.task is {task}: set "
                              "model.task=sequence_classification, or remove num_labels")
-        return self
+        if task != "preference" and self.preference != PreferenceSection():
+            raise ValueError(f"the preference section is set but model.task is {task}: set model.task=preference, "
+                             "or remove the preference section")
+        if task == "preference" and self.scaling.strategy == "deepspeed":
+            raise ValueError("model.task=preference with scaling.strategy=deepspeed is not verified here (the "
+                             "reference pass runs through the engine): use scaling.strategy=ddp or fsdp")
 
     def _check_strategy(self) -> None:
         """What the sharded strategies cannot do, refused before any worker starts."""

@@ -34,9 +34,11 @@ class ModelSection(Section):
         "packed rows get a block mask that skips the attention between their examples, where sdpa computes "
         "it under a dense mask (measured on an H200, 8B shape, packed alpaca rows, compiled layers: 13,049 vs "
         "11,234 tokens/s, 26.5 vs 29.5 GiB; benchmarks/RESULTS.md).")
-    task: Literal["causal_lm", "sequence_classification"] = Field(
+    task: Literal["causal_lm", "sequence_classification", "preference"] = Field(
         "causal_lm", description="causal_lm: learn to generate the answers; sequence_classification: a linear "
-        "head on the last token predicts one of num_labels classes (data.format classification or pairwise).")
+        "head on the last token predicts one of num_labels classes (data.format classification or pairwise); "
+        "preference: learn to prefer the chosen answer of each pair over the rejected one (data.format "
+        "preference, the objective in the preference section: DPO, ORPO or SimPO).")
     num_labels: Optional[int] = Field(None, ge=2, description="Classes of a sequence_classification model; unset: "
                                       "the largest label in the data plus one.")
     pad_token: Literal["eos", "add"] = Field(
@@ -116,6 +118,7 @@ class KFoldSection(Section):
 
 
 CLASSIFICATION_FORMATS = ("classification", "pairwise")
+PREFERENCE_FORMATS = ("preference",)
 
 
 class DataSection(Section):
@@ -133,13 +136,16 @@ class DataSection(Section):
         "training, once per cache key: ray_data, a Ray Data pipeline on the cluster's CPUs; in_process, in the "
         "job's driver; auto, ray_data for sources over 16 MiB. The result is the same either way.")
     format: Literal["auto", "alpaca", "messages", "sharegpt", "text", "qa", "multiple_choice", "classification",
-                    "pairwise"] = Field(
+                    "pairwise", "preference"] = Field(
         "auto", description="alpaca: instruction/input/output; messages: [{role, content}]; sharegpt: "
         "conversations [{from, value}]; text: one `text` field trained whole; qa: question/answer (GSM8K), "
         "multiple_choice: question/choices/answer (letter or index), both rendered as alpaca; auto: chosen "
         "from the columns (generation formats only). With model.task=sequence_classification: classification (a "
         "text column and an integer label column) or pairwise (prompt, response_a, response_b and "
-        "winner_model_a / winner_model_b / winner_tie flags -> labels 0 / 1 / 2).",
+        "winner_model_a / winner_model_b / winner_tie flags -> labels 0 / 1 / 2). With model.task=preference: "
+        "preference, a prompt with a chosen and a rejected answer in any of three layouts (prompt / chosen / "
+        "rejected as strings or chat messages; chosen / rejected as whole conversations; the Chatbot Arena "
+        "columns, ties dropped), rendered with the model's chat template.",
     )
     text_column: str = Field("text", min_length=1, description="format=classification: the column holding the text.")
     label_column: str = Field("label", min_length=1, description="format=classification: the column holding the "
@@ -182,6 +188,37 @@ class DataSection(Section):
             raise ValueError(f"data.max_source_length={self.max_source_length} + data.max_target_length="
                              f"{self.max_target_length} = {total} exceeds data.max_length={self.max_length}, which "
                              f"would cut answers anyway: raise data.max_length to {total}, or lower the two caps")
+        return self
+
+
+class PreferenceSection(Section):
+    """The preference objective (model.task=preference); the formulas are in qlora/preference_loss.py."""
+    loss: Literal["dpo", "orpo", "simpo"] = Field(
+        "dpo", description="dpo: the sigmoid DPO loss against a reference policy, which is the same 4-bit base "
+        "with the adapter turned off (one more forward pass per step, no second model); orpo: the SFT loss on "
+        "the chosen answers plus orpo_lambda x the odds-ratio term, no reference; simpo: the length-normalised "
+        "reward margin with a target margin simpo_gamma, no reference.")
+    beta: float = Field(None, gt=0, description="Reward scale: DPO's KL strength (default 0.1, as in the DPO "
+                        "paper and TRL) or SimPO's beta (default 2.0, the SimPO paper's range 2-2.5). Not used by orpo.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo: the assumed share of flipped preference "
+                                   "labels (conservative DPO); 0 is plain DPO.")
+    orpo_lambda: float = Field(0.1, gt=0, description="orpo: weight of the odds-ratio term (the ORPO paper's "
+                               "lambda, 0.1).")
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: the target reward margin gamma (TRL's default 0.5).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_beta(cls, raw):
+        # beta's sensible scale depends on the loss: filled in before validation, so the config holds the value.
+        if isinstance(raw, dict) and raw.get("beta") is None:
+            raw = {**raw, "beta": 2.0 if raw.get("loss") == "simpo" else 0.1}
+        return raw
+
+    @model_validator(mode="after")
+    def _options_of_the_loss(self):
+        if self.label_smoothing and self.loss != "dpo":
+            raise ValueError(f"preference.label_smoothing applies to the dpo loss and preference.loss is "
+                             f"{self.loss}: remove label_smoothing, or set preference.loss=dpo")
         return self
 
 

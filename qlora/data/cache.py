@@ -5,7 +5,8 @@ Layout, under `scaling.storage_path` (a local or shared folder, or a cloud URI):
     data_cache/<key>/
         train/part-*.arrow      training examples (Arrow IPC, uncompressed, so they memory-map): record,
                                 position, input_ids, labels, length, truncated, trained_tokens_cut (a class
-                                label instead of labels for classifiers)
+                                label instead of labels for classifiers; rejected_input_ids, rejected_labels
+                                and prompt_cut besides for preference pairs)
         eval/part-*.arrow       held-out examples, plus prompt_ids and reference for generation
         index/train.arrow       the kept training examples in training order (position, tokens, label, record)
         index/eval.arrow        the kept held-out examples
@@ -75,6 +76,8 @@ def schema(fmt: str, split: str) -> pa.Schema:
         fields.append(("label", pa.int64()))
     else:
         fields += [("labels", IDS), ("trained_tokens_cut", pa.int64())]
+        if fmt == "preference":  # the rejected side of each pair, and the prompt tokens truncation cut
+            fields += [("rejected_input_ids", IDS), ("rejected_labels", IDS), ("prompt_cut", pa.int64())]
         if split == "eval":
             fields += [("prompt_ids", IDS), ("reference", pa.string())]
     return pa.schema(fields)

@@ -12,7 +12,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from qlora.config import CLASSIFICATION_FORMATS, DataSection
-from qlora.data import classification, splits
+from qlora.data import classification, preference, splits
 from qlora.data.batches import IGNORE, pack_plan
 from qlora.data.formats import Encoder
 from qlora.errors import DataError
@@ -57,13 +57,19 @@ def make_encoder(fmt: str, cfg: DataSection, tokenizer) -> Callable[[Sequence[di
     """records, held_out flags -> examples: token ids with labels (generation formats) or a class label."""
     if fmt in CLASSIFICATION_FORMATS:
         return lambda records, held_out: [classification.encode(r, fmt, cfg, tokenizer) for r in records]
+    if fmt == "preference":
+        return preference.PairEncoder(tokenizer, cfg).encode_many
     return Encoder(tokenizer, fmt, cfg).encode_many
 
 
 def meta(example: dict, position: int, record: int) -> dict:
     """The numbers per example the whole-set stages need (META_COLUMNS)."""
     n = len(example["input_ids"])
-    if "label" in example:  # a classifier's loss is on its label: every token counts, truncation cuts text
+    if "rejected_input_ids" in example:  # a pair: both sides' tokens; trained only while both answers keep some
+        n += len(example["rejected_input_ids"])
+        sides = [sum(t != IGNORE for t in example[k]) for k in ("labels", "rejected_labels")]
+        trained, cut, label = sum(sides) if min(sides) else 0, example["trained_tokens_cut"], example["label"]
+    elif "label" in example:  # a classifier's loss is on its label: every token counts, truncation cuts text
         trained, cut, label = n, 0, example["label"]
     else:
         trained, cut, label = sum(t != IGNORE for t in example["labels"]), example["trained_tokens_cut"], -1
@@ -116,6 +122,9 @@ def build_index(fmt: str, cfg: DataSection, train: dict[str, np.ndarray], held: 
         raise DataError(f"all {len(train['position'])} training examples lose every answer token to truncation at "
                         f"data.max_length={cfg.max_length}", "raise data.max_length (see the token-length percentiles)")
     stats["dropped_no_labels"] = int(len(train["position"]) - len(kept))
+    if fmt == "preference":  # ties carry no preference: dropped, counted apart from pairs truncation emptied
+        stats["ties_dropped"] = int((train["label"] == preference.TIE).sum())
+        stats["dropped_no_labels"] -= stats["ties_dropped"]
     eval_kept = np.flatnonzero((held["trained"] > 0) | (held["label"] >= 0))
     if not len(eval_kept):
         raise DataError("no held-out example keeps an answer token after truncation",

@@ -14,9 +14,13 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from qlora.config import DataSection
 from qlora.data.batches import IGNORE, collate
 from qlora.data.classification import PAIRWISE_COLUMNS, flag, parse_turns
+from qlora.data.formats import render_segments
+from qlora.errors import DataError
 
+TIE = -2  # the meta `label` of an arena tie: encoded as a pair without answers, dropped and counted
 MIN_PROMPT_TOKENS = 8  # a cut prompt keeps at least this many of its last tokens (the turn markers and the question's end)
 
 
@@ -89,6 +93,67 @@ def to_pair(record: dict) -> tuple[Optional[tuple[list[dict], str, str]], Option
     if problem:
         return None, problem
     return (prompt, chosen, rejected), None
+
+
+def record_problem(record: dict) -> Optional[str]:
+    """Why a record cannot be a pair (None if it can; an arena tie can: it is dropped and counted later)."""
+    problem = to_pair(record)[1]
+    return None if problem == "tie" else problem
+
+
+def required_columns(columns: Sequence[str]) -> tuple[str, ...]:
+    """The columns a source of this layout needs (the arena columns, else chosen and rejected)."""
+    return PAIRWISE_COLUMNS if all(c in columns for c in PAIRWISE_COLUMNS) else ("chosen", "rejected")
+
+
+RECORD_SHAPE = ("string (or chat-message) prompt, chosen and rejected; or chosen and rejected conversations sharing "
+                "every turn before their last assistant message; or the Chatbot Arena columns "
+                + ", ".join(PAIRWISE_COLUMNS))
+
+
+class PairEncoder:
+    """Records -> preference examples with one tokenizer: the prompt rendered by the chat template up to its
+    generation prompt, each answer as what the template adds for an assistant turn (its end-of-turn marker
+    included, so the model learns to stop)."""
+
+    def __init__(self, tokenizer, cfg: DataSection):
+        if not tokenizer.chat_template:
+            raise DataError("data.format=preference renders chat messages, but the tokenizer has no chat template",
+                            "use a chat/instruct model's tokenizer (preference tuning follows instruction tuning)")
+        self.tokenizer, self.cfg = tokenizer, cfg
+
+    def _render(self, messages: list[dict], generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def texts(self, record: dict) -> tuple[str, str, str, bool]:
+        """(prompt, chosen, rejected) as rendered text, and whether the record is a tie."""
+        pair, problem = to_pair(record)
+        if problem == "tie":
+            return "", "", "", True
+        prompt, chosen, rejected = pair
+        if self.cfg.system_prompt and prompt[0]["role"] != "system":
+            prompt = [{"role": "system", "content": self.cfg.system_prompt}, *prompt]
+        sides = []
+        for answer in (chosen, rejected):
+            segments = render_segments(prompt + [{"role": "assistant", "content": answer}], self._render)
+            sides.append(segments[-1][0] if segments[-1][1] else "")
+        return self._render(prompt, True), *sides, False
+
+    def encode_many(self, records: Sequence[dict], held_out: Optional[Sequence[bool]] = None) -> list[dict]:
+        held_out = [True] * len(records) if held_out is None else held_out
+        rendered = [self.texts(r) for r in records]
+        flat = [t for p, c, r, _ in rendered for t in (p, c, r)]
+        ids = self.tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+        out = []
+        for i, ((_, chosen_text, _, tie), full) in enumerate(zip(rendered, held_out)):
+            prompt, chosen, rejected = ids[3 * i: 3 * i + 3]
+            e = build_pair(prompt, chosen, rejected, self.cfg.max_length)
+            e["label"] = TIE if tie else -1
+            if full:  # what generation needs: the prompt as the model sees it, the chosen answer as the reference
+                e["prompt_ids"] = list(prompt[-self.cfg.max_length:])
+                e["reference"] = self.tokenizer.decode(chosen, skip_special_tokens=True).strip()
+            out.append(e)
+        return out
 
 
 def fit_pair(prompt: Sequence[int], chosen: Sequence[int], rejected: Sequence[int],

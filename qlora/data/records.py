@@ -7,11 +7,13 @@ from __future__ import annotations
 from typing import Iterable, Optional, Sequence
 
 from qlora.config import CLASSIFICATION_FORMATS, DataSection
-from qlora.data import classification, formats
+from qlora.data import classification, formats, preference
 from qlora.errors import DataError
 
 
-def required_columns(fmt: str, cfg: DataSection) -> tuple[str, ...]:
+def required_columns(fmt: str, cfg: DataSection, columns: Sequence[str] = ()) -> tuple[str, ...]:
+    if fmt == "preference":
+        return preference.required_columns(columns)
     if fmt == "pairwise":
         return classification.PAIRWISE_COLUMNS
     if fmt == "classification":
@@ -25,11 +27,13 @@ def resolve_format(cfg: DataSection, columns: Sequence[str]) -> str:
 
 
 def check_columns(columns: Sequence[str], fmt: str, cfg: DataSection, where: str) -> None:
-    missing = [c for c in required_columns(fmt, cfg) if c not in columns]
+    missing = [c for c in required_columns(fmt, cfg, columns) if c not in columns]
     if not missing:
         return
     if fmt == "classification":
         fix = "set data.text_column / data.label_column to the file's column names"
+    elif fmt == "preference":
+        fix = "name the columns prompt / chosen / rejected (or chosen / rejected conversations, or the Chatbot Arena names)"
     elif fmt == "pairwise":
         fix = "rename the columns to the Chatbot Arena names: " + ", ".join(classification.PAIRWISE_COLUMNS)
     else:
@@ -41,6 +45,8 @@ def check_columns(columns: Sequence[str], fmt: str, cfg: DataSection, where: str
 def record_problem(record: dict, fmt: str, cfg: DataSection) -> Optional[str]:
     if fmt in CLASSIFICATION_FORMATS:
         return classification.record_problem(record, fmt, cfg)
+    if fmt == "preference":
+        return preference.record_problem(record)
     return formats.record_problem(record, fmt)
 
 
@@ -48,6 +54,8 @@ def record_shape(fmt: str, cfg: DataSection) -> str:
     """What every record of `fmt` needs, in words (the fix of a bad record)."""
     if fmt == "classification":
         return f"a string '{cfg.text_column}' and a non-negative integer '{cfg.label_column}'"
+    if fmt == "preference":
+        return preference.RECORD_SHAPE
     if fmt == "pairwise":
         return ("string (or JSON list of strings) prompt, response_a and response_b, and exactly one of "
                 "winner_model_a, winner_model_b, winner_tie set to 1")

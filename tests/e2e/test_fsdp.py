@@ -199,7 +199,7 @@ def test_fused_loss_under_fsdp_gives_the_plain_gradients(tmp_path, one_rank_grou
     over gloo, an untied 4-bit Llama: the loss and every LoRA gradient equal those without FSDP."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qlora import distributed, evaluation, kernels, modeling
+    from qlora import distributed, kernels, modeling
     from qlora.config import JobConfig
     from qlora.model_source import ModelSource
     from qlora.strategies import FSDP
@@ -223,7 +223,7 @@ def test_fused_loss_under_fsdp_gives_the_plain_gradients(tmp_path, one_rank_grou
         hidden = kernels.HiddenStates(model)
         ctx = distributed.Context(0, 1, torch.device("cpu"), sharded=sharded)
         wrapped = FSDP(ctx, cfg).wrap(model, torch.optim.AdamW)[0] if sharded else model
-        loss, n = kernels.forward_loss(wrapped, {"input_ids": ids}, ids, hidden, evaluation.token_losses)
+        loss, n = kernels.forward_loss(wrapped, {"input_ids": ids}, ids, hidden)
         (loss / n).backward()
         results.append((loss.item(), {k: distributed.full(p.grad) for k, p in model.named_parameters()
                                       if p.grad is not None}))
