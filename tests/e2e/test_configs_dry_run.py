@@ -72,6 +72,10 @@ HUB_MODELS = {
         "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "sliding_window": 4096,
         "torch_dtype": "float32", "use_cache": True, "vocab_size": 256000}),
 }
+# The Instruct model's config differs from the base's in its end-of-sequence token (<|eot_id|>).
+HUB_MODELS["meta-llama/Meta-Llama-3-8B-Instruct"] = ("llama3_instruct", {**HUB_MODELS["meta-llama/Meta-Llama-3-8B"][1],
+                                                                        "eos_token_id": 128009})
+
 
 # A few records per format, for GPU configs whose data files are the user's (full data sets).
 SAMPLES = {
@@ -82,6 +86,10 @@ SAMPLES = {
     "messages": lambda i: {"messages": [{"role": "user", "content": f"Say {i}."},
                                         {"role": "assistant", "content": str(i)}]},
     "sharegpt": lambda i: {"conversations": [{"from": "human", "value": f"Say {i}."}, {"from": "gpt", "value": str(i)}]},
+    "preference": lambda i: {"prompt": f"Say {i}.",  # UltraFeedback-binarized: the conversations hold the prompt
+                             "chosen": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": str(i)}],
+                             "rejected": [{"role": "user", "content": f"Say {i}."},
+                                          {"role": "assistant", "content": "no"}]},
     "pairwise": lambda i: {"prompt": f"Name {i}.", "response_a": str(i), "response_b": "no",
                            "winner_model_a": int(i % 3 == 0),
                            "winner_model_b": int(i % 3 == 1), "winner_tie": int(i % 3 == 2)},
@@ -95,7 +103,15 @@ def sample_record(cfg, i: int) -> dict:
     return SAMPLES[fmt](i)
 
 
-def write_llama3_tokenizer(folder: Path) -> None:
+# Llama-3-Instruct's chat template, as published in its tokenizer_config.json.
+LLAMA3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+def write_llama3_tokenizer(folder: Path, chat_template: str | None = None) -> None:
     """Llama 3's tokenizer from its tiktoken ranks file, through transformers' own TikTokenConverter
     (whose default split pattern is Llama 3's), reading the ranks without the tiktoken package."""
     import base64
@@ -119,12 +135,15 @@ def write_llama3_tokenizer(folder: Path) -> None:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
                                    model_max_length=8192)
     assert len(fast) == 128256 and fast.convert_tokens_to_ids("<|eot_id|>") == 128009
+    fast.chat_template = chat_template
     fast.save_pretrained(folder)
 
 
 def write_tokenizer(kind: str, folder: Path) -> None:
     if kind == "llama3":
         write_llama3_tokenizer(folder)
+    elif kind == "llama3_instruct":
+        write_llama3_tokenizer(folder, LLAMA3_CHAT_TEMPLATE)
     elif kind == "llama_sp":
         import shutil
 
