@@ -55,14 +55,21 @@ def terms(p: PreferenceSection, policy: torch.Tensor, counts: torch.Tensor,
     return preference_loss.simpo(policy, counts, p.beta, p.simpo_gamma)
 
 
-def forward_loss(model, inputs: dict, labels: torch.Tensor, p: PreferenceSection) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed loss over the micro-batch's pairs, number of pairs): the training loss."""
+def pair_terms(model, inputs: dict, labels: torch.Tensor,
+               p: PreferenceSection) -> tuple[preference_loss.PairTerms, torch.Tensor]:
+    """The objective's per-pair terms of a micro-batch of pairs, and the policy's summed log-probabilities of
+    its rows: the reference pass first (DPO), then the policy's."""
     reference = None
     if p.loss in NEEDS_REFERENCE:
         with reference_policy(model):
             reference = pair_logps(model, inputs, labels)[0]
     policy, counts = pair_logps(model, inputs, labels)
-    t = terms(p, policy, counts, reference)
+    return terms(p, policy, counts, reference), policy
+
+
+def forward_loss(model, inputs: dict, labels: torch.Tensor, p: PreferenceSection) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed loss over the micro-batch's pairs, number of pairs): the training loss."""
+    t = pair_terms(model, inputs, labels, p)[0]
     return t.losses.sum(), labels.new_tensor(t.losses.numel())
 
 
@@ -86,15 +93,10 @@ def evaluate(model, examples: list[dict], pad_id: int, cfg: JobConfig, ctx) -> d
         counted = max(0, min(len(batch), real - start))  # lockstep padding examples are run, not counted
         t = to_tensors(collate_pairs(batch, pad_id), ctx.device)
         inputs = {"input_ids": t["input_ids"], "attention_mask": t["attention_mask"]}
-        reference = None
-        if cfg.preference.loss in NEEDS_REFERENCE:
-            with reference_policy(model):
-                reference = pair_logps(model, inputs, t["labels"])[0]
-        policy, counts = pair_logps(model, inputs, t["labels"])
+        found_terms, policy = pair_terms(model, inputs, t["labels"], cfg.preference)
         n = len(batch)
-        pair_terms = terms(cfg.preference, policy, counts, reference)
-        kept = preference_loss.PairTerms(*(x[:counted] for x in (pair_terms.losses, pair_terms.chosen_rewards,
-                                                                  pair_terms.rejected_rewards)))
+        kept = preference_loss.PairTerms(*(x[:counted] for x in (found_terms.losses, found_terms.chosen_rewards,
+                                                                  found_terms.rejected_rewards)))
         found = preference_loss.pair_metrics(kept)
         found.update(eval_loss=kept.losses.sum().item(), chosen_logps=policy[:counted].sum().item(),
                      rejected_logps=policy[n:n + counted].sum().item())

@@ -198,9 +198,6 @@ class Preference(CausalLM):
         if cfg.preference.loss in preference.NEEDS_REFERENCE:
             flops.add(sides, forward_only=True)  # the reference pass
 
-    def check_data(self, cfg, fmt, meta, where) -> None:
-        """Nothing beyond the format's own checks."""
-
     def evaluate(self, model, examples, tokenizer, cfg, ctx, mc_items=None, predictions=None) -> dict:
         """Reward accuracy, margin, rewards and log-probabilities of the held-out pairs; greedy answers to
         their prompts, scored against the chosen answers (exact_match)."""
@@ -218,7 +215,7 @@ class Preference(CausalLM):
     def data_lines(self, cfg, fmt, n_eval, s) -> list[str]:
         ties = f"; {s['ties_dropped']} ties dropped (no preference)" if s.get("ties_dropped") else ""
         lost = f"; {s['dropped_no_labels']} pairs dropped (an answer lost every token)" if s["dropped_no_labels"] else ""
-        return [_data_line(fmt, n_eval, s).replace("tokens p50", "pair tokens (prompt + longer answer) p50") + ties,
+        return [_data_line(fmt, n_eval, s, "pair tokens (prompt + longer answer)") + ties,
                 f"truncation at data.max_length={cfg.data.max_length}, prompt first: {s['truncated_examples']} of "
                 f"{s['records']} pairs cut ({s['truncated_fraction']:.1%}); {s['trained_tokens_cut']:,} answer tokens "
                 f"lost ({s['trained_tokens_cut_fraction']:.1%})" + lost]
@@ -254,6 +251,6 @@ def prompt_ids(tokenizer, cfg: JobConfig, text: str) -> list[int]:
     return tokenizer.encode(prompt, add_special_tokens=False)
 
 
-def _data_line(fmt: str, n_eval: int, s: dict) -> str:
-    return (f"data: format={fmt} train={s['records']} eval={n_eval} tokens p50={s['token_length_p50']} "
+def _data_line(fmt: str, n_eval: int, s: dict, tokens: str = "tokens") -> str:
+    return (f"data: format={fmt} train={s['records']} eval={n_eval} {tokens} p50={s['token_length_p50']} "
             f"p95={s['token_length_p95']} max={s['token_length_max']} truncated={s['truncated_fraction']:.1%}")

@@ -13,6 +13,18 @@ from qlora.config.sections import (CLASSIFICATION_FORMATS, GPU_ONLY_OPTIMIZERS, 
 from qlora.config.validation import set_path, validate
 
 
+# The tasks that need a format of their own: (those formats, what the task needs, what such records hold, the fix
+# of a mismatch).
+TASK_FORMATS = {
+    "sequence_classification": (CLASSIFICATION_FORMATS, "labelled records", "class labels",
+                                "set data.format=classification (text + label columns) or data.format=pairwise "
+                                "(prompt, response_a, response_b, winner_* columns)"),
+    "preference": (PREFERENCE_FORMATS, "pairs", "answer pairs",
+                   "set data.format=preference (prompt/chosen/rejected, chosen/rejected conversations, or the "
+                   "Chatbot Arena columns)"),
+}
+
+
 class JobConfig(Section):
     model: ModelSection = Field(default_factory=ModelSection)
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
@@ -58,18 +70,13 @@ class JobConfig(Section):
     def _check_task(self) -> None:
         """What each task needs of the data format, and what it cannot do."""
         task, fmt = self.model.task, self.data.format
-        wants = {"sequence_classification": CLASSIFICATION_FORMATS, "preference": PREFERENCE_FORMATS}
-        if task in wants and fmt not in wants[task]:
-            fix = ("set data.format=classification (text + label columns) or data.format=pairwise (prompt, "
-                   "response_a, response_b, winner_* columns)" if task == "sequence_classification" else
-                   "set data.format=preference (prompt/chosen/rejected, chosen/rejected conversations, or the "
-                   "Chatbot Arena columns)")
-            raise ValueError(f"model.task={task} needs {'labelled records' if task != 'preference' else 'pairs'}, "
-                             f"but data.format is {fmt}: {fix}")
-        for other, formats in wants.items():
-            if fmt in formats and task != other:
-                raise ValueError(f"data.format={fmt} holds {'class labels' if other != 'preference' else 'answer pairs'}"
-                                 f", which model.task={task} cannot learn: set model.task={other}")
+        if task in TASK_FORMATS and fmt not in TASK_FORMATS[task][0]:
+            _, needs, _, fix = TASK_FORMATS[task]
+            raise ValueError(f"model.task={task} needs {needs}, but data.format is {fmt}: {fix}")
+        for other, (formats, _, holds, _) in TASK_FORMATS.items():
+            if task != other and fmt in formats:
+                raise ValueError(f"data.format={fmt} holds {holds}, which model.task={task} cannot learn: set "
+                                 f"model.task={other}")
         for key in ("data.packing", "train.fused_cross_entropy"):
             section, field = key.split(".")
             if task != "causal_lm" and getattr(getattr(self, section), field):

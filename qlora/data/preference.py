@@ -145,7 +145,7 @@ class PairEncoder:
         flat = [t for p, c, r, _ in rendered for t in (p, c, r)]
         ids = self.tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
         out = []
-        for i, ((_, chosen_text, _, tie), full) in enumerate(zip(rendered, held_out)):
+        for i, ((*_, tie), full) in enumerate(zip(rendered, held_out)):
             prompt, chosen, rejected = ids[3 * i: 3 * i + 3]
             e = build_pair(prompt, chosen, rejected, self.cfg.max_length)
             e["label"] = TIE if tie else -1
