@@ -15,6 +15,17 @@ from qlora.errors import EnvironmentProblem
 from qlora.strategies.base import MakeOptimizer, Strategy, trainable_parameters
 
 
+def skip_shared_memory_op() -> None:
+    """Keep DeepSpeed from JIT-compiling its CPU shared-memory communication op when the engine starts. The op
+    serves only inference_all_reduce, which training never calls, and building it costs minutes of CPU on every
+    fresh machine; a worker killed while building it (a failure, or the recovery test) leaves torch's build lock
+    file behind, and every later start then waits on that lock forever (seen in CI). DeepSpeed keeps its op
+    compatibility table as an editable module dict, which it reads before building."""
+    import deepspeed.ops
+    if "deepspeed_shm_comm" in deepspeed.ops.__compatible_ops__:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 class DeepSpeed(Strategy):
     name = "deepspeed"
 
@@ -47,6 +58,7 @@ class DeepSpeed(Strategy):
             # 8B step ran in fp32, 0.57x DDP's speed); no lower-precision modules: gradients are reduced in fp32.
             config["torch_autocast"] = {"enabled": True, "dtype": str(autocast_dtype).removeprefix("torch."),
                                         "lower_precision_safe_modules": []}
+        skip_shared_memory_op()
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
         return engine, optimizer
 
