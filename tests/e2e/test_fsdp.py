@@ -151,7 +151,13 @@ def test_deepspeed_zero2_resumes_a_killed_worker_to_ddps_result(tmp_path, ddp, u
     for i, moments in ddps["state"].items():
         assert ours["state"][i]["step"] == moments["step"] == 12
         for key in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(ours["state"][i][key], moments[key], rtol=1e-3, atol=1e-9)
+            # ZeRO-2 reduces gradients in another order than DDP, and 12 steps amplify the rounding: the
+            # moments differ by up to 1.3e-5 of a tensor's largest element here and 0.43% at one element on the
+            # CI machine (an exp_avg_sq of 3.8e-7). A resumed run matches an uninterrupted DeepSpeed run bit for
+            # bit (measured); a lost, zeroed or misplaced partition, or moments restarted at the resume, are off
+            # by tens of percent (0.9^4 of exp_avg's weight), far outside these bounds.
+            scale = float(moments[key].abs().max())
+            torch.testing.assert_close(ours["state"][i][key], moments[key], rtol=1e-2, atol=1e-3 * scale)
 
 
 @pytest.fixture
