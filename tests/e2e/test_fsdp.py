@@ -143,7 +143,10 @@ def test_deepspeed_zero2_resumes_a_killed_worker_to_ddps_result(tmp_path, ddp, u
     a, b = adapter(ddp), adapter(result)
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+        # Measured: 3.6e-6 at most (1 of 2,048 elements of one tensor): AdamW's m / sqrt(v) turns the rounding
+        # of a near-zero gradient into a step-sized difference. A step replayed or skipped at the resume moves
+        # elements by about the learning rate (5e-3), 500 times this tolerance.
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
     assert result["metrics_after"]["eval_loss"] == pytest.approx(ddp["metrics_after"]["eval_loss"], rel=1e-4)
     ours, ddps = (torch.load(Path(r["checkpoint"]) / "trainer_state.pt", weights_only=False)["optimizer"]
                   for r in (result, ddp))
