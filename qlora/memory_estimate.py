@@ -19,8 +19,10 @@ case: every row full), h hidden size, I MLP size, L decoder layers, V the output
                       norm's input T*h*a.
   logits              the loss: 12 B per logit (the fp32 log-softmax output, its gradient and the gradient of its
                       input are alive together in the loss's backward) for T rows, for one chunk of CHUNK_TOKENS
-                      rows with the chunked torch loss, for none with Liger's fused kernel; plus the bf16 copy of
-                      an fp32 head that autocast (or Liger's kernel) makes.
+                      rows with the chunked torch loss, for none with Liger's fused kernel; preference pairs
+                      (qlora/preference_loss.py's chunked log-probabilities) 4 B per logit for T rows, the bf16
+                      logits it keeps and their gradient, plus its fp32 chunks; plus the bf16 copy of an fp32
+                      head that autocast (or Liger's kernel) makes.
   workspace           the backward of one decoder layer: its recomputed activations when it is checkpointed, and
                       the gradients in flight, T*(16*h + 6*I); with DoRA also the temporaries peft's DoRA layer
                       makes in each forward (recomputed with the layer), for its largest adapted layer (i in,
@@ -48,6 +50,7 @@ from qlora.config import JobConfig
 from qlora.evaluation import EVAL_BYTES_PER_LOGIT, EVAL_LOGIT_BYTES, rows_per_forward
 from qlora.kernels import CHUNK_TOKENS
 from qlora.mfu import dora_layers
+from qlora.preference_loss import LOGIT_CHUNK
 
 GIB = 2**30
 BLOCK = 64  # bitsandbytes 4-bit: one absmax per 64 weights
@@ -79,10 +82,12 @@ W_HIDDEN = 16
 W_MLP = 6
 DORA_BYTES_PER_ELEMENT = 2  # DoRA's temporaries are in the layer's input dtype: bf16 under autocast (peft's dora.py)
 LOGIT_BYTES = 12  # fp32 log-softmax output + its gradient + the gradient of its input
+PAIR_LOGIT_BYTES = 4  # preference log-probabilities: the bf16 logits kept for the backward + their gradient
+PAIR_CHUNK_BYTES = 3 * 4 * LOGIT_CHUNK  # its fp32 temporaries for one chunk: upcast, softmax, gradient
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "paged_adamw_32bit": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2,
                          "sgd": 4}  # two fp32 moments; two 8-bit moments; SGD's momentum (qlora.worker)
 
-Loss = Literal["full", "chunked", "liger"]
+Loss = Literal["full", "chunked", "liger", "pair_logps"]
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,8 @@ class Setup:
         # The worker's loss paths (qlora.kernels.forward_loss): the model's logits unless
         # fused_cross_entropy; then Liger's kernel with kernels=liger (a GPU-only setting), else chunked torch.
         loss: Loss = ("liger" if t.kernels == "liger" else "chunked") if t.fused_cross_entropy else "full"
+        if cfg.model.task == "preference":  # the config refuses fused_cross_entropy for it
+            loss = "pair_logps"
         # A preference pair is two rows (chosen, rejected) of one micro-batch. DPO's reference pass runs
         # without gradients before the policy's forward pass (qlora/preference.py): nothing of it is live at the
         # peak, so it adds no term.
@@ -254,9 +261,11 @@ def activation_bytes(shape: ModelShape, setup: Setup) -> int:
 
 
 def logit_bytes(shape: ModelShape, setup: Setup) -> int:
-    rows = {"full": setup.tokens, "chunked": min(setup.tokens, CHUNK_TOKENS), "liger": 0}[setup.loss]
     # The head is fp32 on a 4/8-bit base; autocast (Liger: the worker) multiplies with a bf16 copy of it.
     head_copy = 0 if setup.bits == 16 else 2 * shape.head_rows * shape.hidden_size
+    if setup.loss == "pair_logps":
+        return PAIR_LOGIT_BYTES * setup.tokens * shape.head_rows + PAIR_CHUNK_BYTES + head_copy
+    rows = {"full": setup.tokens, "chunked": min(setup.tokens, CHUNK_TOKENS), "liger": 0}[setup.loss]
     return LOGIT_BYTES * rows * shape.head_rows + head_copy
 
 

@@ -21,13 +21,50 @@ import torch.nn.functional as F
 from qlora.data.batches import IGNORE
 
 
+LOGIT_CHUNK = 2**25  # logits upcast to fp32 at a time (128 MiB), never the whole batch's
+
+
+def _chunks(logits: torch.Tensor):
+    """(row, positions) slices of [rows, positions, vocab] logits of about LOGIT_CHUNK elements each: views,
+    so a sliced (non-contiguous) logits tensor is never copied whole."""
+    step = max(1, LOGIT_CHUNK // max(1, logits.shape[-1]))
+    for row in range(logits.shape[0]):
+        for start in range(0, logits.shape[1], step):
+            yield row, slice(start, start + step)
+
+
+class _TokenLogps(torch.autograd.Function):
+    """log p(label) = logit[label] - logsumexp(logits) per position, in chunks. Keeps only the logits (as the
+    model returned them, bf16 under autocast) and one fp32 logsumexp per position for the backward, which
+    recomputes the softmax chunk by chunk: a full fp32 log-softmax of 2 x batch_size rows over the whole
+    vocabulary (Llama-3: 128k) is what made the preference step's peak 2-3x TRL's."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        lse = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
+        for row, at in _chunks(logits):
+            lse[row, at] = torch.logsumexp(logits[row, at].float(), -1)
+        ctx.save_for_backward(logits, labels, lse)
+        return logits.gather(2, labels.unsqueeze(-1)).squeeze(-1).float() - lse
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, labels, lse = ctx.saved_tensors
+        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        g = grad.float()
+        for row, at in _chunks(logits):
+            chunk = torch.exp(logits[row, at].float() - lse[row, at, None]).mul_(-g[row, at, None])  # -softmax * g
+            chunk.scatter_add_(1, labels[row, at, None], g[row, at, None])  # + g at the label
+            out[row, at] = chunk
+        return out, None
+
+
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the summed log-probability of its labelled tokens (position t predicts label t+1), and how
     many there are."""
     shifted = labels[:, 1:]
     mask = shifted != IGNORE
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    token = torch.gather(logp, 2, shifted.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    token = _TokenLogps.apply(logits[:, :-1], shifted.clamp(min=0))
     return (token * mask).sum(-1), mask.sum(-1)
 
 

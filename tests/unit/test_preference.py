@@ -110,6 +110,30 @@ def test_sequence_logps_equal_a_loop_over_tokens():
     assert counts.tolist() == want_counts
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_logps_and_gradients_equal_the_full_log_softmax(dtype, monkeypatch):
+    """Chunks of 3 positions (a ragged last one per row) over a sliced, non-contiguous view of bf16 or fp32
+    logits: values and gradients equal those of one full fp32 log-softmax, and the gradient keeps the logits'
+    dtype (no fp32 copy of the batch's logits)."""
+    monkeypatch.setattr(pl, "LOGIT_CHUNK", 3 * 50)
+    torch.manual_seed(0)
+    logits = torch.randn(4, 9, 50, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, 50, (4, 9))
+    labels[:, :3], labels[1, 5:] = IGNORE, IGNORE
+    weights = torch.randn(4)
+    got, counts = pl.sequence_logps(logits, labels)
+    (got * weights).sum().backward()
+    ours, logits.grad = logits.grad, None
+    shifted = labels[:, 1:]
+    full = torch.log_softmax(logits[:, :-1].float(), -1).gather(2, shifted.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    want = (full * (shifted != IGNORE)).sum(-1)
+    (want * weights).sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert ours.dtype == dtype and counts.tolist() == [6, 2, 6, 6]
+    torch.testing.assert_close(ours.float(), logits.grad.float(), rtol=0, atol=1e-6 if dtype == torch.float32 else 4e-3)
+    assert ours[:, -1].abs().sum() == 0 and ours[1, 4:].abs().sum() == 0  # unscored positions get no gradient
+
+
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_dpo_loss_and_gradients_equal_the_published_formula(eps):
     beta = 0.1
