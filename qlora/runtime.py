@@ -83,6 +83,21 @@ def has_checkpoints(storage: str, name: str) -> bool:
     return fs.get_file_info(f"{path}/{name}/{RAY_TRAIN_SNAPSHOT}").type != pyarrow.fs.FileType.NotFound
 
 
+def saved_run_config(storage: str, name: str) -> str | None:
+    """The config.yaml of the newest checkpoint of run `name` in `storage` (local or cloud), or None. Checkpoint
+    folders are named by Ray Train's timestamp (checkpoint_YYYY-MM-DD_HH-MM-SS.ffffff), so the newest sorts last."""
+    import pyarrow.fs
+    fs, path = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else Path(storage).as_uri())
+    found = fs.get_file_info(pyarrow.fs.FileSelector(f"{path}/{name}", allow_not_found=True))
+    folders = sorted((i.path for i in found if i.type == pyarrow.fs.FileType.Directory
+                      and i.base_name.startswith("checkpoint_")), reverse=True)
+    for folder in folders:
+        if fs.get_file_info(f"{folder}/config.yaml").type == pyarrow.fs.FileType.File:
+            with fs.open_input_stream(f"{folder}/config.yaml") as f:
+                return f.read().decode()
+    return None
+
+
 def worker_config(cfg: JobConfig) -> JobConfig:
     """Paths as workers see them: absolute. Ray Train (and Tune) move each worker's current folder to a
     run folder, so a relative data path would miss; under `ray job submit` the absolute path is inside

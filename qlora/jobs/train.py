@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from qlora import preflight, runtime, tracking, train_driver
+from qlora import preflight, run_identity, runtime, tracking, train_driver
 from qlora.config import JobConfig, redact_uri
 from qlora.jobs.base import ensure_data, finish, prepare_job, run_name, start_mlflow_run
 
@@ -15,11 +15,14 @@ def train(cfg: JobConfig) -> dict:
         cfg = ensure_data(job).cfg
     name = run_name(cfg)
     storage = runtime.storage_root(cfg)
+    resuming = runtime.has_checkpoints(storage, name)
+    if resuming:  # before Ray starts: a reused name with another config is refused, not resumed
+        run_identity.check_same_run(runtime.saved_run_config(storage, name), cfg, name, storage)
     uri = runtime.tracking_target(cfg)
     with runtime.ray_connected(cfg.scaling.ray_address):
         cfg = ensure_data(job).cfg  # a Ray Data preparation runs here, on the cluster, before any GPU is asked for
         run_id, log_result = None, True
-        if runtime.has_checkpoints(storage, name):  # Ray Train restores the run's checkpoint state by itself
+        if resuming:  # Ray Train restores the run's checkpoint state by itself
             print(f"[qlora] run {name} has checkpoints in {storage}; resuming from the latest", flush=True)
             previous = tracking.find_run(uri, cfg.tracking.experiment, name) if uri else None
             if previous is not None:

@@ -142,3 +142,13 @@ def test_killed_worker_then_killed_driver_and_corrupt_checkpoint_resume_to_ident
     runs = c.search_runs([c.get_experiment_by_name("killed").experiment_id])
     assert [r.info.run_id for r in runs] == [result["mlflow_run_id"]] and runs[0].info.status == "FINISHED"
     assert max(m.step for m in c.get_metric_history(result["mlflow_run_id"], "loss")) == 20
+
+    # 4. The same run name with another learning rate is another run: refused before Ray starts, not resumed
+    # into the old run's adapter (the same command with log_every changed would resume: it changes nothing).
+    changed = subprocess.run(cmd + ["--set", "train.learning_rate=1e-4", "--set", "train.log_every=1"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert changed.returncode == 2, changed.stdout[-2000:] + changed.stderr[-2000:]
+    error = json.loads(changed.stdout.strip().splitlines()[-1])["error"]
+    assert "run killed has checkpoints" in error and "train.learning_rate: 0.005 in the run, 0.0001 now" in error
+    assert "log_every" not in error and "fix: set tracking.run_name to a new name" in error
+    assert "resuming" not in changed.stdout and "Started a local Ray instance" not in changed.stderr

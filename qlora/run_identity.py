@@ -1,0 +1,77 @@
+"""Whether the checkpoints found under a run's name belong to the run a config describes. A run name reused with
+another learning rate (or data, model, LoRA shape...) used to resume the old run silently: it trained nothing
+more and returned the old adapter. A resume now goes on only where nothing that changes the trained adapter
+differs from the config saved in the run's latest checkpoint; otherwise the job stops before Ray starts,
+naming the keys."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from qlora.config import JobConfig
+from qlora.errors import ConfigError
+
+# Keys that do not change the adapter a run trains: where it runs and reports, how it is evaluated, how often
+# it logs, evaluates and saves (a resume is exact whatever the cadence), how many failures it may survive.
+NEUTRAL_PREFIXES = ("tracking.", "evaluation.")
+NEUTRAL_KEYS = frozenset({
+    "train.log_every", "train.eval_every", "train.save_every", "scaling.ray_address", "scaling.storage_path",
+    "scaling.max_failures", "scaling.cpus_per_worker", "scaling.accelerator_type"})
+# What the job fills in itself: a classifier's label count, inferred from the data when the config leaves it out.
+INFERRED_KEYS = frozenset({"model.num_labels"})
+# train.auto_batch_size may have halved the micro-batch after an out-of-memory error (raising the accumulation
+# to keep the global batch): the saved config then differs from the one the user wrote in these two.
+AUTO_BATCH_KEYS = frozenset({"train.batch_size", "train.gradient_accumulation"})
+DATA_PATH_KEYS = ("data.path", "data.eval_path")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _as_compared(raw: dict) -> dict[str, object]:
+    """Dotted keys; local data paths made absolute (the workers save them absolute)."""
+    flat = flatten(raw)
+    for key in DATA_PATH_KEYS:
+        if isinstance(flat.get(key), str) and "://" not in flat[key] and Path(flat[key]).exists():
+            flat[key] = str(Path(flat[key]).resolve())
+    return flat
+
+
+def changed_keys(saved: dict, cfg: JobConfig) -> list[tuple[str, object, object]]:
+    """(key, saved value, new value) for every setting that changes the trained adapter and differs."""
+    old, new = _as_compared(saved), _as_compared(cfg.model_dump())
+    skip = set(NEUTRAL_KEYS) | (AUTO_BATCH_KEYS if cfg.train.auto_batch_size else set())
+    changes = []
+    for key in sorted(old.keys() | new.keys()):
+        if key in skip or key.startswith(NEUTRAL_PREFIXES):
+            continue
+        if key in INFERRED_KEYS and new.get(key) is None:
+            continue
+        if old.get(key) != new.get(key):
+            changes.append((key, old.get(key), new.get(key)))
+    return changes
+
+
+def check_same_run(saved_yaml: str | None, cfg: JobConfig, name: str, storage: str) -> None:
+    """Raise ConfigError when the run's saved config differs from `cfg` in anything that changes the result.
+    `saved_yaml`: the config.yaml of the run's latest checkpoint (None when no checkpoint holds one)."""
+    if saved_yaml is None:
+        return
+    changes = changed_keys(yaml.safe_load(saved_yaml), cfg)
+    if not changes:
+        return
+    listed = "; ".join(f"{key}: {old!r} in the run, {new!r} now" for key, old, new in changes[:8])
+    more = f" (and {len(changes) - 8} more)" if len(changes) > 8 else ""
+    raise ConfigError(
+        f"run {name} has checkpoints in {storage} trained with another config: {listed}{more}. Resuming would "
+        "continue the old run and return its adapter, not one trained with this config",
+        "set tracking.run_name to a new name to train a new run (or leave it out: the default name carries the "
+        "start time), or put back the run's values to resume it")
