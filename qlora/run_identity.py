@@ -5,11 +5,9 @@ differs from the config saved in the run's latest checkpoint; otherwise the job 
 naming the keys."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import yaml
 
-from qlora.config import JobConfig
+from qlora.config import JobConfig, flatten
 from qlora.errors import ConfigError
 
 # Keys that do not change the adapter a run trains: where it runs and reports, how it is evaluated, how often
@@ -23,31 +21,12 @@ INFERRED_KEYS = frozenset({"model.num_labels"})
 # train.auto_batch_size may have halved the micro-batch after an out-of-memory error (raising the accumulation
 # to keep the global batch): the saved config then differs from the one the user wrote in these two.
 AUTO_BATCH_KEYS = frozenset({"train.batch_size", "train.gradient_accumulation"})
-DATA_PATH_KEYS = ("data.path", "data.eval_path")
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def _as_compared(raw: dict) -> dict[str, object]:
-    """Dotted keys; local data paths made absolute (the workers save them absolute)."""
-    flat = flatten(raw)
-    for key in DATA_PATH_KEYS:
-        if isinstance(flat.get(key), str) and "://" not in flat[key] and Path(flat[key]).exists():
-            flat[key] = str(Path(flat[key]).resolve())
-    return flat
 
 
 def changed_keys(saved: dict, cfg: JobConfig) -> list[tuple[str, object, object]]:
-    """(key, saved value, new value) for every setting that changes the trained adapter and differs."""
-    old, new = _as_compared(saved), _as_compared(cfg.model_dump())
+    """(key, saved value, new value) for every setting that changes the trained adapter and differs. `cfg` as
+    the workers saw it (runtime.worker_config: local paths absolute, as the checkpoint saved them)."""
+    old, new = flatten(saved), flatten(cfg)
     skip = set(NEUTRAL_KEYS) | (AUTO_BATCH_KEYS if cfg.train.auto_batch_size else set())
     changes = []
     for key in sorted(old.keys() | new.keys()):
@@ -61,8 +40,9 @@ def changed_keys(saved: dict, cfg: JobConfig) -> list[tuple[str, object, object]
 
 
 def check_same_run(saved_yaml: str | None, cfg: JobConfig, name: str, storage: str) -> None:
-    """Raise ConfigError when the run's saved config differs from `cfg` in anything that changes the result.
-    `saved_yaml`: the config.yaml of the run's latest checkpoint (None when no checkpoint holds one)."""
+    """Raise ConfigError when the run's saved config differs from `cfg` (as the workers see it) in anything
+    that changes the result. `saved_yaml`: the config.yaml of the run's latest checkpoint (None when no
+    checkpoint holds one)."""
     if saved_yaml is None:
         return
     changes = changed_keys(yaml.safe_load(saved_yaml), cfg)

@@ -74,8 +74,8 @@ def _secret_name(name: str) -> bool:
     return any(w in name.lower() for w in ("token", "password", "passwd", "secret", "key", "auth", "credential"))
 
 
-def flatten(cfg: BaseModel) -> dict[str, Any]:
-    """Dotted key -> value, for MLflow params."""
+def flatten(cfg: BaseModel | dict) -> dict[str, Any]:
+    """Dotted key -> value of a config (or its dumped dict), for MLflow params and config comparisons."""
     out: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any):
@@ -85,5 +85,5 @@ def flatten(cfg: BaseModel) -> dict[str, Any]:
         else:
             out[prefix] = value
 
-    walk("", cfg.model_dump())
+    walk("", cfg.model_dump() if isinstance(cfg, BaseModel) else cfg)
     return out

@@ -17,7 +17,8 @@ def train(cfg: JobConfig) -> dict:
     storage = runtime.storage_root(cfg)
     resuming = runtime.has_checkpoints(storage, name)
     if resuming:  # before Ray starts: a reused name with another config is refused, not resumed
-        run_identity.check_same_run(runtime.saved_run_config(storage, name), cfg, name, storage)
+        run_identity.check_same_run(runtime.saved_run_config(storage, name), runtime.worker_config(cfg), name,
+                                    storage)
     uri = runtime.tracking_target(cfg)
     with runtime.ray_connected(cfg.scaling.ray_address):
         cfg = ensure_data(job).cfg  # a Ray Data preparation runs here, on the cluster, before any GPU is asked for

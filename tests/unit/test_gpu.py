@@ -7,8 +7,8 @@ Each compares the optimized or distributed CUDA path with the plain one on the s
 - the fsdp wrapper and the DeepSpeed ZeRO-2 engine, each on a one-rank NCCL group, against the plain step;
 - the DeepSpeed engine's forward under the step's bf16 autocast (DeepSpeed turns an outer CUDA autocast off
   unless its own config enables it: the 8B step once ran in fp32 at 0.57x DDP's speed);
-- DPO's reference pass (bitsandbytes' CUDA 4-bit layers with the adapter off) against the adapter's B zeroed,
-  and DPO through compiled layers (the reference pass runs them eagerly) against the plain layers.
+- DPO's reference pass (bitsandbytes' CUDA 4-bit layers with the adapter off) against the 4-bit base loaded
+  alone, and DPO through compiled layers (the reference pass runs them eagerly) against the plain layers.
 """
 import os
 
