@@ -117,13 +117,29 @@ def worker_config(cfg: JobConfig) -> JobConfig:
     return cfg.with_changes(changes)
 
 
+def joins_a_cluster(address: str | None) -> bool:
+    """Whether a job would join a running cluster (configured, submitted, or already connected) rather than start
+    a local one."""
+    import ray
+    return address is not None or "RAY_ADDRESS" in os.environ or ray.is_initialized()
+
+
 def on_worker(cfg: JobConfig, fn, *args):
-    """Run fn(*args) as one Ray task sized like one training worker; user errors come back as they are."""
+    """Run fn(*args) as one Ray task sized like one training worker; user errors come back as they are. With no
+    cluster to join it runs in this process: a local Ray cluster started for one task would only add its start-up
+    (~10 s on 2 cores: Ray's processes, then the task's imports in a fresh worker) on the same machine."""
     import ray
     from ray.exceptions import RayTaskError
 
     preflight.check_compute(cfg)
     preflight.check_ray_address(cfg.scaling.ray_address)
+    if not joins_a_cluster(cfg.scaling.ray_address):
+        try:
+            return fn(worker_config(cfg).to_json(), *args)
+        except (UserError, TrainingFailure):
+            raise
+        except Exception as e:
+            raise TrainingFailure(f"{fn.__name__} failed: {type(e).__name__}: {e}") from None
     task = ray.remote(num_cpus=cfg.scaling.cpus_per_worker, num_gpus=1 if cfg.scaling.use_gpu else 0,
                       resources=cfg.scaling.resources_per_worker or None,
                       accelerator_type=cfg.scaling.accelerator_type, max_retries=0)(fn)

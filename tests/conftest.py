@@ -1,6 +1,8 @@
 """Shared fixtures: real tokenizers from ../shared/data, the real SmolLM2 (converted once), tiny random
 models for mechanics."""
 import os
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -56,6 +58,36 @@ def tiny_model_dir(tmp_path_factory, smollm_dir) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm_dir)
 
 
+@pytest.fixture(scope="session")
+def _local_ray_session():
+    """Shuts down, at the end of this test process, the local Ray cluster `ray_cluster` keeps."""
+    yield
+    import ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_cluster(_local_ray_session):
+    """A local Ray cluster of 2 CPUs in this test process, started once and shared by the in-process jobs of every
+    module this process runs (a start costs ~6 s of 2 cores). A module that needs a cluster of its own (another
+    runtime environment) shuts this one down first; the next test that asks for it starts it again."""
+    import ray
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+
 @pytest.fixture
 def people_data() -> Path:
     return ROOT / "data" / "people_json.jsonl"
+
+
+def documented_commands(markdown: str) -> list[list[str]]:
+    """The `python -m ray_jobs.<job> ...` commands of the ```bash blocks in `markdown`, continuation lines joined
+    and comments cut, each as its arguments from `-m` on (a command after `&&` or `--` counts from `python`)."""
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", markdown, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            at = line.find("python -m ray_jobs.")
+            if at >= 0:
+                found.append(shlex.split(line[at:], comments=True)[1:])
+    return found

@@ -18,14 +18,6 @@ from conftest import ROOT
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def tiny_gemma2_dir(tmp_path_factory, smollm_dir) -> Path:
     """A 3-layer random Gemma-2 (the architecture of the pairwise GPU config) with SmolLM2's tokenizer."""
     from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM

@@ -28,9 +28,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SHARED
+from conftest import ROOT, SHARED, documented_commands
 
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+# Every `python -m ray_jobs.train` command the README and docs/ show, as written (its --set values included).
+DOCUMENTED = sorted({" ".join(c[2:]): c[2:] for f in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+                     for c in documented_commands(f.read_text()) if c[1] == "ray_jobs.train"}.items())
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
 LLAMA_ARCHS = ("llama", "qwen2", "gemma2", "mistral")
 
@@ -198,7 +201,7 @@ def dry_run_overrides(path: Path, cfg, tmp: Path) -> list[str]:
     return out
 
 
-def test_every_config_passes_dry_run(hf_home, tmp_path, smollm_dir):
+def test_every_config_and_documented_command_passes_dry_run(hf_home, tmp_path, smollm_dir):
     from qlora.config import load_config
     assert len(CONFIGS) >= 7, CONFIGS  # quickstart + this issue's six; other helpers add more
     jobs, expected = [], {}
@@ -213,16 +216,21 @@ def test_every_config_passes_dry_run(hf_home, tmp_path, smollm_dir):
             model_config = HUB_MODELS[cfg.model.name][1]
         if model_config["model_type"] in LLAMA_ARCHS:
             expected[str(path)] = independent_lora_count(model_config, cfg.lora)
-        jobs.append([str(path), dry_run_overrides(path, cfg, tmp_path)])
+        jobs.append([str(path), ["--config", str(path), "--dry-run", *dry_run_overrides(path, cfg, tmp_path)]])
+    for command, args in DOCUMENTED:  # the documented lines, with the same stand-ins for hub data and GPU clusters
+        path = ROOT / args[args.index("--config") + 1]
+        extra = [] if "--dry-run" in args else ["--dry-run"]
+        sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+        jobs.append([command, [*args, *extra, *dry_run_overrides(path, load_config(path, sets), tmp_path)]])
     script = """
 import contextlib, io, json, sys
 from ray_jobs.train import main
 results = {}
-for path, overrides in json.loads(sys.argv[1]):
+for key, argv in json.loads(sys.argv[1]):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = main(["--config", path, "--dry-run", *overrides])
-    results[path] = {"code": code, "last": out.getvalue().strip().splitlines()[-1], "stdout": out.getvalue()[-4000:]}
+        code = main(argv)
+    results[key] = {"code": code, "last": out.getvalue().strip().splitlines()[-1], "stdout": out.getvalue()[-4000:]}
 print(json.dumps(results))
 """
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -240,6 +248,10 @@ print(json.dumps(results))
         assert summary["gpu_memory_estimate_gib"] > 0 and "GPU memory per worker, estimated" in r["stdout"]
         if str(path) in expected:
             assert summary["trainable_params"] == expected[str(path)], path
+    assert len(DOCUMENTED) >= 10, DOCUMENTED
+    for command, _ in DOCUMENTED:
+        r = results[command]
+        assert r["code"] == 0 and json.loads(r["last"])["records"] > 0, f"python -m ray_jobs.train {command}: {r['last']}"
     llama3 = next(p for p in CONFIGS if p.name == "gsm8k_llama3_8b_4bit.yaml")
     # 16 x 32 layers x 81,920: the known Llama-3-8B r=16 count
     assert json.loads(results[str(llama3)]["last"])["trainable_params"] == 41_943_040

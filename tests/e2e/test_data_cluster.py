@@ -12,6 +12,7 @@ from conftest import ROOT
 def two_nodes():
     import ray
     from ray.cluster_utils import Cluster
+    ray.shutdown()  # the test process's shared cluster (conftest.ray_cluster), if it runs, steps aside
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()

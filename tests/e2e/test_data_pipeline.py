@@ -25,14 +25,6 @@ CASES = [  # id, config, overrides
 ]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def comparable(item: dict) -> dict:
     """What training and evaluation read of an item (the cache adds its position and record number)."""
     return {k: item[k] for k in ("input_ids", "labels", "position_ids", "example_lengths", "label", "prompt_ids",
@@ -40,7 +32,7 @@ def comparable(item: dict) -> dict:
 
 
 @pytest.mark.parametrize("config, overrides", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_cached_preparation_equals_the_in_memory_path(local_ray, smollm_tokenizer, tmp_path, monkeypatch, config,
+def test_cached_preparation_equals_the_in_memory_path(ray_cluster, smollm_tokenizer, tmp_path, monkeypatch, config,
                                                      overrides):
     monkeypatch.chdir(ROOT)  # the configs' data paths are relative to the project
     cfg = load_config(ROOT / config, overrides)

@@ -46,6 +46,7 @@ def local_ray(s3):
     """A local Ray cluster whose workers have the S3 server's settings in their environment, as a cluster's
     nodes have their cloud credentials."""
     import ray
+    ray.shutdown()  # the test process's shared cluster (conftest.ray_cluster), if it runs, steps aside
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": s3.env()})
     yield
     ray.shutdown()

@@ -15,14 +15,6 @@ from conftest import ROOT
 PROBE = ["Alice is 30 and lives in Paris.", "The capital of Italy is Rome, a city of three million people."]
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-    ray.init(num_cpus=2, include_dashboard=False)  # one local cluster for every export in this module
-    yield
-    ray.shutdown()
-
-
 def trained_adapter(folder, config_path, model_dir, bits, sets=()):
     """An adapter as a training run leaves it (adapter/, config.yaml, manifest.json), with random LoRA B
     weights (and DoRA magnitudes) standing in for training so that the adapter changes the logits."""
@@ -52,7 +44,7 @@ def logits(model, tok, texts):
     ("configs/quickstart.yaml", 4, ()), ("configs/cpu/sst2_classification.yaml", 8, ()),
     ("configs/quickstart.yaml", 4, ("lora.use_dora=true", "lora.use_rslora=true"))],
     ids=["causal-lm-nf4", "classifier-int8", "causal-lm-nf4-dora-rslora"])
-def test_merged_model_matches_quantized_base_plus_adapter(ray_session, tiny_model_dir, tmp_path, config, bits, sets):
+def test_merged_model_matches_quantized_base_plus_adapter(ray_cluster, tiny_model_dir, tmp_path, config, bits, sets):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     cfg = trained_adapter(tmp_path / "run", ROOT / config, tiny_model_dir, bits, sets)
@@ -99,7 +91,7 @@ def test_adapter_export_is_complete_and_loads_with_peft(tiny_model_dir, tmp_path
     assert export.main(["--adapter", str(tmp_path / "run"), "--out", str(out)]) == 2
 
 
-def test_merge_by_default_takes_the_smallest_dtype_that_passes_the_parity_check(ray_session, tiny_model_dir,
+def test_merge_by_default_takes_the_smallest_dtype_that_passes_the_parity_check(ray_cluster, tiny_model_dir,
                                                                                 tmp_path, capsys):
     from qlora.jobs.export import MERGE_ORDER, MERGE_TOLERANCE
     trained_adapter(tmp_path / "run", ROOT / "configs/quickstart.yaml", tiny_model_dir, 4)
@@ -120,7 +112,7 @@ def test_merging_into_a_quantized_dtype_is_refused(tiny_model_dir, tmp_path, cap
     assert "rounds every merged weight back to nf4" in err.out + err.err and not (tmp_path / "m").exists()
 
 
-def test_evaluate_job_splits_the_held_out_set_over_ray_train_workers(ray_session, tiny_model_dir, tmp_path):
+def test_evaluate_job_splits_the_held_out_set_over_ray_train_workers(ray_cluster, tiny_model_dir, tmp_path):
     """ray_jobs.evaluate with scaling.num_workers=2 runs on a Ray Train worker group, each worker scoring
     its share: the same metrics as one worker, and every prediction once, in record order."""
     from qlora import adapters

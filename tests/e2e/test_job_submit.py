@@ -58,10 +58,14 @@ def test_runtime_env_file_is_valid_for_ray():
     assert (ROOT / "runtime_env.yaml").read_text().startswith("# ray job submit --address http://127.0.0.1:8265")
 
 
-def test_submitted_train_job_learns_logs_registers_and_evaluates(servers, smollm_dir, tmp_path):
-    """The quickstart on the real SmolLM2 (2 workers, DDP over gloo), submitted to a token-auth cluster."""
+def test_submitted_train_job_learns_logs_registers_and_evaluates(servers, tiny_model_dir, tmp_path):
+    """The quickstart's job on a tiny random Llama (2 workers, DDP over gloo), submitted to a token-auth cluster:
+    the submission's mechanics (the uploaded working dir, outputs outside it, one MLflow run, the registry, a
+    second job evaluating the registered version on the cluster). The quickstart's own command on the real
+    SmolLM2 is run locally by tests/e2e/test_readme_tour.py."""
     head, mlflow_server = servers.head, servers.mlflow
-    sets = ["train.max_steps=4", "train.log_every=2", "train.save_every=2", "train.learning_rate=2e-3",
+    sets = [f"model.name={tiny_model_dir}", "train.max_steps=4", "train.log_every=2", "train.save_every=2",
+            "train.learning_rate=2e-3",
             "data.max_samples=64", "data.system_prompt=Extract data.", "data.eval_max_samples=8",
             "evaluation.num_generate=2", "evaluation.max_new_tokens=24",
             f"scaling.storage_path={tmp_path / 'runs'}", f"tracking.uri={mlflow_server.uri}",
@@ -82,7 +86,7 @@ def test_submitted_train_job_learns_logs_registers_and_evaluates(servers, smollm
         assert noise not in log, noise
     assert result["registered_uri"] == "models:/people-extractor/1"
     before, after = result["metrics_before"], result["metrics_after"]
-    assert after["eval_loss"] < 0.7 * before["eval_loss"], (before, after)  # 4 steps teach the JSON format
+    assert after["eval_loss"] < before["eval_loss"], (before, after)
     assert after["exact_match"] >= before["exact_match"]
 
     c = client(mlflow_server.uri)

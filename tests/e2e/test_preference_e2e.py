@@ -17,14 +17,6 @@ from qlora.tracking import client
 from conftest import ROOT
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def test_dpo_raises_held_out_reward_accuracy_on_smollm2(ray_cluster, tmp_path):
     cfg = JobConfig.model_validate({
         "model": {"name": "smollm2-135m", "task": "preference"}, "lora": {"dropout": 0.0},

@@ -6,7 +6,6 @@ Resuming from the last checkpoint is covered by tests/e2e/test_recovery.py."""
 import json
 from pathlib import Path
 
-import pytest
 from safetensors import safe_open
 
 from qlora import adapters
@@ -19,14 +18,6 @@ from conftest import ROOT
 
 SHORT = ["train.max_steps=2", "train.batch_size=2", "train.log_every=1", "train.save_every=0",
          "data.eval_max_samples=2", "evaluation.num_generate=2", "evaluation.batch_size=4"]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def train(config: str, tmp_path: Path, name: str, overrides: list[str]) -> dict:

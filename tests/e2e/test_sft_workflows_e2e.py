@@ -4,21 +4,12 @@ batches and a templated run name. Real SmolLM2-135M in NF4, real Ray Train, real
 import math
 from pathlib import Path
 
-import pytest
 
 from qlora.jobs import train
 from qlora.config import load_config
 from qlora.tracking import RUN_NAME_TAG, client
 
 from conftest import ROOT
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def run(tmp_path: Path, config: str, extra: list[str]) -> tuple[dict, object]:
