@@ -74,6 +74,21 @@ def expect_new_classifier_head() -> None:
         logger.addFilter(_NewHeadReport())
 
 
+class _NoticeStopTraceback(logging.Filter):
+    """Drops Ray Train's "Error in training function" traceback of a worker stopping on a preemption notice (a
+    planned stop, announced by our own line; the run resumes)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "WorkerPreempted" not in record.getMessage()
+
+
+def expect_notice_stops() -> None:
+    """Quiet the traceback Ray Train logs when a worker stops on a preemption notice (qlora.preemption)."""
+    logger = logging.getLogger("ray.train.v2._internal.util")
+    if not verbose() and not any(isinstance(f, _NoticeStopTraceback) for f in logger.filters):
+        logger.addFilter(_NoticeStopTraceback())
+
+
 def _importable(name: str) -> bool:
     import importlib.util
     return importlib.util.find_spec(name) is not None

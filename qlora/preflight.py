@@ -50,22 +50,28 @@ def local_cpus() -> int:
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def fewest_workers(s) -> tuple[int, str]:
+    """(the fewest workers a run starts with, the key that sets it): scaling.min_workers of an elastic run."""
+    return (s.min_workers, "scaling.min_workers") if s.min_workers else (s.num_workers, "scaling.num_workers")
+
+
 def check_sweep_compute(cfg: JobConfig, trial_cpus: float) -> None:
     """One trial of a sweep fits the local cluster it would start: its workers and the trial's own driver
     (a Tune actor of `trial_cpus` CPUs that waits on them), or every trial would wait forever."""
     if not starts_local_cluster(cfg):
         return
     s = cfg.scaling
+    workers, count_key = fewest_workers(s)
     cpus_each = s.resources_per_worker.get("CPU", s.cpus_per_worker)
-    need, have = cpus_each * s.num_workers + trial_cpus, local_cpus()
+    need, have = cpus_each * workers + trial_cpus, local_cpus()
     if need > have:
-        fit = (have - trial_cpus) / s.num_workers
+        fit = (have - trial_cpus) / workers
         raise EnvironmentProblem(
-            f"a sweep trial needs {s.num_workers} workers x {cpus_each:g} CPUs + {trial_cpus:g} CPU for the trial's "
+            f"a sweep trial needs {workers} workers x {cpus_each:g} CPUs + {trial_cpus:g} CPU for the trial's "
             f"driver = {need:g} CPUs; the local Ray cluster this sweep starts has {have}, so no trial would ever "
             "start its workers",
             f"set scaling.cpus_per_worker={int(fit * 100) / 100:g} (fractional CPUs are fine), lower "
-            "scaling.num_workers, or set scaling.ray_address to a bigger cluster")
+            f"{count_key}, or set scaling.ray_address to a bigger cluster")
 
 
 def check_compute(cfg: JobConfig) -> None:
@@ -73,6 +79,7 @@ def check_compute(cfg: JobConfig) -> None:
     if not starts_local_cluster(cfg):
         return
     s = cfg.scaling
+    workers, count_key = fewest_workers(s)
     gpus_each = s.resources_per_worker.get("GPU", 1 if s.use_gpu else 0)
     if gpus_each:
         import torch
@@ -84,20 +91,20 @@ def check_compute(cfg: JobConfig) -> None:
                 "start a local Ray cluster here, whose workers would wait for a GPU forever",
                 "set scaling.use_gpu=false to train on CPU (with train.optimizer adamw or sgd), or set "
                 "scaling.ray_address to a cluster with GPUs")
-        if gpus_each * s.num_workers > have:
+        if gpus_each * workers > have:
             raise EnvironmentProblem(
-                f"scaling.num_workers={s.num_workers} with {key} needs {gpus_each * s.num_workers:g} GPUs; this "
+                f"{count_key}={workers} with {key} needs {gpus_each * workers:g} GPUs; this "
                 f"machine has {have}",
-                f"lower scaling.num_workers to {int(have // gpus_each)} or less, or set scaling.ray_address to a "
+                f"lower {count_key} to {int(have // gpus_each)} or less, or set scaling.ray_address to a "
                 "bigger cluster")
     cpus_each = s.resources_per_worker.get("CPU", s.cpus_per_worker)
     have_cpus = local_cpus()
-    if cpus_each * s.num_workers > have_cpus:
+    if cpus_each * workers > have_cpus:
         raise EnvironmentProblem(
-            f"scaling.num_workers={s.num_workers} x {cpus_each:g} CPUs per worker needs {cpus_each * s.num_workers:g} "
+            f"{count_key}={workers} x {cpus_each:g} CPUs per worker needs {cpus_each * workers:g} "
             f"CPUs; the local Ray cluster this job starts has {have_cpus}, so the workers would wait for resources "
             "forever",
-            f"lower scaling.num_workers or scaling.cpus_per_worker so they fit {have_cpus} CPUs, or set "
+            f"lower {count_key} or scaling.cpus_per_worker so they fit {have_cpus} CPUs, or set "
             "scaling.ray_address to a bigger cluster")
     custom = sorted(k for k in s.resources_per_worker if k not in BUILTIN_RESOURCES)
     if custom:

@@ -17,7 +17,9 @@ ACCELERATOR_PREFIX = "accelerator_type:"
 
 def scaling_kwargs(s: ScalingSection) -> dict:
     """Keyword arguments of ray.train.ScalingConfig for this config (what train_driver.fit passes)."""
-    return {"num_workers": s.num_workers, "use_gpu": s.use_gpu,
+    # (min, max): Ray Train's elastic mode, which starts and restarts on as many workers as fit in that range.
+    workers = (s.min_workers, s.num_workers) if s.min_workers else s.num_workers
+    return {"num_workers": workers, "use_gpu": s.use_gpu,
             "resources_per_worker": {"CPU": s.cpus_per_worker, **s.resources_per_worker},
             "accelerator_type": s.accelerator_type}
 

@@ -15,7 +15,11 @@ from qlora.errors import ConfigError
 NEUTRAL_PREFIXES = ("tracking.", "evaluation.")
 NEUTRAL_KEYS = frozenset({
     "train.log_every", "train.eval_every", "train.save_every", "scaling.ray_address", "scaling.storage_path",
-    "scaling.max_failures", "scaling.cpus_per_worker", "scaling.accelerator_type"})
+    "scaling.max_failures", "scaling.max_preemptions", "scaling.cpus_per_worker", "scaling.accelerator_type"})
+# A run may resume on another worker count (qlora.batching: a step is the same global micro-batches on any count):
+# what must match is the global batch, compared as GLOBAL_BATCH, not these three.
+WORKER_COUNT_KEYS = frozenset({"scaling.num_workers", "scaling.min_workers", "train.gradient_accumulation"})
+GLOBAL_BATCH = "global batch (train.batch_size x train.gradient_accumulation x scaling.num_workers)"
 # What the job fills in itself: a classifier's label count, inferred from the data when the config leaves it out.
 INFERRED_KEYS = frozenset({"model.num_labels"})
 # train.auto_batch_size may have halved the micro-batch after an out-of-memory error (raising the accumulation
@@ -26,8 +30,8 @@ AUTO_BATCH_KEYS = frozenset({"train.batch_size", "train.gradient_accumulation"})
 def changed_keys(saved: dict, cfg: JobConfig) -> list[tuple[str, object, object]]:
     """(key, saved value, new value) for every setting that changes the trained adapter and differs. `cfg` as
     the workers saw it (runtime.worker_config: local paths absolute, as the checkpoint saved them)."""
-    old, new = flatten(saved), flatten(cfg)
-    skip = set(NEUTRAL_KEYS) | (AUTO_BATCH_KEYS if cfg.train.auto_batch_size else set())
+    old, new = with_global_batch(flatten(saved)), with_global_batch(flatten(cfg))
+    skip = set(NEUTRAL_KEYS) | WORKER_COUNT_KEYS | (AUTO_BATCH_KEYS if cfg.train.auto_batch_size else set())
     changes = []
     for key in sorted(old.keys() | new.keys()):
         if key in skip or key.startswith(NEUTRAL_PREFIXES):
@@ -37,6 +41,11 @@ def changed_keys(saved: dict, cfg: JobConfig) -> list[tuple[str, object, object]
         if old.get(key) != new.get(key):
             changes.append((key, old.get(key), new.get(key)))
     return changes
+
+
+def with_global_batch(flat: dict) -> dict:
+    return {**flat, GLOBAL_BATCH: flat["train.batch_size"] * flat["train.gradient_accumulation"]
+            * flat["scaling.num_workers"]}
 
 
 def check_same_run(saved_yaml: str | None, cfg: JobConfig, name: str, storage: str) -> None:

@@ -9,7 +9,7 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-from qlora import console, oom, resources, runtime, tracking
+from qlora import console, oom, preemption, resources, runtime, tracking
 from qlora.config import JobConfig
 from qlora.payload import WorkerPayload
 from qlora.worker import train_loop_per_worker
@@ -22,7 +22,16 @@ RAY_TRAIN_POLL_INTERVAL_S = "0.1"
 
 
 class Trainer(TorchTrainer):
-    """Ray's TorchTrainer without its placement-group cleaner, for runs the job's driver owns. The cleaner (a
+    """Ray's TorchTrainer whose failure policy counts a stop on a preemption notice as a preemption
+    (qlora.preemption: scaling.max_preemptions, apart from scaling.max_failures)."""
+
+    def _initialize_and_run_controller(self, **kwargs):
+        kwargs["failure_policy"] = preemption.FailurePolicy(self.run_config.failure_config)
+        return super()._initialize_and_run_controller(**kwargs)
+
+
+class DriverOwnedTrainer(Trainer):
+    """Our Trainer without Ray's placement-group cleaner, for runs the job's driver owns. The cleaner (a
     detached actor, Ray 2.60) polls the state API for the Train controller and reads an empty answer as a dead
     controller; on a loaded machine it then removed the placement group of a live run, whose workers died with
     "Destroying worker since its placement group was removed" (seen in this suite's e2e tests; ray-project/ray
@@ -37,14 +46,17 @@ class Trainer(TorchTrainer):
 def fit(cfg: JobConfig, payload: WorkerPayload, name: str, storage: str, callbacks=(), loop=train_loop_per_worker,
         what: str = "training", in_tune_trial: bool = False):
     """One Ray Train run of `scaling.num_workers` workers running `loop(payload)`; returns Ray's Result or raises
-    TrainingFailure. `in_tune_trial`: started inside a Tune trial (see Trainer)."""
+    TrainingFailure. `in_tune_trial`: started inside a Tune trial (see DriverOwnedTrainer)."""
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", RAY_TRAIN_POLL_INTERVAL_S)
-    trainer = (TorchTrainer if in_tune_trial else Trainer)(
+    s = cfg.scaling
+    trainer = (Trainer if in_tune_trial else DriverOwnedTrainer)(
         loop, train_loop_config=payload.to_dict(),
-        scaling_config=ScalingConfig(**resources.scaling_kwargs(cfg.scaling)),  # the request `ray_jobs.plan` checks
-        run_config=RunConfig(name=name, storage_path=storage, callbacks=list(callbacks),
+        scaling_config=ScalingConfig(**resources.scaling_kwargs(s)),  # the request `ray_jobs.plan` checks
+        run_config=RunConfig(name=name, storage_path=storage,
+                             callbacks=[*callbacks, preemption.NoticeOnSigterm()],
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+                             failure_config=FailureConfig(max_failures=s.max_failures,
+                                                          max_preemption_failures=s.max_preemptions),
                              logging_config=LoggingConfig(log_level=console.ray_train_log_level())),
     )
     try:

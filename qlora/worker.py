@@ -18,8 +18,8 @@ from typing import Optional
 
 import torch
 
-from qlora import (checkpoint, console, distributed, evaluation, kernels, mfu, modeling, multiple_choice, strategies,
-                   tasks)
+from qlora import (checkpoint, console, distributed, evaluation, kernels, mfu, modeling, multiple_choice, preemption,
+                   strategies, tasks)
 from qlora.batching import BatchPlan, model_inputs
 from qlora.config import JobConfig
 from qlora.data import PreparedData, to_tensors
@@ -106,7 +106,7 @@ def set_up(payload: WorkerPayload) -> Run:
     # Bytes of the frozen base this worker holds (quantized weights + scales + buffers; its shard under FSDP).
     weights_gib = distributed.local_bytes([p for p in model.parameters() if not p.requires_grad]
                                           + list(model.buffers())) / 2**30
-    plan = BatchPlan(len(data.train), cfg, ctx, data.lengths)
+    plan = BatchPlan(len(data.train), cfg, data.lengths)
     sink = MetricsSink(payload.tracking_uri, payload.mlflow_run_id) if ctx.is_writer else None
     return Run(cfg, strategy, tokenizer, data, model, wrapped, optimizer, make_scheduler(cfg, optimizer, plan.total_steps),
                plan, hidden, dtype, flops, multiple_choice.prepare(cfg, tokenizer), weights_gib, sink, trainer_state)
@@ -123,11 +123,14 @@ def held_out(run: Run, when: str, predictions: Optional[list] = None) -> dict:
 def train_step(run: Run, step: int, window: Window, clock: Clock) -> tuple[int, float]:
     """Optimizer step `step` (0-based): its micro-batches' forward and backward passes, clipping, the update and
     the schedule. Returns (the epoch, the gradient norm before clipping)."""
-    cfg, ctx, accum = run.cfg, run.ctx, run.cfg.train.gradient_accumulation
+    cfg, ctx = run.cfg, run.ctx
     run.wrapped.train()
     step_loss = 0.0
-    for micro in range(accum):
-        epoch, idx = run.plan.micro_batch(step * accum + micro)
+    mine = run.plan.for_rank(step, ctx)  # this rank's share of the step's global micro-batches
+    accum = len(mine)
+    for micro, j in enumerate(mine):
+        epoch, idx = run.plan.micro_batch(j)
+        torch.manual_seed(run.plan.seed(j))  # dropout masks of micro-batch j, whichever rank runs it
         items = [run.data.train[i] for i in idx]
         # Packed rows are padded to max_length: one shape every step (a new shape recompiles compiled layers and
         # specialises Triton kernels again; rows are nearly full, so it costs little).
@@ -151,7 +154,7 @@ def train_step(run: Run, step: int, window: Window, clock: Clock) -> tuple[int, 
 
 
 def report(run: Run, step: int, metrics: dict, before: dict, clock: Clock, save: bool, final: bool = False,
-           predictions: Optional[list] = None) -> None:
+           predictions: Optional[list] = None, loop_state: Optional[dict] = None) -> None:
     """Metrics to MLflow and Ray Train; with `save`, a checkpoint (every rank joins the gathers of sharded
     state; rank 0 writes it, and beside the final adapter what it was measured at and what it generated)."""
     import ray.train
@@ -166,7 +169,8 @@ def report(run: Run, step: int, metrics: dict, before: dict, clock: Clock, save:
             rng_states = distributed.per_rank(checkpoint.rng_state(), ctx)
         if save and ctx.is_writer:
             folder = checkpoint.save(Path(tmp) / "checkpoint", run.model, run.cfg, optimizer_state, run.scheduler,
-                                     {"step": step, "before": before, "final": final, "metrics": metrics},
+                                     {"step": step, "before": before, "final": final, "metrics": metrics,
+                                      **(loop_state or {})},
                                      adapter_state, rng_states)
             if final:
                 evaluation.write_results(folder, final_results(metrics, before, ctx.device), predictions or [])
@@ -193,11 +197,14 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     run = set_up(WorkerPayload.from_dict(config))
     cfg, ctx, total = run.cfg, run.ctx, run.plan.total_steps
-    step, before = 0, None
+    step, before, interruptions = 0, None, Interruptions()
     if run.trainer_state:
         saved = restore_trainer(run.trainer_state, run)
         step, before = saved["step"], saved.get("before")
-        log(ctx, f"resumed from checkpoint at step {step}")
+        interruptions = Interruptions.after(saved)
+        log(ctx, f"resumed from checkpoint at step {step}" + (" (written on a preemption notice)"
+                                                              if saved.get("notice") else "") + f" on {ctx.world_size} "
+            f"worker{'s' if ctx.world_size > 1 else ''}, {cfg.accumulation_on(ctx.world_size)} micro-batches each per step")
         if saved.get("final"):  # the run had finished: report its result again, train nothing
             ray.train.report(saved["metrics"])
             return
@@ -210,11 +217,12 @@ def train_loop_per_worker(config: dict) -> None:
         epoch, grad_norm = train_step(run, step, window, clock)
         step += 1
         last = step == total
+        notice = not last and preemption.noticed(ctx)  # a collective: every rank, every step
         do_eval = last or (cfg.train.eval_every and step % cfg.train.eval_every == 0)
-        do_save = last or (cfg.train.save_every and step % cfg.train.save_every == 0)
+        do_save = last or notice or (cfg.train.save_every and step % cfg.train.save_every == 0)
         if not (last or do_eval or do_save or step % cfg.train.log_every == 0):
             continue
-        metrics = step_metrics(run, step, epoch, grad_norm, window, clock, last)
+        metrics = {**step_metrics(run, step, epoch, grad_norm, window, clock, last), **interruptions.metrics()}
         predictions = [] if last else None
         if do_eval:
             started = time.perf_counter()
@@ -226,11 +234,34 @@ def train_loop_per_worker(config: dict) -> None:
             metrics["train_seconds"] = time.perf_counter() - clock.start
             metrics.update({f"before_{k}": v for k, v in before.items()})
         log(ctx, console.progress_line(step, total, clock.training_seconds(), step - clock.first_step, metrics))
-        report(run, step, metrics, before, clock, save=do_save, final=last, predictions=predictions)
+        report(run, step, metrics, before, clock, save=do_save, final=last, predictions=predictions,
+               loop_state={"notice": notice, **interruptions.metrics()})
+        if notice:
+            log(ctx, f"preemption notice: checkpoint at step {step} written and registered; stopping so that Ray Train "
+                     "resumes the run from it")
+            raise preemption.WorkerPreempted(f"stopped at step {step} on a preemption notice")
         window = Window()
         run.flops.reset()
     if run.sink:
         run.sink.flush()
+
+
+@dataclass(frozen=True)
+class Interruptions:
+    """How often the run was stopped and resumed, counted in its checkpoints: preemptions (resumed from a checkpoint
+    written on a notice) and restarts (resumed from a periodic checkpoint: a crashed or killed worker, or the job
+    run again)."""
+    preemptions: int = 0
+    restarts: int = 0
+
+    @classmethod
+    def after(cls, saved: dict) -> "Interruptions":
+        """The counts of a run resumed from the checkpoint whose loop state is `saved`."""
+        notice = bool(saved.get("notice"))
+        return cls(saved.get("preemptions", 0) + notice, saved.get("restarts", 0) + (not notice))
+
+    def metrics(self) -> dict:
+        return {"preemptions": self.preemptions, "restarts": self.restarts}
 
 
 def final_results(metrics: dict, before: dict, device: torch.device) -> dict:

@@ -3,6 +3,7 @@ format, what each distributed strategy refuses) and the run-name templates resol
 from __future__ import annotations
 
 import json
+import math
 
 from pydantic import Field, model_validator
 
@@ -43,6 +44,19 @@ class JobConfig(Section):
             return self.train.cpu_optimizer_fallback
         return self.train.optimizer
 
+    def micro_batches_per_step(self) -> int:
+        """The global batch in micro-batches of train.batch_size: train.gradient_accumulation x
+        scaling.num_workers, whatever the worker count a run has at the moment (qlora.batching)."""
+        return self.train.gradient_accumulation * self.scaling.num_workers
+
+    def accumulation_on(self, world_size: int) -> int:
+        """Micro-batches each of `world_size` workers runs per optimizer step, keeping the global batch."""
+        per_step = self.micro_batches_per_step()
+        if per_step % world_size:
+            raise ValueError(f"{world_size} workers cannot share the {per_step} micro-batches of a step evenly "
+                             "(the config check refuses such worker ranges)")
+        return per_step // world_size
+
     @model_validator(mode="after")
     def _cross_checks(self):
         if self.optimizer_to_use() is None:  # a GPU-only optimizer on CPU, and no fallback named
@@ -65,7 +79,27 @@ class JobConfig(Section):
                              "scaling.use_gpu=true, or lora.init=default (or gaussian) on CPU")
         self._check_strategy()
         self._check_task()
+        self._check_elastic()
         return self
+
+    def _check_elastic(self) -> None:
+        """Every worker count an elastic run may have must share a step's micro-batches evenly."""
+        low, high = self.scaling.min_workers, self.scaling.num_workers
+        if low is None:
+            return
+        if low > high:
+            raise ValueError(f"scaling.min_workers={low} is above scaling.num_workers={high}: set min_workers <= "
+                             "num_workers (num_workers is the most the run uses)")
+        per_step = self.micro_batches_per_step()
+        uneven = [w for w in range(low, high + 1) if per_step % w]
+        if uneven:
+            need = math.lcm(*(w // math.gcd(high, w) for w in range(low, high + 1)))
+            fit = -(-self.train.gradient_accumulation // need) * need
+            raise ValueError(
+                f"scaling.min_workers={low}..num_workers={high}: a step's {per_step} micro-batches (the global batch "
+                f"train.gradient_accumulation={self.train.gradient_accumulation} x num_workers={high}) cannot be "
+                f"split evenly over {', '.join(map(str, uneven))} workers: set train.gradient_accumulation={fit}, "
+                "or narrow the worker range")
 
     def _check_task(self) -> None:
         """What each task needs of the data format, and what it cannot do."""

@@ -234,7 +234,8 @@ class TrainSection(Section):
     max_steps: Optional[int] = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
     batch_size: int = Field(4, gt=0, description="Examples per worker per micro-batch.")
     gradient_accumulation: int = Field(1, gt=0,
-            description="Micro-batches per optimizer step (global batch = batch_size x this x workers).")
+            description="Micro-batches per optimizer step on each of scaling.num_workers workers (global batch = "
+            "batch_size x this x scaling.num_workers, kept when an elastic run has fewer workers).")
     max_grad_norm: float = Field(1.0, gt=0, description="Clip the gradient norm (over all workers) to this.")
     weight_decay: float = Field(0.0, ge=0, description="Weight decay of the optimizer.")
     loraplus_lr_ratio: Optional[float] = Field(
@@ -311,7 +312,13 @@ class EvaluationSection(Section):
 
 
 class ScalingSection(Section):
-    num_workers: int = Field(1, gt=0, description="Ray Train workers (data-parallel ranks).")
+    num_workers: int = Field(1, gt=0, description="Ray Train workers (data-parallel ranks); with min_workers, the "
+                             "most the run uses.")
+    min_workers: Optional[int] = Field(
+        None, gt=0, description="Elastic training: Ray Train starts on as many workers as fit between min_workers "
+        "and num_workers, restarts on however many are left after a worker or node is lost, and grows back when "
+        "capacity returns. The global batch (train.batch_size x train.gradient_accumulation x num_workers) stays "
+        "the same: on fewer workers each accumulates more micro-batches per step. Unset: exactly num_workers.")
     strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
         "ddp", description="ddp: every worker holds the whole 4-bit model and all-reduces LoRA gradients. fsdp: "
         "FSDP2 shards every decoder layer's parameters, the 4-bit weights included (their packed bytes typed as "
@@ -335,7 +342,12 @@ class ScalingSection(Section):
     storage_path: str = Field("runs", description="Where Ray Train keeps checkpoints: a cloud URI or shared "
                               "folder on multi-node clusters; a relative path is under $QLORA_HOME (default: the "
                               "current folder, or ~/qlora_runs inside a `ray job submit` job).")
-    max_failures: int = Field(0, ge=0, description="Worker-group restarts Ray Train may do.")
+    max_failures: int = Field(3, ge=-1, description="Restarts after a worker crashes (or is killed, or runs out of "
+                              "host memory), each resuming from the latest checkpoint; -1: no limit. Preemptions "
+                              "are counted apart (max_preemptions).")
+    max_preemptions: int = Field(-1, ge=-1, description="Restarts after a preemption notice (SIGTERM to a worker, or "
+                                 "Ray draining its node), each resuming from the checkpoint written on the notice; "
+                                 "-1: no limit.")
 
 
 class TrackingSection(Section):

@@ -120,6 +120,7 @@ def finish(result, job: Prepared, uri: str | None, run_id: str | None) -> dict:
     return {"adapter": str(ckpt_dir / adapters.ADAPTER_DIR), "checkpoint": str(ckpt_dir), "mlflow_run_id": run_id,
             "tracking_uri": redact_uri(uri) if uri else None, **logged, "metrics_before": before, "metrics_after": after,
             "train_seconds": metrics.get("train_seconds"), "steps": metrics.get("step"),
+            "preemptions": metrics.get("preemptions"), "restarts": metrics.get("restarts"),
             "tokens_per_second": metrics.get("tokens_per_second"),
             **{k: metrics.get(k) for k in mfu.CLOCK_KEYS}, "packing_efficiency": metrics.get("packing_efficiency"),
             "weights_memory_gib": metrics.get("weights_memory_gib"), "peak_memory_gib": metrics.get("peak_memory_gib"),

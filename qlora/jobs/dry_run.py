@@ -3,14 +3,12 @@ training: the resolved config, the model, the data (prepared into the cache, or 
 statistics, truncation and packing, the LoRA parameter count and a GPU memory estimate per worker."""
 from __future__ import annotations
 
-import torch
 import yaml
 
 from qlora import memory_estimate, preflight, runtime, tasks
 from qlora.batching import BatchPlan
 from qlora.config import JobConfig
 from qlora.data import padding_efficiency
-from qlora.distributed import Context
 from qlora.jobs.base import describe_preparation, ensure_data, prepare_job, run_name
 
 
@@ -55,9 +53,9 @@ def dry_run(cfg: JobConfig) -> dict:
 
 
 def batch_fill(cfg: JobConfig, lengths: list[int]) -> float:
-    """Real tokens / batch slots over the first epoch's micro-batches of one worker (what the worker's
+    """Real tokens / batch slots over the first epoch's micro-batches (what the workers'
     packing_efficiency metric will show: packed rows are padded to data.max_length)."""
-    plan = BatchPlan(len(lengths), cfg, Context(0, 1, torch.device("cpu")), lengths)
+    plan = BatchPlan(len(lengths), cfg, lengths)
     batches = [[lengths[i] for i in plan.micro_batch(k)[1]] for k in range(plan.per_epoch)]
     if cfg.data.packing:
         return sum(map(sum, batches)) / (sum(map(len, batches)) * cfg.data.max_length)

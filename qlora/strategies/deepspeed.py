@@ -49,7 +49,9 @@ class DeepSpeed(Strategy):
         # One bucket as large as the LoRA weights: DeepSpeed's default (5e8 elements) would allocate 2 GB per
         # gradient buffer for a few million trainable parameters.
         bucket = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
-        config = {"train_micro_batch_size_per_gpu": t.batch_size, "gradient_accumulation_steps": t.gradient_accumulation,
+        # This worker's share of the step's global micro-batches (more on fewer workers: the global batch stays).
+        accumulation = self.cfg.accumulation_on(self.ctx.world_size)
+        config = {"train_micro_batch_size_per_gpu": t.batch_size, "gradient_accumulation_steps": accumulation,
                   "gradient_clipping": t.max_grad_norm, "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False,
                   "zero_optimization": {"stage": self.cfg.scaling.zero_stage, "reduce_bucket_size": bucket,
                                         "allgather_bucket_size": bucket}}

@@ -8,6 +8,7 @@ extra state (DoRA's magnitudes, LoRA+'s optimizer parameter groups) is what must
 default LoRA path resumes in tests/e2e/test_fsdp.py."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -74,8 +75,23 @@ def train_worker_pids(job: subprocess.Popen) -> list[int]:
     return sorted(p.pid for p in job_processes(job, "RayTrainWorker"))
 
 
+def kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL a job's driver (started with start_new_session) and the local cluster it started. That cluster
+    outlives the driver for a moment (its processes are not in the driver's process group) and could still
+    register a checkpoint: its Train controller and workers go with it."""
+    stragglers = job_processes(proc, "RayTrainWorker", "TrainController")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for p in stragglers:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    time.sleep(2)
+
+
 def resumed_steps(log: str) -> list[int]:
-    return [int(line.rsplit(" ", 1)[-1]) for line in log.splitlines() if "resumed from checkpoint at step" in line]
+    return [int(m.group(1)) for m in re.finditer(r"resumed from checkpoint at step (\d+)", log)]
 
 
 def test_killed_worker_then_killed_driver_and_corrupt_checkpoint_resume_to_identical_result(tmp_path, tiny_model_dir):
@@ -101,17 +117,7 @@ def test_killed_worker_then_killed_driver_and_corrupt_checkpoint_resume_to_ident
         return bool(resumed) and len(registered) == 2 and registered[0][0] > resumed[0]
 
     wait_for(checkpointed_twice_after_the_restart, proc, "two checkpoints after the worker restart")
-    # The local cluster the driver started outlives it for a moment (its processes are not in the driver's
-    # process group) and could still register a checkpoint: its Train controller and workers go with it.
-    stragglers = job_processes(proc, "RayTrainWorker", "TrainController")
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    for p in stragglers:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    time.sleep(2)
+    kill_job(proc)
     first_log = log_path.read_text()
     resumed_at = resumed_steps(first_log)[0]
     assert resumed_at % 4 == 0 and 4 <= resumed_at < 20  # the latest checkpoint, not step 0

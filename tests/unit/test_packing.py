@@ -127,11 +127,12 @@ def test_length_grouped_order_is_a_seeded_permutation_sorted_within_groups():
         assert run == sorted(run, reverse=True)
 
 
-def plan_for(lengths, group_by_length, world=1, rank=0, batch_size=4, seed=7):
+def plan_for(lengths, group_by_length, workers=1, batch_size=4, seed=7, accumulation=1):
     from qlora.batching import BatchPlan
     cfg = load_config(None, ["data.path=x.jsonl", f"train.batch_size={batch_size}", f"train.seed={seed}",
-                             f"train.group_by_length={group_by_length}", "train.epochs=3"])
-    return BatchPlan(len(lengths), cfg, Context(rank, world, torch.device("cpu")), lengths)
+                             f"train.group_by_length={group_by_length}", "train.epochs=3",
+                             f"scaling.num_workers={workers}", f"train.gradient_accumulation={accumulation}"])
+    return BatchPlan(len(lengths), cfg, lengths)
 
 
 def test_group_by_length_batches_are_a_pure_function_of_k_and_pad_less():
@@ -153,14 +154,30 @@ def test_group_by_length_batches_are_a_pure_function_of_k_and_pad_less():
 
 def test_group_by_length_ranks_share_similar_lengths_and_cover_the_data():
     lengths = list(range(10, 410, 2))  # 200 examples
-    ranks = [plan_for(lengths, True, world=2, rank=r) for r in (0, 1)]
+    plan = plan_for(lengths, True, workers=2)
     seen = []
-    for k in range(ranks[0].per_epoch):
-        a, b = (p.micro_batch(k)[1] for p in ranks)
+    for step in range(plan.total_steps // 3):  # one epoch
+        a, b = ([plan.micro_batch(j)[1] for j in plan.for_rank(step, Context(r, 2, torch.device("cpu")))][0]
+                for r in (0, 1))
         seen += a + b
         both = [lengths[i] for i in a + b]
-        assert max(both) - min(both) <= 20  # one sorted run of the global order feeds both ranks' batch k
+        assert max(both) - min(both) <= 20  # one sorted run of the global order feeds both ranks' step
     assert sorted(set(seen)) == list(range(200))
+
+
+def test_a_step_holds_the_same_examples_on_any_worker_count_each_rank_every_world_th():
+    """The global batch (accumulation x num_workers micro-batches) is the unit: 2 workers x 2 micro-batches, 1 x 4
+    and 4 x 1 run the same micro-batches, with the same dropout seeds, at every step."""
+    plan = plan_for([10] * 50, False, workers=4, batch_size=2)
+    assert plan.per_step == 4
+    for step in (0, 5, 11):
+        by_world = {w: [plan.for_rank(step, Context(r, w, torch.device("cpu"))) for r in range(w)] for w in (1, 2, 4)}
+        assert by_world[1] == [[4 * step, 4 * step + 1, 4 * step + 2, 4 * step + 3]]
+        assert by_world[2] == [[4 * step, 4 * step + 2], [4 * step + 1, 4 * step + 3]]
+        assert by_world[4] == [[4 * step + r] for r in range(4)]
+    assert plan.seed(9) == plan_for([10] * 50, False, workers=4, batch_size=2).seed(9) != plan.seed(10)
+    with pytest.raises(ValueError, match="3 workers cannot share the 4 micro-batches"):
+        plan.for_rank(0, Context(0, 3, torch.device("cpu")))
 
 
 # --- nested subsets, truncation --------------------------------------------------------------------
@@ -222,5 +239,5 @@ def test_every_micro_batch_is_full_the_last_of_an_epoch_topped_up_from_its_start
         order = batches[0] + batches[1] + batches[2][:2]
         assert sorted(order) == list(range(10))  # each example once, then the top-up
         assert batches[2][2:] == order[:2]
-    two = [plan_for([10] * 3, False, world=2, rank=r, batch_size=4) for r in (0, 1)]  # fewer than a batch
-    assert all(len(p.micro_batch(k)[1]) == 4 for p in two for k in range(4))
+    tiny = plan_for([10] * 3, False, workers=2, batch_size=4)  # fewer examples than a micro-batch
+    assert all(len(tiny.micro_batch(k)[1]) == 4 for k in range(4))

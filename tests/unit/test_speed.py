@@ -237,7 +237,7 @@ def test_compiled_layers_compile_once_across_epochs_and_held_out_evaluation():
     rows = pack_examples(examples, 64)
     cfg = load_config(None, ["data.path=x.jsonl", "data.max_length=64", "data.packing=true", "train.batch_size=4",
                              "train.epochs=2"])
-    plan = BatchPlan(len(rows), cfg, Context(0, 1, torch.device("cpu")), [len(r["input_ids"]) for r in rows])
+    plan = BatchPlan(len(rows), cfg, [len(r["input_ids"]) for r in rows])
     assert len(rows) % 4 and plan.total_steps > plan.per_epoch  # a short last batch, and a second epoch
     model = tiny_lora_model(layers=2)
     kernels.compile_layers(model)

@@ -1,9 +1,12 @@
-"""The Ray Train driver's trainer: Ray's default callbacks, less the placement-group cleaner (qlora/train_driver.py)."""
+"""The Ray Train driver's trainer: Ray's default callbacks, less the placement-group cleaner (qlora/train_driver.py);
+the preemption notice on a worker and the failure policy that charges it to the preemption budget."""
 from ray.train import ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-from qlora.train_driver import Trainer
+from qlora import preemption
+from qlora.distributed import Context
+from qlora.train_driver import DriverOwnedTrainer
 
 
 def test_the_trainer_has_rays_default_callbacks_but_the_placement_group_cleaner():
@@ -11,7 +14,7 @@ def test_the_trainer_has_rays_default_callbacks_but_the_placement_group_cleaner(
         trainer = cls(lambda config: None, scaling_config=ScalingConfig(num_workers=1))
         return [type(c) for c in trainer._create_default_callbacks()]
 
-    ray_default, ours = kinds(TorchTrainer), kinds(Trainer)
+    ray_default, ours = kinds(TorchTrainer), kinds(DriverOwnedTrainer)
     assert PlacementGroupCleanerCallback in ray_default  # what the subclass exists to drop is still there upstream
     assert ours == [k for k in ray_default if k is not PlacementGroupCleanerCallback]
 
@@ -26,3 +29,38 @@ def test_the_worker_payload_crosses_as_a_dict_and_refuses_unknown_or_missing_key
         WorkerPayload.from_dict({"cfg": "{}", "data_cache": "/c"})
     with pytest.raises(TypeError, match="expected"):
         WorkerPayload.from_dict({"config": "{}"})
+
+
+def test_sigterm_to_a_worker_process_is_a_notice_not_an_exit():
+    import os
+    import signal
+
+    import torch
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        preemption.NoticeOnSigterm().after_init_train_context()  # what Ray Train runs in each worker's main thread
+        ctx = Context(0, 1, torch.device("cpu"))
+        assert not preemption.noticed(ctx)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert preemption.noticed(ctx)  # this process is still here, and the loop sees the notice
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        preemption.NOTICE.clear()
+
+
+def test_a_stop_on_a_notice_is_charged_to_the_preemption_budget_and_a_crash_to_the_failure_budget():
+    from ray.train import FailureConfig
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+    from ray.train.v2._internal.execution.failure_handling import FailureDecision
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    def stopped(error):  # as Ray Train's controller gets a worker's exception
+        return WorkerGroupError("rank 1", {1: UserExceptionWithTraceback(error, "Traceback ...")})
+
+    policy = preemption.FailurePolicy(FailureConfig(max_failures=0, max_preemption_failures=2))
+    notice = preemption.WorkerPreempted("stopped at step 5 on a preemption notice")
+    assert [policy.make_decision(stopped(notice)) for _ in range(3)] == [
+        FailureDecision.RETRY, FailureDecision.RETRY, FailureDecision.RAISE]
+    crash = preemption.FailurePolicy(FailureConfig(max_failures=1, max_preemption_failures=-1))
+    assert [crash.make_decision(stopped(RuntimeError("boom"))) for _ in range(2)] == [
+        FailureDecision.RETRY, FailureDecision.RAISE]

@@ -1,14 +1,20 @@
-"""The sharded strategies on CPU: 2 Ray Train workers over gloo, a 4-bit (NF4) base with LoRA.
+"""Every interrupted run ends where the uninterrupted one does: 2 Ray Train workers over gloo, a 4-bit (NF4) base
+with LoRA, one uninterrupted DDP run as the reference.
 
-scaling.strategy=fsdp (FSDP2 shards every layer): the run must train exactly as DDP does (same data, same steps),
-with each worker holding half the frozen weights; its adapter checkpoints must be whole (every LoRA tensor at full
-shape, gathered from both shards, loadable by plain peft in one process); the FSDP run has a worker killed after
-its first checkpoint, and must resume from its sharded state to DDP's uninterrupted result. Held-out sets of odd
-size make the ranks' shares unequal, which FSDP's collective forwards must survive (evaluation and generation in
-lockstep). scaling.strategy=deepspeed (a ZeRO-2 engine partitions the optimizer state): a killed worker resumes
-from the partitioned state to DDP's uninterrupted result, with a checkpoint in DDP's format."""
+- scaling.strategy=fsdp (FSDP2 shards every layer), one worker sent SIGTERM mid-run (a preemption notice): every
+  rank finishes its step, the step's checkpoint is written and registered, the workers stop, Ray Train restarts
+  the group, and the run resumes at exactly that step; it ends at DDP's adapter, each worker holding half the
+  frozen weights, with whole adapter checkpoints (every LoRA tensor at full shape, loadable by plain peft) and
+  held-out sets of odd size split unevenly over the ranks (collective forwards in lockstep).
+- scaling.strategy=deepspeed (ZeRO-2 partitions the optimizer state), one worker killed: resumes from the
+  partitioned state, with a checkpoint in DDP's format.
+- Elastic: the run interrupted on 2 workers, resumed on 1 (Ray Train's elastic mode starting on the one worker
+  that fits, accumulating 4 micro-batches per step instead of 2: the same global batch), interrupted again and
+  finished on 2.
+"""
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +26,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import ROOT, write_tiny_llama
-from test_recovery import registered_checkpoints, resumed_steps, train_worker_pids, wait_for
+from test_recovery import kill_job, registered_checkpoints, resumed_steps, train_worker_pids, wait_for
 
 NUM_GENERATE = 5  # odd: one rank generates for 3 prompts, the other for 2 plus a discarded repeat
 
@@ -61,31 +67,58 @@ def adapter(result: dict) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory, untied_model_dir) -> dict:
-    """The uninterrupted DDP run every sharded run must reproduce."""
+    """The uninterrupted DDP run every other run must reproduce."""
     folder = tmp_path_factory.mktemp("ddp-run")
     return run_job(job_cmd(folder, untied_model_dir, "ddp", "ddp"))
 
 
+def interrupted(tmp_path: Path, model: Path, strategy: str, how: str) -> tuple[dict, str]:
+    """The reference job under `strategy`, one of its 2 workers sent SIGTERM (how="notice") or SIGKILL
+    (how="kill", max_failures=1) after the first registered checkpoint: (the final result, the log)."""
+    cmd = job_cmd(tmp_path, model, "interrupted", strategy, max_failures=1)
+    log_path = tmp_path / "interrupted.log"
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: registered_checkpoints(tmp_path / "runs" / "interrupted"), proc, "a checkpoint")
+        victims = train_worker_pids(proc)
+        assert len(victims) == 2
+        psutil.Process(victims[1]).send_signal(signal.SIGTERM if how == "notice" else signal.SIGKILL)
+        assert proc.wait(timeout=600) == 0, log_path.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    log = log_path.read_text()
+    return json.loads(log.strip().splitlines()[-1]), log
+
+
 @pytest.fixture(scope="module")
-def fsdp(tmp_path_factory, untied_model_dir) -> dict:
-    """The same job under FSDP, one worker killed after its first checkpoint and the group restarted."""
-    return killed_and_resumed(tmp_path_factory.mktemp("fsdp-run"), untied_model_dir, "fsdp")
+def fsdp(tmp_path_factory, untied_model_dir) -> tuple[dict, str]:
+    """The job under FSDP, one worker sent a preemption notice (SIGTERM) after its first checkpoint."""
+    return interrupted(tmp_path_factory.mktemp("fsdp-run"), untied_model_dir, "fsdp", "notice")
 
 
-def test_fsdp_resumed_after_a_killed_worker_trains_as_ddp_does_with_half_the_weights_per_worker(ddp, fsdp):
-    """Resumed from its sharded adapter and optimizer state, the FSDP run ends where uninterrupted DDP does."""
-    assert fsdp["steps"] == ddp["steps"] == 12
-    a, b = adapter(ddp), adapter(fsdp)
+def test_fsdp_preempted_by_sigterm_resumes_at_the_notice_step_and_trains_as_ddp_does(ddp, fsdp):
+    """SIGTERM to one worker: the step it was in is finished and checkpointed, the run resumes there (not at the
+    last periodic checkpoint), counted as a preemption, and ends where uninterrupted DDP does."""
+    result, log = fsdp
+    notice_steps = [int(line.split("checkpoint at step ")[1].split()[0]) for line in log.splitlines()
+                    if "preemption notice: checkpoint at step" in line]
+    assert len(notice_steps) == 1 and 4 < notice_steps[0] < 12, log[-3000:]
+    assert resumed_steps(log) == notice_steps  # exactly the notice step
+    assert result["preemptions"] == 1 and result["restarts"] == 0
+    assert result["steps"] == ddp["steps"] == 12
+    a, b = adapter(ddp), adapter(result)
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
     for key in ("eval_loss", "exact_match"):
-        assert fsdp["metrics_after"][key] == pytest.approx(ddp["metrics_after"][key], rel=1e-4)
-    assert fsdp["metrics_after"]["eval_loss"] < fsdp["metrics_before"]["eval_loss"] - 0.1  # it learned
+        assert result["metrics_after"][key] == pytest.approx(ddp["metrics_after"][key], rel=1e-4)
+    assert result["metrics_after"]["eval_loss"] < result["metrics_before"]["eval_loss"] - 0.1  # it learned
     # Frozen base bytes per worker: FSDP holds one of two shards (up to the padding of odd-sized tensors).
-    assert fsdp["weights_memory_gib"] == pytest.approx(ddp["weights_memory_gib"] / 2, rel=0.02)
-    for result in (ddp, fsdp):  # every generated prediction once, none of the lockstep repeats
-        lines = (Path(result["checkpoint"]) / "predictions.jsonl").read_text().splitlines()
+    assert result["weights_memory_gib"] == pytest.approx(ddp["weights_memory_gib"] / 2, rel=0.02)
+    for r in (ddp, result):  # every generated prediction once, none of the lockstep repeats
+        lines = (Path(r["checkpoint"]) / "predictions.jsonl").read_text().splitlines()
         assert len(lines) == NUM_GENERATE
 
 
@@ -95,9 +128,10 @@ def test_fsdp_adapter_checkpoint_is_whole_and_loads_in_one_process(fsdp, untied_
     initialisation, has been trained."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-    weights = adapter(fsdp)
+    result, _ = fsdp
+    weights = adapter(result)
     base = AutoModelForCausalLM.from_pretrained(untied_model_dir)
-    model = PeftModel.from_pretrained(base, fsdp["adapter"])
+    model = PeftModel.from_pretrained(base, result["adapter"])
     expected = {n: p.shape for n, p in model.named_parameters() if "lora_" in n}
     assert len(weights) == len(expected) == 2 * 7 * 2  # A and B, 7 linear layers, 2 decoder layers
     for name, tensor in weights.items():
@@ -106,40 +140,20 @@ def test_fsdp_adapter_checkpoint_is_whole_and_loads_in_one_process(fsdp, untied_
         if "lora_B" in name:
             assert tensor.abs().sum() > 0, f"{name} is still zero"
     # The trainer state holds the whole optimizer state too: AdamW's moments at each LoRA tensor's full shape.
-    state = torch.load(Path(fsdp["checkpoint"]) / "trainer_state.pt", weights_only=False)
+    state = torch.load(Path(result["checkpoint"]) / "trainer_state.pt", weights_only=False)
     moments = state["optimizer"]["state"]
     assert {k.replace(".default", "") for k in moments} == weights.keys()
     for key, moment in moments.items():
         assert moment["exp_avg"].shape == moment["exp_avg_sq"].shape == weights[key.replace(".default", "")].shape
 
 
-def killed_and_resumed(tmp_path: Path, model: Path, strategy: str) -> dict:
-    """The runs' job under `strategy`, one of its 2 workers killed after the first checkpoint (max_failures=1):
-    the final result after Ray Train restarted the group and it resumed."""
-    cmd = job_cmd(tmp_path, model, "killed", strategy, max_failures=1)
-    log_path = tmp_path / "killed.log"
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        wait_for(lambda: registered_checkpoints(tmp_path / "runs" / "killed"), proc, "a checkpoint")
-        victims = train_worker_pids(proc)
-        assert len(victims) == 2
-        psutil.Process(victims[1]).kill()
-        assert proc.wait(timeout=600) == 0, log_path.read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)
-    log = log_path.read_text()
-    assert resumed_steps(log) and resumed_steps(log)[0] in (4, 8)
-    return json.loads(log.strip().splitlines()[-1])
-
-
 def test_deepspeed_zero2_resumes_a_killed_worker_to_ddps_result(tmp_path, ddp, untied_model_dir):
     """ZeRO-2 partitions the AdamW moments over the 2 workers; checkpoints hold them whole (DeepSpeed's
     tensor-fragment API), in torch's format as DDP writes it, and a restarted group splits them again. The
     resumed run ends where uninterrupted DDP does: same data, same steps, same update."""
-    result = killed_and_resumed(tmp_path, untied_model_dir, "deepspeed")
-    assert result["steps"] == 12
+    result, log = interrupted(tmp_path, untied_model_dir, "deepspeed", "kill")
+    assert resumed_steps(log) and resumed_steps(log)[0] in (4, 8)
+    assert result["steps"] == 12 and result["restarts"] == 1 and result["preemptions"] == 0
     a, b = adapter(ddp), adapter(result)
     assert a.keys() == b.keys()
     for k in a:
@@ -161,6 +175,34 @@ def test_deepspeed_zero2_resumes_a_killed_worker_to_ddps_result(tmp_path, ddp, u
             # by tens of percent (0.9^4 of exp_avg's weight), far outside these bounds.
             scale = float(moments[key].abs().max())
             torch.testing.assert_close(ours["state"][i][key], moments[key], rtol=1e-2, atol=1e-3 * scale)
+
+
+def test_a_run_resumed_on_1_worker_and_then_on_2_ends_at_the_uninterrupted_adapter(tmp_path, ddp, untied_model_dir):
+    """The same command, interrupted (its driver and cluster killed) after each registered checkpoint: started on 2
+    workers, resumed with scaling.min_workers=1 where a worker needs 1.5 of the 2 CPUs (Ray Train's elastic mode
+    starts on the one that fits, which runs 4 micro-batches per step instead of 2), then on 2 again. Every step
+    takes the same examples with the same dropout seeds, so the adapter is DDP's up to the order of the sums."""
+    cmd = job_cmd(tmp_path, untied_model_dir, "elastic", "ddp", max_failures=1)
+    one_worker = cmd + ["--set", "scaling.min_workers=1", "--set", "scaling.cpus_per_worker=1.5"]
+    run_dir, logs = tmp_path / "runs" / "elastic", []
+    for step, command in ((4, cmd), (8, one_worker)):
+        log_path = tmp_path / f"until-{step}.log"
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            wait_for(lambda: step in [s for s, _ in registered_checkpoints(run_dir)], proc, f"checkpoint {step}")
+        finally:
+            kill_job(proc)
+        logs.append(log_path.read_text())
+    result = run_job(cmd)
+    assert "resumed from checkpoint at step 4 on 1 worker, 4 micro-batches each per step" in logs[1], logs[1][-3000:]
+    assert result["steps"] == 12 and result["restarts"] == 2
+    a, b = adapter(ddp), adapter(result)
+    for k in a:
+        # 1 worker sums 4 micro-batches' gradients where 2 sum 2 each and all-reduce: the same terms, summed in
+        # another order (a different example set or dropout mask at any step moves elements by ~1e-3).
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+    assert result["metrics_after"]["eval_loss"] == pytest.approx(ddp["metrics_after"]["eval_loss"], rel=1e-5)
 
 
 @pytest.fixture

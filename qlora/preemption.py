@@ -1,0 +1,79 @@
+"""Preemption notices, on the workers and in Ray Train's failure policy.
+
+A notice is a SIGTERM to a Ray Train worker process (what cloud providers and Kubernetes send before they
+reclaim a machine) or Ray draining the worker's node (Ray Train's preemption information, from the autoscaler
+or `ray drain-node`). At the next step boundary every rank learns of it (one all-reduce per step), the step's
+checkpoint is written and registered with Ray Train, and the workers stop with WorkerPreempted. Ray Train then
+restarts the worker group (on however many workers are left, with scaling.min_workers) and the run resumes at
+exactly that step. The failure policy charges such a stop to scaling.max_preemptions, not scaling.max_failures.
+
+Ray's own SIGTERM handler in a worker process exits at once (ray/_private/worker.py); NoticeOnSigterm replaces
+it in each worker's main thread, where Ray Train runs after_init_train_context and signal handlers must be set.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+
+from ray.train.v2._internal.execution.callback import WorkerCallback
+from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy
+from ray.train.v2.api.exceptions import PreemptionError, WorkerGroupError
+from ray.train.v2.api.preemption import PreemptionInfo
+
+from qlora import console, distributed
+
+NOTICE = threading.Event()  # set in a worker process by SIGTERM
+
+
+class WorkerPreempted(Exception):
+    """Raised by every rank after the checkpoint written on a notice, so that Ray Train restarts the group."""
+
+
+class NoticeOnSigterm(WorkerCallback):
+    """A worker's SIGTERM becomes a notice instead of an immediate exit."""
+
+    def after_init_train_context(self):
+        console.expect_notice_stops()
+        NOTICE.clear()
+        signal.signal(signal.SIGTERM, lambda signum, frame: NOTICE.set())
+
+
+def _ray_notice() -> bool:
+    """Whether Ray Train has marked this worker's group preempted (a node drain). Read from the worker's own
+    context: the public ray.train.get_preemption_info() is a barrier through an actor, too slow for every step."""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+        return get_train_context().preemption_context.preemption_info is not None
+    except Exception:  # outside a Ray Train worker (benchmarks, tests in one process)
+        return False
+
+
+def noticed(ctx: distributed.Context) -> bool:
+    """Whether any rank has a notice. A collective: every rank calls it after the same step."""
+    local = 1.0 if NOTICE.is_set() or _ray_notice() else 0.0
+    return distributed.all_sum([local], ctx)[0] > 0
+
+
+def _root(error: BaseException) -> BaseException:
+    """The exception a worker raised, out of Ray's wrappers (UserExceptionWithTraceback, RayTaskError)."""
+    while True:
+        inner = getattr(error, "_base_exc", None) or getattr(error, "cause", None)
+        if inner is None or inner is error:
+            return error
+        error = inner
+
+
+def is_notice_stop(error: BaseException) -> bool:
+    """Whether a failed run attempt ended because its workers stopped on a notice."""
+    failures = getattr(error, "worker_failures", None) or {}
+    return any(isinstance(_root(e), WorkerPreempted) for e in failures.values())
+
+
+class FailurePolicy(DefaultFailurePolicy):
+    """Ray Train's default policy, with a stop on a notice charged as a preemption (scaling.max_preemptions)."""
+
+    def make_decision(self, training_failed_error):
+        if isinstance(training_failed_error, WorkerGroupError) and is_notice_stop(training_failed_error):
+            ranks = sorted(training_failed_error.worker_failures)
+            training_failed_error = PreemptionError(PreemptionInfo(None, {"notice": ranks}), drain_timed_out=False)
+        return super().make_decision(training_failed_error)
