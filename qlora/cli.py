@@ -6,12 +6,13 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from typing import Callable
 
 from qlora import console
-from qlora.errors import TrainingFailure, UserError
+from qlora.errors import Interrupted, TrainingFailure, UserError, stop_signal
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def config_parser(description: str) -> argparse.ArgumentParser:
@@ -54,6 +55,15 @@ def run(job: Callable[[], dict]) -> int:
         return _fail(EXIT_BAD_INPUT, str(e), type(e).__name__)
     except TrainingFailure as e:
         return _fail(EXIT_FAILED, str(e), type(e).__name__)
+    except Interrupted as e:
+        return _fail(EXIT_INTERRUPTED, str(e), type(e).__name__)
+    except (KeyboardInterrupt, SystemExit) as e:
+        if not stop_signal(e):
+            raise
+        return _fail(EXIT_INTERRUPTED, "stopped (Ctrl+C or SIGTERM)", "Interrupted")
+    except Exception as e:  # what no check foresaw (Ray losing a node, a library's bug): still an error line and JSON
+        traceback.print_exc()
+        return _fail(EXIT_FAILED, f"unexpected {type(e).__name__}: {e}", type(e).__name__)
     sys.stderr.flush()
     print(json.dumps(result, default=str), flush=True)
     return EXIT_OK

@@ -115,6 +115,12 @@ def per_rank(value, ctx: Context) -> list:
     return values
 
 
+def barrier(ctx: Context) -> None:
+    """Every rank waits here for the others."""
+    if ctx.world_size > 1:
+        dist.barrier()
+
+
 def all_sum(values: list[float], ctx: Context) -> list[float]:
     if ctx.world_size == 1:
         return values

@@ -23,3 +23,17 @@ class EnvironmentProblem(UserError):
 
 class TrainingFailure(Exception):
     """Training started and then failed (NaN loss, worker crash). Exit code 1."""
+
+
+class Interrupted(Exception):
+    """The job's driver was stopped (Ctrl+C, or SIGTERM) after it started. Exit code 130; the message says what was
+    kept and how to resume."""
+
+    def __init__(self, what: str, resume: str):
+        super().__init__(f"{what}\n  resume: {resume}")
+
+
+def stop_signal(e: BaseException) -> bool:
+    """Whether `e` is how a stop reaches the driver's main thread: KeyboardInterrupt (Ctrl+C), or the SystemExit
+    that Ray's SIGTERM handler in a driver raises (sys.exit(SIGTERM))."""
+    return isinstance(e, KeyboardInterrupt) or (isinstance(e, SystemExit) and e.code == 15)

@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 
 from ray.train.v2._internal.execution.callback import WorkerCallback
 from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy
 from ray.train.v2.api.exceptions import PreemptionError, WorkerGroupError
 from ray.train.v2.api.preemption import PreemptionInfo
 
-from qlora import console, distributed
+from qlora import console, distributed, failures
 
 NOTICE = threading.Event()  # set in a worker process by SIGTERM
+_NOTICE_TIME = [0.0]  # when (time.time()) this process saw its notice first
 
 
 class WorkerPreempted(Exception):
@@ -35,7 +37,13 @@ class NoticeOnSigterm(WorkerCallback):
     def after_init_train_context(self):
         console.expect_notice_stops()
         NOTICE.clear()
-        signal.signal(signal.SIGTERM, lambda signum, frame: NOTICE.set())
+        signal.signal(signal.SIGTERM, lambda signum, frame: _note())
+
+
+def _note() -> None:
+    if not NOTICE.is_set():
+        _NOTICE_TIME[0] = time.time()
+        NOTICE.set()
 
 
 def _ray_notice() -> bool:
@@ -48,25 +56,20 @@ def _ray_notice() -> bool:
         return False
 
 
-def noticed(ctx: distributed.Context) -> bool:
-    """Whether any rank has a notice. A collective: every rank calls it after the same step."""
-    local = 1.0 if NOTICE.is_set() or _ray_notice() else 0.0
-    return distributed.all_sum([local], ctx)[0] > 0
-
-
-def _root(error: BaseException) -> BaseException:
-    """The exception a worker raised, out of Ray's wrappers (UserExceptionWithTraceback, RayTaskError)."""
-    while True:
-        inner = getattr(error, "_base_exc", None) or getattr(error, "cause", None)
-        if inner is None or inner is error:
-            return error
-        error = inner
+def noticed(ctx: distributed.Context) -> float | None:
+    """When the earliest notice of any rank came (time.time(), comparable across nodes only as far as their clocks
+    agree), or None. A collective: every rank calls it after the same step; only a notice costs a second one."""
+    if _ray_notice():
+        _note()
+    if distributed.all_sum([1.0 if NOTICE.is_set() else 0.0], ctx)[0] == 0:
+        return None
+    return min(t for t in distributed.per_rank(_NOTICE_TIME[0] if NOTICE.is_set() else None, ctx) if t is not None)
 
 
 def is_notice_stop(error: BaseException) -> bool:
     """Whether a failed run attempt ended because its workers stopped on a notice."""
-    failures = getattr(error, "worker_failures", None) or {}
-    return any(isinstance(_root(e), WorkerPreempted) for e in failures.values())
+    stopped = getattr(error, "worker_failures", None) or {}
+    return any(isinstance(failures.root(e), WorkerPreempted) for e in stopped.values())
 
 
 class FailurePolicy(DefaultFailurePolicy):

@@ -152,24 +152,14 @@ def on_worker(cfg: JobConfig, fn, *args):
             raise TrainingFailure(f"{fn.__name__} failed: {type(e.cause).__name__}: {e.cause}") from None
 
 
-def worker_error(e: BaseException, what: str) -> Exception:
-    """The error to raise for a failed Ray Train run: the worker's own UserError / TrainingFailure as it
-    is (its message names the problem and the fix), anything else wrapped as a TrainingFailure."""
-    cause = _root_cause(e)
-    if isinstance(cause, (UserError, TrainingFailure)):
-        return cause
-    return TrainingFailure(f"{what} failed: {type(cause).__name__}: {cause}")
-
-
-def _root_cause(e: BaseException) -> BaseException:
-    """The exception a worker raised, unwrapped from Ray Train's WorkerGroupError and RayTaskError."""
-    failures = getattr(e, "worker_failures", None)
-    if failures:
-        e = failures[min(failures)]
-    e = getattr(e, "cause", None) or e
-    while e.__cause__ is not None:
-        e = e.__cause__
-    return e
+def run_snapshot(storage: str, name: str) -> str | None:
+    """Ray Train's checkpoint snapshot of run `name` in `storage` (local or cloud), or None."""
+    fs, path = _storage_fs(storage)
+    try:
+        with fs.open_input_stream(f"{path}/{name}/{RAY_TRAIN_SNAPSHOT}") as f:
+            return f.read().decode()
+    except (OSError, FileNotFoundError):
+        return None
 
 
 def finish_mlflow_run(uri, run_id, status: str) -> None:

@@ -3,13 +3,14 @@ job's loop on the same resources), and the out-of-memory retries of train.auto_b
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-from qlora import console, oom, preemption, resources, runtime, tracking
+from qlora import console, failures, oom, preemption, resources, runtime, tracking
 from qlora.config import JobConfig
 from qlora.payload import WorkerPayload
 from qlora.worker import train_loop_per_worker
@@ -28,6 +29,22 @@ class Trainer(TorchTrainer):
     def _initialize_and_run_controller(self, **kwargs):
         kwargs["failure_policy"] = preemption.FailurePolicy(self.run_config.failure_config)
         return super()._initialize_and_run_controller(**kwargs)
+
+    def _register_sigint_handler(self, controller):
+        """Ctrl+C: Ray Train's graceful abort (its controller stops the workers), then KeyboardInterrupt in the
+        driver, whose job closes its MLflow run as KILLED and names the resume. Ray's own handler exits the
+        process from inside the handler (status 1, nothing printed); a second Ctrl+C interrupts at once."""
+        import ray
+
+        def on_sigint(signum, frame):
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            try:
+                ray.get(controller.abort.remote(), timeout=60)
+            except Exception:  # the controller has gone already: nothing left to abort
+                pass
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, on_sigint)
 
 
 class DriverOwnedTrainer(Trainer):
@@ -63,7 +80,7 @@ def fit(cfg: JobConfig, payload: WorkerPayload, name: str, storage: str, callbac
         return trainer.fit()
     except Exception as e:  # Ray wraps the worker's exception (TrainingFailed / WorkerGroupError)
         runtime.finish_mlflow_run(payload.tracking_uri, payload.mlflow_run_id, "FAILED")
-        raise runtime.worker_error(e, what) from None
+        raise failures.run_error(e, what, cfg, runtime.run_snapshot(storage, name), f"{storage}/{name}") from None
 
 
 def fit_with_memory_retries(cfg: JobConfig, name: str, storage: str, uri: str | None, run_id: str | None,

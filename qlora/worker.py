@@ -202,9 +202,10 @@ def train_loop_per_worker(config: dict) -> None:
         saved = restore_trainer(run.trainer_state, run)
         step, before = saved["step"], saved.get("before")
         interruptions = Interruptions.after(saved)
-        log(ctx, f"resumed from checkpoint at step {step}" + (" (written on a preemption notice)"
-                                                              if saved.get("notice") else "") + f" on {ctx.world_size} "
-            f"worker{'s' if ctx.world_size > 1 else ''}, {cfg.accumulation_on(ctx.world_size)} micro-batches each per step")
+        notice = " (written on a preemption notice)" if saved.get("notice") else ""
+        workers = f"{ctx.world_size} worker{'s' if ctx.world_size > 1 else ''}"
+        log(ctx, f"resumed from checkpoint at step {step}{notice} on {workers}, "
+                 f"{cfg.accumulation_on(ctx.world_size)} micro-batch(es) each per step")
         if saved.get("final"):  # the run had finished: report its result again, train nothing
             ray.train.report(saved["metrics"])
             return
@@ -217,9 +218,9 @@ def train_loop_per_worker(config: dict) -> None:
         epoch, grad_norm = train_step(run, step, window, clock)
         step += 1
         last = step == total
-        notice = not last and preemption.noticed(ctx)  # a collective: every rank, every step
+        notice = None if last else preemption.noticed(ctx)  # a collective: every rank, every step
         do_eval = last or (cfg.train.eval_every and step % cfg.train.eval_every == 0)
-        do_save = last or notice or (cfg.train.save_every and step % cfg.train.save_every == 0)
+        do_save = last or notice is not None or (cfg.train.save_every and step % cfg.train.save_every == 0)
         if not (last or do_eval or do_save or step % cfg.train.log_every == 0):
             continue
         metrics = {**step_metrics(run, step, epoch, grad_norm, window, clock, last), **interruptions.metrics()}
@@ -235,10 +236,13 @@ def train_loop_per_worker(config: dict) -> None:
             metrics.update({f"before_{k}": v for k, v in before.items()})
         log(ctx, console.progress_line(step, total, clock.training_seconds(), step - clock.first_step, metrics))
         report(run, step, metrics, before, clock, save=do_save, final=last, predictions=predictions,
-               loop_state={"notice": notice, **interruptions.metrics()})
-        if notice:
-            log(ctx, f"preemption notice: checkpoint at step {step} written and registered; stopping so that Ray Train "
-                     "resumes the run from it")
+               loop_state={"notice": notice is not None, **interruptions.metrics()})
+        if notice is not None:
+            # Every rank's report is queued before any rank stops: Ray Train restarts the group as soon as it sees
+            # an error, and a report still being uploaded then (rank 0's, with the checkpoint) would be lost.
+            distributed.barrier(ctx)
+            log(ctx, f"preemption notice: checkpoint at step {step} written and registered {time.time() - notice:.1f} s "
+                     "after the notice; stopping so that Ray Train resumes the run from it")
             raise preemption.WorkerPreempted(f"stopped at step {step} on a preemption notice")
         window = Window()
         run.flops.reset()

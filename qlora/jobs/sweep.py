@@ -13,7 +13,7 @@ import yaml
 
 from qlora import adapters, console, preflight, resources, runtime, tracking, train_driver
 from qlora.config import JobConfig, flatten
-from qlora.errors import ConfigError
+from qlora.errors import ConfigError, Interrupted, stop_signal
 from qlora.jobs.base import ensure_data, finish, prepare_job, start_mlflow_run
 from qlora.payload import WorkerPayload
 from qlora.search_space import SearchSpace, apply_params, with_tied
@@ -47,6 +47,8 @@ def run_trial(config: dict, base_json: str, space_json: str, uri, parent_run_id,
         existing = _child_runs(uri, cfg.tracking.experiment, parent_run_id, trial_id)
         run_id = existing[0].info.run_id if existing else start_mlflow_run(
             job, uri, name, {"mlflow.parentRunId": parent_run_id, "trial_id": trial_id})
+        if existing:  # a trial resumed after the sweep was stopped (its run KILLED then) runs again
+            tracking.client(uri).update_run(run_id, status="RUNNING")
     payload = WorkerPayload(cfg.to_json(), job.data.cache, uri, run_id, console.verbose())
     result = train_driver.fit(cfg, payload, name, storage, callbacks=[TuneReportCallback()], in_tune_trial=True)
     finish(result, job, uri, run_id)
@@ -76,6 +78,9 @@ def sweep(cfg: JobConfig, space: SearchSpace, name: str, resume: bool = False) -
     # Save Tune's experiment state on every loop: a trial that finished is never run again after a
     # driver crash (the state is a few KB; trials take minutes).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    # Ctrl+C raises here instead of Tune returning a partial result as if the sweep had ended: the sweep's MLflow
+    # runs are closed as KILLED and the resume is named (Interrupted).
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     from ray import tune
 
     space.check_against(cfg)
@@ -98,6 +103,8 @@ def sweep(cfg: JobConfig, space: SearchSpace, name: str, resume: bool = False) -
         prepare_data(cfg, space, storage)
         if resume:
             parent = json.loads(state_path.read_text())["mlflow_parent_run_id"]
+            if uri and parent:  # KILLED when the sweep was stopped
+                tracking.client(uri).update_run(parent, status="RUNNING")
         else:
             parent = tracking.start_run(uri, cfg.tracking.experiment, name, {**flatten(cfg), **{
                 f"space.{k}": v.model_dump(exclude_none=True) for k, v in space.params.items()}},
@@ -116,8 +123,25 @@ def sweep(cfg: JobConfig, space: SearchSpace, name: str, resume: bool = False) -
             tuner = tune.Tuner(trainable, param_space={"params": {k: d.to_tune() for k, d in space.params.items()}},
                                tune_config=_tune_config(space, sweep_dir),
                                run_config=tune.RunConfig(name=name, storage_path=storage))
-        grid = tuner.fit()
+        try:
+            grid = tuner.fit()
+        except (KeyboardInterrupt, SystemExit) as e:
+            if not stop_signal(e):
+                raise
+            _close_interrupted(uri, cfg, parent)
+            raise Interrupted(f"sweep {name} stopped (Ctrl+C or SIGTERM to the job); finished trials and Tune's state "
+                              f"are kept in {sweep_dir}", "run the same command with --resume") from None
         return summarize(grid, cfg, space, uri, parent, name)
+
+
+def _close_interrupted(uri: str | None, cfg: JobConfig, parent: str | None) -> None:
+    """The sweep's parent run and its running trials' runs marked KILLED (not left RUNNING forever)."""
+    if not (uri and parent):
+        return
+    for child in _child_runs(uri, cfg.tracking.experiment, parent):
+        if child.info.status == "RUNNING":
+            runtime.finish_mlflow_run(uri, child.info.run_id, "KILLED")
+    runtime.finish_mlflow_run(uri, parent, "KILLED")
 
 
 def _tune_config(space: SearchSpace, sweep_dir: Path):

@@ -6,6 +6,7 @@ import time
 
 from qlora import preflight, run_identity, runtime, tracking, train_driver
 from qlora.config import JobConfig, redact_uri
+from qlora.errors import Interrupted, stop_signal
 from qlora.jobs.base import ensure_data, finish, prepare_job, run_name, start_mlflow_run
 
 def train(cfg: JobConfig) -> dict:
@@ -32,7 +33,14 @@ def train(cfg: JobConfig) -> dict:
         if uri and run_id is None:
             run_id = start_mlflow_run(job, uri, name)
         started = time.time()
-        result = train_driver.fit_with_memory_retries(cfg, name, storage, uri, run_id, job.data.cache)
+        try:
+            result = train_driver.fit_with_memory_retries(cfg, name, storage, uri, run_id, job.data.cache)
+        except (KeyboardInterrupt, SystemExit) as e:
+            if not stop_signal(e):
+                raise
+            runtime.finish_mlflow_run(uri, run_id, "KILLED")
+            raise Interrupted(f"run {name} stopped (Ctrl+C or SIGTERM to the job); its checkpoints are kept in "
+                              f"{storage}/{name}", f"run the same command with --set tracking.run_name={name}") from None
         # A run that had finished re-reports its result; its adapter is logged (and registered) once only.
         summary = finish(result, job, uri if log_result else None, run_id)
         print(f"\nadapter: {summary['adapter']}\nMLflow run: {run_id} ({redact_uri(uri) if uri else None})\n"

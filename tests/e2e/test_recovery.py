@@ -62,7 +62,11 @@ def job_processes(job: subprocess.Popen, *kinds: str) -> list[psutil.Process]:
     of its driver, whose `ray.init` started the local cluster they run in. Other Ray jobs on the machine (another
     test run, a user's training) are never touched."""
     found = []
-    for p in psutil.Process(job.pid).children(recursive=True):
+    try:
+        descendants = psutil.Process(job.pid).children(recursive=True)
+    except psutil.NoSuchProcess:  # the driver has exited (and shut its cluster down)
+        return []
+    for p in descendants:
         try:
             if any(k in " ".join(p.cmdline()) for k in kinds):
                 found.append(p)
@@ -80,8 +84,9 @@ def kill_job(proc: subprocess.Popen) -> None:
     outlives the driver for a moment (its processes are not in the driver's process group) and could still
     register a checkpoint: its Train controller and workers go with it."""
     stragglers = job_processes(proc, "RayTrainWorker", "TrainController")
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     for p in stragglers:
         try:
             p.kill()

@@ -178,10 +178,12 @@ def test_deepspeed_zero2_resumes_a_killed_worker_to_ddps_result(tmp_path, ddp, u
 
 
 def test_a_run_resumed_on_1_worker_and_then_on_2_ends_at_the_uninterrupted_adapter(tmp_path, ddp, untied_model_dir):
-    """The same command, interrupted (its driver and cluster killed) after each registered checkpoint: started on 2
-    workers, resumed with scaling.min_workers=1 where a worker needs 1.5 of the 2 CPUs (Ray Train's elastic mode
-    starts on the one that fits, which runs 4 micro-batches per step instead of 2), then on 2 again. Every step
-    takes the same examples with the same dropout seeds, so the adapter is DDP's up to the order of the sums."""
+    """The same command, interrupted after each registered checkpoint (first its driver and cluster killed, then
+    stopped with Ctrl+C): started on 2 workers, resumed with scaling.min_workers=1 where a worker needs 1.5 of the 2
+    CPUs (Ray Train's elastic mode starts on the one that fits, which runs 4 micro-batches per step instead of 2),
+    then on 2 again. Every step takes the same examples with the same dropout seeds, so the adapter is DDP's up to
+    the order of the sums."""
+    from qlora.tracking import client
     cmd = job_cmd(tmp_path, untied_model_dir, "elastic", "ddp", max_failures=1)
     one_worker = cmd + ["--set", "scaling.min_workers=1", "--set", "scaling.cpus_per_worker=1.5"]
     run_dir, logs = tmp_path / "runs" / "elastic", []
@@ -191,11 +193,19 @@ def test_a_run_resumed_on_1_worker_and_then_on_2_ends_at_the_uninterrupted_adapt
                                 start_new_session=True)
         try:
             wait_for(lambda: step in [s for s, _ in registered_checkpoints(run_dir)], proc, f"checkpoint {step}")
+            if step == 8:  # Ctrl+C: the job stops with exit code 130, its MLflow run KILLED, the resume named
+                proc.send_signal(signal.SIGINT)
+                assert proc.wait(timeout=120) == 130
         finally:
             kill_job(proc)
         logs.append(log_path.read_text())
+    assert "resumed from checkpoint at step 4 on 1 worker, 4 micro-batch(es) each per step" in logs[1], logs[1][-3000:]
+    stopped = json.loads(logs[1].strip().splitlines()[-1])
+    assert stopped["error_type"] == "Interrupted" and "--set tracking.run_name=elastic" in stopped["error"]
+    mlflow = client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert [r.info.status for r in mlflow.search_runs([mlflow.get_experiment_by_name("elastic").experiment_id])] == [
+        "KILLED"]
     result = run_job(cmd)
-    assert "resumed from checkpoint at step 4 on 1 worker, 4 micro-batches each per step" in logs[1], logs[1][-3000:]
     assert result["steps"] == 12 and result["restarts"] == 2
     a, b = adapter(ddp), adapter(result)
     for k in a:

@@ -89,9 +89,9 @@ def test_sweep_asha_stops_bad_trials_and_resume_reruns_nothing_finished(tmp_path
         exp = c.get_experiment_by_name("sweep")
         return [] if exp is None else c.search_runs([exp.experiment_id], "tags.`mlflow.parentRunId` != ''")
 
-    # Start the sweep, and kill the driver (with the local cluster it started) part-way.
-    proc = subprocess.Popen(_sweep_cmd(tmp_path), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    # Start the sweep, and stop its driver with Ctrl+C (SIGINT) part-way.
+    proc = subprocess.Popen(_sweep_cmd(tmp_path), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, start_new_session=True)
     deadline = time.time() + 600
     # Kill once the second trial has started: the first has finished and Tune has recorded it as done.
     # After the resume, ASHA stops the second at its first report (worse than the first trial's).
@@ -99,8 +99,18 @@ def test_sweep_asha_stops_bad_trials_and_resume_reruns_nothing_finished(tmp_path
                                           and len(children()) >= 2):
         assert proc.poll() is None, "sweep ended before it could be interrupted"
         time.sleep(2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(signal.SIGINT)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    stopped = json.loads(out.strip().splitlines()[-1])
+    assert proc.returncode == 130 and stopped["error_type"] == "Interrupted", out[-3000:]
+    assert "resume: run the same command with --resume" in stopped["error"]
+    # Nothing left RUNNING in MLflow: the parent and the interrupted trial are KILLED, the finished one FINISHED.
+    exp = c.get_experiment_by_name("sweep")
+    assert {r.info.status for r in c.search_runs([exp.experiment_id])} == {"KILLED", "FINISHED"}
     finished_before = {r.data.tags["trial_id"]: r.info.end_time for r in children() if r.info.status == "FINISHED"}
     assert finished_before
 

@@ -10,6 +10,7 @@ LAYERS = {
     "qlora.jobs": 3,  # job drivers
     "qlora.train_driver": 2, "qlora.worker": 2, "qlora.asha": 2,  # Ray layers: Train driver, worker loop, Tune
     "qlora.preemption": 2,  # notices on the workers, and the failure policy Ray Train's controller runs
+    "qlora.failures": 2,  # what a failed Ray Train run tells its user
     "qlora.runtime": 2,  # the Ray, storage and MLflow connections the drivers share
     "qlora.config": 0, "qlora.errors": 0, "qlora.files": 0, "qlora.console": 0, "qlora.cli": 0,  # helpers
     "qlora.distributed": 0,

@@ -40,9 +40,9 @@ def test_sigterm_to_a_worker_process_is_a_notice_not_an_exit():
     try:
         preemption.NoticeOnSigterm().after_init_train_context()  # what Ray Train runs in each worker's main thread
         ctx = Context(0, 1, torch.device("cpu"))
-        assert not preemption.noticed(ctx)
+        assert preemption.noticed(ctx) is None
         os.kill(os.getpid(), signal.SIGTERM)
-        assert preemption.noticed(ctx)  # this process is still here, and the loop sees the notice
+        assert preemption.noticed(ctx) is not None  # this process is still here, and the loop sees the notice
     finally:
         signal.signal(signal.SIGTERM, previous)
         preemption.NOTICE.clear()
@@ -64,3 +64,30 @@ def test_a_stop_on_a_notice_is_charged_to_the_preemption_budget_and_a_crash_to_t
     crash = preemption.FailurePolicy(FailureConfig(max_failures=1, max_preemption_failures=-1))
     assert [crash.make_decision(stopped(RuntimeError("boom"))) for _ in range(2)] == [
         FailureDecision.RETRY, FailureDecision.RAISE]
+
+
+def test_a_dead_worker_is_named_with_how_it_died_what_was_kept_and_what_to_set():
+    """Ray's exit information of a worker, read into one line (no page of actor details)."""
+    import json
+
+    from ray.exceptions import RayActorError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from qlora import failures
+    from qlora.config import load_config
+    killed = RayActorError(error_msg="The actor died unexpectedly before finishing this task.\n\tpid: 4242\n\tip: "
+                           "10.0.0.7\nThe actor is dead because its worker process has died. Worker exit type: "
+                           "SYSTEM_ERROR Worker exit detail: Worker unexpectedly exits with a connection error code 2.")
+    error = WorkerGroupError("rank 1", {1: WorkerHealthCheckFailedError("A worker health check failed.", killed)})
+    snapshot = json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_x", "metrics": {"step": 8}}})
+    cfg = load_config(None, ["data.path=x.jsonl", "scaling.max_failures=2"])
+    message = str(failures.run_error(error, "training", cfg, snapshot, "/runs/r"))
+    assert message.startswith("training failed: worker rank 1 (pid 4242 on 10.0.0.7) died: its process ended without "
+                              "an error of its own")
+    assert "scaling.max_failures=2 allowed 2 restart(s); kept: the checkpoint at step 8 (/runs/r/checkpoint_x)" in message
+    assert "fix: run the same command again to resume from it, or raise scaling.max_failures" in message
+    oom = RayActorError(error_msg="Worker exit type: NODE_OUT_OF_MEMORY Worker exit detail: Task was killed due to the "
+                        "node running low on memory.")
+    assert "too much host memory" in failures.how_it_died(oom)[0] and "train.batch_size" in failures.how_it_died(oom)[1]
+    assert failures.kept(None, "/runs/r").startswith("kept: no checkpoint yet")
