@@ -5,12 +5,16 @@ Layout of a checkpoint folder:
     trainer_state.pt    optimizer, scheduler, step, epoch, batch position, every rank's RNG states
     config.yaml         the resolved JobConfig
     manifest.json       size and sha256 of every file above, checked on load
-Folders are written under a temporary name and renamed, so a crash never leaves a half checkpoint.
+Folders are written under a temporary name and renamed, so a crash never leaves a half checkpoint. Their upload to
+scaling.storage_path is retried (upload_with_retries): Ray Train registers a checkpoint only once its upload has
+returned, so a failed upload leaves at most an unregistered folder, which the manifest marks as incomplete.
 """
 from __future__ import annotations
 
 import json
 import random
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -109,3 +113,21 @@ def restore_rng(states: list | dict, rank: int = 0) -> None:
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
+
+
+# Waits before the 2nd, 3rd and 4th upload attempt: a storage or network blip of up to about a minute is ridden out.
+UPLOAD_RETRY_DELAYS_S = (2.0, 10.0, 45.0)
+
+
+def upload_with_retries(storage, checkpoint, name: str, delays=UPLOAD_RETRY_DELAYS_S):
+    """Ray Train's upload of `checkpoint` to `storage` (its StorageContext) as `name`, tried again after each of
+    `delays` when the storage fails (each attempt copies every file again). Returns the persisted checkpoint."""
+    for attempt, delay in enumerate([*delays, None], start=1):
+        try:
+            return storage.persist_current_checkpoint(checkpoint, name)
+        except OSError as e:  # pyarrow's filesystem errors are OSErrors (ArrowIOError too)
+            if delay is None:
+                raise
+            print(f"[qlora] checkpoint upload {name} failed (attempt {attempt}: {type(e).__name__}: {e}); retrying in "
+                  f"{delay:g} s", file=sys.stderr, flush=True)
+            time.sleep(delay)

@@ -177,8 +177,14 @@ def report(run: Run, step: int, metrics: dict, before: dict, clock: Clock, save:
                 checkpoint.write_manifest(folder)
             ckpt = ray.train.Checkpoint.from_directory(str(folder))
         started = time.perf_counter()
-        ray.train.report(metrics, checkpoint=ckpt)
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_upload_fn=upload)
         clock.report_seconds += time.perf_counter() - started
+
+
+def upload(ckpt, name: str):
+    """Ray Train's checkpoint upload, retried when the storage fails (checkpoint.upload_with_retries)."""
+    import ray.train
+    return checkpoint.upload_with_retries(ray.train.get_context().get_storage(), ckpt, name)
 
 
 def step_metrics(run: Run, step: int, epoch: int, grad_norm: float, window: Window, clock: Clock, last: bool) -> dict:

@@ -1,5 +1,7 @@
 """Checkpoint folders: atomic write, manifest check, corruption detection."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -31,3 +33,31 @@ def test_save_verify_and_detect_corruption(tmp_path, lora_model):
     (folder / "manifest.json").unlink()
     with pytest.raises(checkpoint.CorruptCheckpoint, match="manifest"):
         checkpoint.verify(folder)
+
+
+def test_a_failed_checkpoint_upload_is_retried_and_registers_nothing_half_written(tmp_path, capsys):
+    """Ray Train's own upload into a real local storage whose destination is unusable for a moment (a file where
+    the checkpoint's folder goes): the first attempt fails, the retry after the storage recovers copies every file."""
+    import threading
+
+    from ray.train import Checkpoint
+    from ray.train.v2._internal.execution.storage import StorageContext
+
+    from qlora.checkpoint import upload_with_retries
+    local = tmp_path / "local"
+    (local / "adapter").mkdir(parents=True)
+    (local / "adapter" / "adapter_model.safetensors").write_bytes(b"w" * 1000)
+    (local / "manifest.json").write_text("{}")
+    storage = StorageContext(str(tmp_path / "storage"), "run")
+    blocked = tmp_path / "storage" / "run" / "checkpoint_1"
+    blocked.parent.mkdir(parents=True, exist_ok=True)  # StorageContext may have made it
+    blocked.write_text("not a folder")  # the storage refuses the upload until this is gone
+    threading.Timer(0.5, blocked.unlink).start()
+    persisted = upload_with_retries(storage, Checkpoint.from_directory(str(local)), "checkpoint_1", delays=(1.0,))
+    assert Path(persisted.path) == blocked
+    assert "checkpoint upload checkpoint_1 failed (attempt 1" in capsys.readouterr().err  # refused, then retried
+    assert (blocked / "adapter" / "adapter_model.safetensors").read_bytes() == b"w" * 1000
+    blocked_again = blocked.with_name("checkpoint_2")
+    blocked_again.write_text("still not a folder")
+    with pytest.raises(OSError):  # out of attempts: the error reaches Ray Train, which registers nothing
+        upload_with_retries(storage, Checkpoint.from_directory(str(local)), "checkpoint_2", delays=(0.1,))
