@@ -1,7 +1,12 @@
-"""What a failed Ray Train run tells its user. A worker's own error comes back as it is (a UserError or
-TrainingFailure names the problem and the fix). A worker that died says which one, how (out of memory, killed or
-crashed, its node lost or preempted: read from Ray's worker exit information), what the run kept, and what to set,
-instead of Ray's page of actor details.
+"""What a failed Ray Train run attempt means: whether Ray Train restarts it and against which budget (FailurePolicy,
+run by Ray Train's controller), and what a run that fails for good tells its user.
+
+A worker's own error (a UserError or TrainingFailure: a NaN loss, bad data, out of GPU memory) would happen again
+on a restart, so it ends the run at once and comes back as it is, naming the problem and the fix. A stop on a
+preemption notice is charged to scaling.max_preemptions. A worker that died is charged to scaling.max_failures;
+after the last restart the error says which one, how (out of memory, killed or crashed, its node lost or
+preempted: Ray's worker exit information), what the run kept and what to set, instead of Ray's page of actor
+details.
 """
 from __future__ import annotations
 
@@ -9,10 +14,13 @@ import json
 import re
 
 from ray.exceptions import RayActorError
-from ray.train.v2.api.exceptions import PreemptionError
+from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
+from ray.train.v2.api.exceptions import PreemptionError, WorkerGroupError
+from ray.train.v2.api.preemption import PreemptionInfo
 
 from qlora.config import JobConfig
 from qlora.errors import TrainingFailure, UserError
+from qlora.preemption import WorkerPreempted
 
 
 def root(error: BaseException) -> BaseException:
@@ -23,6 +31,32 @@ def root(error: BaseException) -> BaseException:
         if inner is None or inner is error:
             return error
         error = inner
+
+
+def own_errors(error: BaseException) -> list[BaseException]:
+    """The workers' own errors in a failed attempt (UserError, TrainingFailure), by rank."""
+    failures = getattr(error, "worker_failures", None) or {}
+    return [r for _, e in sorted(failures.items()) if isinstance(r := root(e), (UserError, TrainingFailure))]
+
+
+def is_notice_stop(error: BaseException) -> bool:
+    """Whether a failed run attempt ended because its workers stopped on a preemption notice."""
+    stopped = getattr(error, "worker_failures", None) or {}
+    return any(isinstance(root(e), WorkerPreempted) for e in stopped.values())
+
+
+class FailurePolicy(DefaultFailurePolicy):
+    """Ray Train's default policy, except: a stop on a notice is a preemption (scaling.max_preemptions), and a
+    worker's own error ends the run without a restart (it would repeat)."""
+
+    def make_decision(self, training_failed_error):
+        if isinstance(training_failed_error, WorkerGroupError):
+            if is_notice_stop(training_failed_error):
+                ranks = sorted(training_failed_error.worker_failures)
+                training_failed_error = PreemptionError(PreemptionInfo(None, {"notice": ranks}), drain_timed_out=False)
+            elif own_errors(training_failed_error):
+                return FailureDecision.RAISE
+        return super().make_decision(training_failed_error)
 
 
 def actor_death(error: BaseException) -> RayActorError | None:
@@ -62,7 +96,7 @@ def run_error(error: BaseException, what: str, cfg: JobConfig, snapshot_text: st
     None), `where`: its folder, for saying what was kept."""
     failures = getattr(error, "worker_failures", None) or {}
     roots = [root(e) for _, e in sorted(failures.items())]
-    own = [r for r in roots if isinstance(r, (UserError, TrainingFailure))]
+    own = own_errors(error)
     if own:
         return own[0]
     resume = "run the same command again to resume from it"

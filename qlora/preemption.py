@@ -5,7 +5,8 @@ reclaim a machine) or Ray draining the worker's node (Ray Train's preemption inf
 or `ray drain-node`). At the next step boundary every rank learns of it (one all-reduce per step), the step's
 checkpoint is written and registered with Ray Train, and the workers stop with WorkerPreempted. Ray Train then
 restarts the worker group (on however many workers are left, with scaling.min_workers) and the run resumes at
-exactly that step. The failure policy charges such a stop to scaling.max_preemptions, not scaling.max_failures.
+exactly that step. Ray Train's failure policy (qlora.failures) charges such a stop to scaling.max_preemptions,
+not scaling.max_failures.
 
 Ray's own SIGTERM handler in a worker process exits at once (ray/_private/worker.py); NoticeOnSigterm replaces
 it in each worker's main thread, where Ray Train runs after_init_train_context and signal handlers must be set.
@@ -17,11 +18,8 @@ import threading
 import time
 
 from ray.train.v2._internal.execution.callback import WorkerCallback
-from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy
-from ray.train.v2.api.exceptions import PreemptionError, WorkerGroupError
-from ray.train.v2.api.preemption import PreemptionInfo
 
-from qlora import console, distributed, failures
+from qlora import console, distributed
 
 NOTICE = threading.Event()  # set in a worker process by SIGTERM
 _NOTICE_TIME = [0.0]  # when (time.time()) this process saw its notice first
@@ -64,19 +62,3 @@ def noticed(ctx: distributed.Context) -> float | None:
     if distributed.all_sum([1.0 if NOTICE.is_set() else 0.0], ctx)[0] == 0:
         return None
     return min(t for t in distributed.per_rank(_NOTICE_TIME[0] if NOTICE.is_set() else None, ctx) if t is not None)
-
-
-def is_notice_stop(error: BaseException) -> bool:
-    """Whether a failed run attempt ended because its workers stopped on a notice."""
-    stopped = getattr(error, "worker_failures", None) or {}
-    return any(isinstance(failures.root(e), WorkerPreempted) for e in stopped.values())
-
-
-class FailurePolicy(DefaultFailurePolicy):
-    """Ray Train's default policy, with a stop on a notice charged as a preemption (scaling.max_preemptions)."""
-
-    def make_decision(self, training_failed_error):
-        if isinstance(training_failed_error, WorkerGroupError) and is_notice_stop(training_failed_error):
-            ranks = sorted(training_failed_error.worker_failures)
-            training_failed_error = PreemptionError(PreemptionInfo(None, {"notice": ranks}), drain_timed_out=False)
-        return super().make_decision(training_failed_error)

@@ -23,11 +23,11 @@ RAY_TRAIN_POLL_INTERVAL_S = "0.1"
 
 
 class Trainer(TorchTrainer):
-    """Ray's TorchTrainer whose failure policy counts a stop on a preemption notice as a preemption
-    (qlora.preemption: scaling.max_preemptions, apart from scaling.max_failures)."""
+    """Ray's TorchTrainer with our failure policy (qlora.failures: a stop on a preemption notice is a preemption, a
+    worker's own error is not retried) and our Ctrl+C."""
 
     def _initialize_and_run_controller(self, **kwargs):
-        kwargs["failure_policy"] = preemption.FailurePolicy(self.run_config.failure_config)
+        kwargs["failure_policy"] = failures.FailurePolicy(self.run_config.failure_config)
         return super()._initialize_and_run_controller(**kwargs)
 
     def _register_sigint_handler(self, controller):

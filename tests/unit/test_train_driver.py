@@ -4,7 +4,8 @@ from ray.train import ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-from qlora import preemption
+from qlora import failures, preemption
+from qlora.errors import TrainingFailure
 from qlora.distributed import Context
 from qlora.train_driver import DriverOwnedTrainer
 
@@ -57,13 +58,15 @@ def test_a_stop_on_a_notice_is_charged_to_the_preemption_budget_and_a_crash_to_t
     def stopped(error):  # as Ray Train's controller gets a worker's exception
         return WorkerGroupError("rank 1", {1: UserExceptionWithTraceback(error, "Traceback ...")})
 
-    policy = preemption.FailurePolicy(FailureConfig(max_failures=0, max_preemption_failures=2))
+    policy = failures.FailurePolicy(FailureConfig(max_failures=0, max_preemption_failures=2))
     notice = preemption.WorkerPreempted("stopped at step 5 on a preemption notice")
     assert [policy.make_decision(stopped(notice)) for _ in range(3)] == [
         FailureDecision.RETRY, FailureDecision.RETRY, FailureDecision.RAISE]
-    crash = preemption.FailurePolicy(FailureConfig(max_failures=1, max_preemption_failures=-1))
+    crash = failures.FailurePolicy(FailureConfig(max_failures=1, max_preemption_failures=-1))
     assert [crash.make_decision(stopped(RuntimeError("boom"))) for _ in range(2)] == [
         FailureDecision.RETRY, FailureDecision.RAISE]
+    nan = failures.FailurePolicy(FailureConfig(max_failures=3))  # the worker's own error would only repeat
+    assert nan.make_decision(stopped(TrainingFailure("loss became nan at step 3"))) == FailureDecision.RAISE
 
 
 def test_a_dead_worker_is_named_with_how_it_died_what_was_kept_and_what_to_set():
@@ -74,7 +77,6 @@ def test_a_dead_worker_is_named_with_how_it_died_what_was_kept_and_what_to_set()
     from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
     from ray.train.v2.api.exceptions import WorkerGroupError
 
-    from qlora import failures
     from qlora.config import load_config
     killed = RayActorError(error_msg="The actor died unexpectedly before finishing this task.\n\tpid: 4242\n\tip: "
                            "10.0.0.7\nThe actor is dead because its worker process has died. Worker exit type: "
