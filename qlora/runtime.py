@@ -20,7 +20,7 @@ def connect_ray(address: str | None) -> bool:
     import ray
     if ray.is_initialized():
         return False
-    started_here = address is None and "RAY_ADDRESS" not in os.environ
+    started_here = (address is None and "RAY_ADDRESS" not in os.environ) or address == "local"
     try:
         ray.init(address=address)
     except (ConnectionError, RuntimeError, ValueError) as e:
@@ -121,6 +121,8 @@ def joins_a_cluster(address: str | None) -> bool:
     """Whether a job would join a running cluster (configured, submitted, or already connected) rather than start
     a local one."""
     import ray
+    if address == "local":
+        return ray.is_initialized()
     return address is not None or "RAY_ADDRESS" in os.environ or ray.is_initialized()
 
 

@@ -107,8 +107,9 @@ def test_submitted_train_job_learns_logs_registers_and_evaluates(servers, tiny_m
     assert version.run_id == run.info.run_id and version.tags["data_hash"] == run.data.tags["data_hash"]
 
     # The registered version, by name, on the cluster: loads on its base model and generates.
+    # One Ray task on the cluster (evaluating on a Ray Train worker group: tests/e2e/test_export.py).
     ev = submit(head, "qlora-eval-1", "ray_jobs.evaluate", "--adapter", "models:/people-extractor/1",
-                "--set", f"tracking.uri={mlflow_server.uri}")
+                "--set", f"tracking.uri={mlflow_server.uri}", "--set", "scaling.num_workers=1")
     assert ev.returncode == 0, ev.stdout[-4000:] + ev.stderr[-2000:]
     metrics = last_json(ev.stdout)["metrics"]
     assert metrics["eval_loss"] == pytest.approx(result["metrics_after"]["eval_loss"], rel=1e-4)
@@ -120,33 +121,13 @@ def test_submitted_train_job_learns_logs_registers_and_evaluates(servers, tiny_m
     assert len(lines) == 2 and all("answer" in json.loads(line) for line in lines)
 
 
-def test_failing_submissions_end_failed_with_the_message(servers, tiny_model_dir, tmp_path):
-    head, mlflow_server = servers.head, servers.mlflow
+def test_a_failing_submission_ends_failed_with_the_message(servers):
+    head = servers.head
     bad = submit(head, "qlora-bad-1", "ray_jobs.train", "--config", "configs/quickstart.yaml", "--set", "lora.r=0")
     assert bad.returncode != 0
     assert "qlora-bad-1' failed" in job_cli(head, "status", "qlora-bad-1")
     logs = job_cli(head, "logs", "qlora-bad-1")
     assert "lora.r: Input should be greater than 0" in logs and '"exit_code": 2' in logs
-
-    # A learning rate of 1e30 (after the quickstart's 2 warm-up steps) turns the weights into NaN at step 3:
-    # the job stops there, names the step, exits 1, keeps the step-2 checkpoint, marks its MLflow run FAILED.
-    storage = tmp_path / "runs"
-    sets = [f"model.name={tiny_model_dir}", "train.learning_rate=1e30", "train.save_every=1", "train.log_every=1",
-            "train.max_steps=4", "data.max_samples=32", "evaluation.generate=false", "scaling.num_workers=1",
-            f"scaling.storage_path={storage}", f"tracking.uri={mlflow_server.uri}", "tracking.experiment=nan",
-            "tracking.run_name=nan-run"]
-    nan = submit(head, "qlora-nan-1", "ray_jobs.train", "--config", "configs/quickstart.yaml",
-                 *[a for s in sets for a in ("--set", s)])
-    assert nan.returncode != 0
-    logs = job_cli(head, "logs", "qlora-nan-1")
-    error = last_json(logs)
-    assert error["exit_code"] == 1 and error["error"].startswith("loss became nan at step 3; the last good checkpoint")
-    newest = max(p for p in (storage / "nan-run").glob("checkpoint_*") if p.is_dir())
-    checkpoint.verify(newest)
-    assert checkpoint.load_trainer_state(newest)["state"]["step"] == 2
-    c = client(mlflow_server.uri)
-    runs = c.search_runs([c.get_experiment_by_name("nan").experiment_id])
-    assert [r.info.status for r in runs] == ["FAILED"]
 
 
 def test_metrics_survive_a_tracking_server_outage(servers, capfd):

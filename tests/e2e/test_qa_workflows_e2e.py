@@ -2,7 +2,7 @@
 GSM8K question/answer SFT on a 4-bit and an 8-bit SmolLM2 base (memory footprint of each, files beside
 the final adapter, generation from the reloaded adapter), and the CPU variant of the original QLoRA recipe
 (added [PAD] token, source/target caps, multiple-choice accuracy before and after).
-Resuming from the last checkpoint is covered by tests/e2e/test_recovery.py."""
+Resuming from the last checkpoint is covered by tests/e2e/test_resume_equivalence.py."""
 import json
 from pathlib import Path
 
@@ -83,4 +83,4 @@ def test_qlora_recipe_cpu_variant(ray_cluster, tmp_path):
     with safe_open(str(folder / "adapter" / "adapter_model.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert keys and all("lora_" in k for k in keys)  # adapter only: the [PAD] rows are re-created at load
-    assert (folder / "trainer_state.pt").is_file()  # what resuming needs (tests/e2e/test_recovery.py)
+    assert (folder / "trainer_state.pt").is_file()  # what resuming needs (tests/e2e/test_resume_equivalence.py)

@@ -8,9 +8,10 @@ with LoRA, one uninterrupted DDP run as the reference.
   held-out sets of odd size split unevenly over the ranks (collective forwards in lockstep).
 - scaling.strategy=deepspeed (ZeRO-2 partitions the optimizer state), one worker killed: resumes from the
   partitioned state, with a checkpoint in DDP's format.
-- Elastic: the run interrupted on 2 workers, resumed on 1 (Ray Train's elastic mode starting on the one worker
-  that fits, accumulating 4 micro-batches per step instead of 2: the same global batch), interrupted again and
-  finished on 2.
+- On two nodes, one drained by Ray as a spot reclaim would be: the run checkpoints on the notice, goes on on the
+  one worker left (accumulating 4 micro-batches per step instead of 2: the same global batch), is stopped with
+  Ctrl+C, has its newest checkpoint corrupted, and is finished on 2 workers from the one before, in one MLflow run;
+  the same run name with another learning rate is refused.
 """
 import json
 import os
@@ -26,7 +27,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import ROOT, write_tiny_llama
-from test_recovery import kill_job, registered_checkpoints, resumed_steps, train_worker_pids, wait_for
+from jobs import kill_job, registered_checkpoints, resumed_steps, train_worker_pids, wait_for
 
 NUM_GENERATE = 5  # odd: one rank generates for 3 prompts, the other for 2 plus a discarded repeat
 
@@ -177,42 +178,93 @@ def test_deepspeed_zero2_resumes_a_killed_worker_to_ddps_result(tmp_path, ddp, u
             torch.testing.assert_close(ours["state"][i][key], moments[key], rtol=1e-2, atol=1e-3 * scale)
 
 
-def test_a_run_resumed_on_1_worker_and_then_on_2_ends_at_the_uninterrupted_adapter(tmp_path, ddp, untied_model_dir):
-    """The same command, interrupted after each registered checkpoint (first its driver and cluster killed, then
-    stopped with Ctrl+C): started on 2 workers, resumed with scaling.min_workers=1 where a worker needs 1.5 of the 2
-    CPUs (Ray Train's elastic mode starts on the one that fits, which runs 4 micro-batches per step instead of 2),
-    then on 2 again. Every step takes the same examples with the same dropout seeds, so the adapter is DDP's up to
-    the order of the sums."""
+@pytest.fixture
+def two_nodes():
+    """A Ray cluster of two nodes on this machine (two raylets, one CPU each), which jobs join by address."""
+    import ray
+    from ray.cluster_utils import Cluster
+    ray.shutdown()  # the test process's shared cluster (conftest.ray_cluster), if it runs, steps aside
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    second = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    yield cluster, second
+    cluster.shutdown()
+
+
+def test_a_run_that_loses_a_node_then_its_driver_and_a_checkpoint_ends_at_the_uninterrupted_adapter(
+        tmp_path, ddp, untied_model_dir, two_nodes):
+    """One run through everything a spot cluster does to it, ending at uninterrupted DDP's adapter:
+    1. On two nodes (one worker each, scaling.min_workers=1), Ray drains the second node as a spot reclaim would
+       (`ray drain-node`, reason preemption): Ray Train's preemption watcher marks the workers, the step in progress
+       is checkpointed, and the run resumes at that step on the one worker left (elastic), which runs 4 micro-batches
+       per step instead of 2: the same global batch, the same examples and dropout seeds.
+    2. Stopped there with Ctrl+C: exit 130, its MLflow run KILLED, the command that resumes it named.
+    3. Its newest checkpoint corrupted, the same command on a local cluster of 2 CPUs skips it, resumes from the
+       notice checkpoint on 2 workers, finishes in the same MLflow run.
+    4. The same run name with another learning rate is refused before Ray starts (it would return this adapter)."""
     from qlora.tracking import client
-    cmd = job_cmd(tmp_path, untied_model_dir, "elastic", "ddp", max_failures=1)
-    one_worker = cmd + ["--set", "scaling.min_workers=1", "--set", "scaling.cpus_per_worker=1.5"]
-    run_dir, logs = tmp_path / "runs" / "elastic", []
-    for step, command in ((4, cmd), (8, one_worker)):
-        log_path = tmp_path / f"until-{step}.log"
-        proc = subprocess.Popen(command, cwd=ROOT, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            wait_for(lambda: step in [s for s, _ in registered_checkpoints(run_dir)], proc, f"checkpoint {step}")
-            if step == 8:  # Ctrl+C: the job stops with exit code 130, its MLflow run KILLED, the resume named
-                proc.send_signal(signal.SIGINT)
-                assert proc.wait(timeout=120) == 130
-        finally:
-            kill_job(proc)
-        logs.append(log_path.read_text())
-    assert "resumed from checkpoint at step 4 on 1 worker, 4 micro-batch(es) each per step" in logs[1], logs[1][-3000:]
-    stopped = json.loads(logs[1].strip().splitlines()[-1])
+    cluster, second = two_nodes
+    cmd = job_cmd(tmp_path, untied_model_dir, "elastic", "ddp", max_failures=1) + ["--set", "scaling.min_workers=1"]
+    run_dir, log_path = tmp_path / "runs" / "elastic", tmp_path / "two-nodes.log"
+    proc = subprocess.Popen(cmd + ["--set", f"scaling.ray_address={cluster.address}"], cwd=ROOT,
+                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.2"})  # Ray's default: 5 s
+    try:
+        wait_for(lambda: registered_checkpoints(run_dir), proc, "a checkpoint")
+        drain = subprocess.run([str(Path(sys.executable).parent / "ray"), "drain-node", "--address", cluster.address,
+                                "--node-id", second.node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
+                                "--reason-message", "spot reclaim (test)", "--deadline-remaining-seconds", "300"],
+                               capture_output=True, text=True, timeout=60)
+        assert drain.returncode == 0, drain.stdout + drain.stderr
+        one_worker = "worker, 4 micro-batch(es) each per step"
+        wait_for(lambda: one_worker in log_path.read_text()
+                 and max([s for s, _ in registered_checkpoints(run_dir)], default=0) >= 8,
+                 proc, "a checkpoint on the one worker left")
+        proc.send_signal(signal.SIGINT)  # Ctrl+C
+        assert proc.wait(timeout=120) == 130
+    finally:
+        kill_job(proc)
+    cluster.shutdown()
+    log = log_path.read_text()
+    notice = [int(line.split("checkpoint at step ")[1].split()[0]) for line in log.splitlines()
+              if "preemption notice: checkpoint at step" in line]
+    assert len(notice) == 1 and 4 < notice[0] < 8, log[-4000:]
+    assert f"resumed from checkpoint at step {notice[0]} (written on a preemption notice) on 1 {one_worker}" in log
+    stopped = json.loads(log.strip().splitlines()[-1])
     assert stopped["error_type"] == "Interrupted" and "--set tracking.run_name=elastic" in stopped["error"]
     mlflow = client(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert [r.info.status for r in mlflow.search_runs([mlflow.get_experiment_by_name("elastic").experiment_id])] == [
-        "KILLED"]
-    result = run_job(cmd)
-    assert result["steps"] == 12 and result["restarts"] == 2
+    experiment = mlflow.get_experiment_by_name("elastic").experiment_id
+    assert [r.info.status for r in mlflow.search_runs([experiment])] == ["KILLED"]
+
+    (older, _), (newest_step, newest) = registered_checkpoints(run_dir)
+    assert older == notice[0] and newest_step >= 8
+    weights = newest / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated, as by a crash mid-copy
+    local = cmd + ["--set", "scaling.ray_address=local"]  # a fresh local cluster of this machine's 2 CPUs
+    again = subprocess.run(local, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    out = again.stdout + again.stderr
+    assert f"skipping corrupt checkpoint: {newest}" in out and "resuming from the previous intact checkpoint" in out
+    assert resumed_steps(out) == notice and "on 2 workers, 2 micro-batch(es) each per step" in out
+    result = json.loads(again.stdout.strip().splitlines()[-1])
+    assert result["steps"] == 12 and result["preemptions"] == 1 and result["restarts"] == 0
     a, b = adapter(ddp), adapter(result)
     for k in a:
         # 1 worker sums 4 micro-batches' gradients where 2 sum 2 each and all-reduce: the same terms, summed in
         # another order (a different example set or dropout mask at any step moves elements by ~1e-3).
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
     assert result["metrics_after"]["eval_loss"] == pytest.approx(ddp["metrics_after"]["eval_loss"], rel=1e-5)
+    runs = mlflow.search_runs([experiment])  # one run across both commands, its loss history continued
+    assert [r.info.run_id for r in runs] == [result["mlflow_run_id"]] and runs[0].info.status == "FINISHED"
+    assert max(m.step for m in mlflow.get_metric_history(result["mlflow_run_id"], "loss")) == 12
+
+    changed = subprocess.run(local + ["--set", "train.learning_rate=1e-4", "--set", "train.log_every=1"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert changed.returncode == 2, changed.stdout[-2000:] + changed.stderr[-2000:]
+    error = json.loads(changed.stdout.strip().splitlines()[-1])["error"]
+    assert "run elastic has checkpoints" in error and "train.learning_rate: 0.005 in the run, 0.0001 now" in error
+    assert "log_every" not in error and "fix: set tracking.run_name to a new name" in error
+    assert "resuming" not in changed.stdout and "Started a local Ray instance" not in changed.stderr
 
 
 @pytest.fixture

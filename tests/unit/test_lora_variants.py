@@ -1,6 +1,6 @@
 """The LoRA variants on a real bitsandbytes 4-bit tiny Llama: DoRA and rsLoRA counted and applied by peft, LoRA+'s
 parameter groups, their refusals, and what the memory estimate and the FLOP counter add for DoRA. LoftQ (CUDA only
-in peft) is tested by tests/unit/test_gpu.py. Training, resuming and merging them: tests/e2e/test_recovery.py and
+in peft) is tested by tests/unit/test_gpu.py. Their state through a checkpoint: here; merging them:
 tests/e2e/test_export.py."""
 import math
 
@@ -63,6 +63,46 @@ def test_loraplus_gives_the_b_matrices_their_own_learning_rate(tiny_model_dir):
         scheduler.step()
     assert b["lr"] == pytest.approx(16 * a["lr"]) and 0 < a["lr"] < 1e-3
     assert optimizer_params(model, config(tiny_model_dir)) == [p for p in model.parameters() if p.requires_grad]
+
+
+def test_dora_rslora_and_loraplus_state_survive_a_checkpoint_exactly(tiny_model_dir, tmp_path):
+    """What a resumed run restores (qlora.worker.resume_adapter and restore_trainer): DoRA's magnitudes in the
+    adapter, LoRA+'s two parameter groups and their AdamW moments in the trainer state. A restored model and
+    optimizer then take the very step the uninterrupted ones take."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from qlora import checkpoint
+    variants = {"use_dora": True, "use_rslora": True, "init": "gaussian"}
+    cfg = config(tiny_model_dir, variants, {"learning_rate": 5e-3, "loraplus_lr_ratio": 4, "max_steps": 4})
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+
+    def step(model, optimizer, scheduler):
+        torch.manual_seed(7)  # the same dropout masks (the worker seeds each micro-batch: qlora.batching)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step(), scheduler.step(), optimizer.zero_grad()
+
+    runs = []
+    for _ in range(2):  # the uninterrupted run, and the one restored from its checkpoint after step 1
+        model = lora_model(tiny_model_dir, **variants)
+        optimizer = make_optimizer(cfg, optimizer_params(model, cfg))
+        runs.append((model, optimizer, make_scheduler(cfg, optimizer, 4)))
+    step(*runs[0])
+    folder = checkpoint.save(tmp_path / "ckpt", runs[0][0], cfg, runs[0][1].state_dict(), runs[0][2], {"step": 1})
+    saved = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
+    assert any("lora_magnitude_vector" in k for k in saved)  # DoRA's magnitudes are in the adapter
+    model, optimizer, scheduler = runs[1]
+    set_peft_model_state_dict(model, saved)
+    state = checkpoint.load_trainer_state(folder)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    assert [g["initial_lr"] for g in optimizer.param_groups] == [5e-3, 4 * 5e-3]  # LoRA+: A, then B x 4
+    step(*runs[0])
+    step(model, optimizer, scheduler)
+    after = {n: p for n, p in runs[0][0].named_parameters() if p.requires_grad}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p, after[name], rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("sections, message", [
