@@ -18,6 +18,7 @@ import threading
 import time
 
 from ray.train.v2._internal.execution.callback import WorkerCallback
+from ray.train.v2._internal.execution.context import get_train_context
 
 from qlora import console, distributed
 
@@ -48,10 +49,25 @@ def _ray_notice() -> bool:
     """Whether Ray Train has marked this worker's group preempted (a node drain). Read from the worker's own
     context: the public ray.train.get_preemption_info() is a barrier through an actor, too slow for every step."""
     try:
-        from ray.train.v2._internal.execution.context import get_train_context
         return get_train_context().preemption_context.preemption_info is not None
     except Exception:  # outside a Ray Train worker (benchmarks, tests in one process)
         return False
+
+
+def wait_until_collected(timeout_s: float = 120.0) -> bool:
+    """Block until Ray Train's controller has collected this worker's last report (its result queue drained), or
+    timeout_s passed; whether it was collected. A report still queued when the worker stops is lost: the controller
+    polls each rank at most once every 2 s, one report per poll, and restarts the group at the first error it
+    sees, even where another rank's report of the same step is still queued (seen under load: the notice step's
+    checkpoint dropped and the run resumed one step earlier)."""
+    try:
+        reports = get_train_context().execution_context.result_queue
+    except Exception:  # outside a Ray Train worker (benchmarks, tests in one process)
+        return True
+    deadline = time.monotonic() + timeout_s
+    while not reports.empty() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return reports.empty()
 
 
 def noticed(ctx: distributed.Context) -> float | None:

@@ -244,8 +244,9 @@ def train_loop_per_worker(config: dict) -> None:
         report(run, step, metrics, before, clock, save=do_save, final=last, predictions=predictions,
                loop_state={"notice": notice is not None, **interruptions.metrics()})
         if notice is not None:
-            # Every rank's report is queued before any rank stops: Ray Train restarts the group as soon as it sees
-            # an error, and a report still being uploaded then (rank 0's, with the checkpoint) would be lost.
+            # Every rank's report collected by the controller before any rank stops: Ray Train restarts the group
+            # at the first error it sees, and a report still queued on any rank then (the checkpoint's step) is lost.
+            preemption.wait_until_collected()
             distributed.barrier(ctx)
             log(ctx, f"preemption notice: checkpoint at step {step} written and registered {time.time() - notice:.1f} s "
                      "after the notice; stopping so that Ray Train resumes the run from it")
