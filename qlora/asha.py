@@ -1,10 +1,18 @@
-"""ASHA whose rung scores survive a sweep driver crash.
+"""What ASHA sees of a sweep, kept the same through interruptions: its rung scores across a sweep driver crash,
+and a trial's scored reports only.
 
 Ray Tune does not save a scheduler's state with the experiment (ray-project/ray#30838): `Tuner.restore`
 rebuilds ASHA from the pickle written when the sweep started, so every score recorded at the rungs is
 lost and a resumed sweep stops nothing that it would have stopped without the crash. This scheduler
 writes its rungs to a JSON file beside Tune's experiment state after every decision and reads them back
 the first time the resumed sweep calls it (trial ids survive a restore).
+
+A trial reports to Ray Train at every log step (scored: the held-out metric, so ASHA can compare) and also where
+it checkpoints unscored: on a preemption notice, or a save step between evaluations. Ray's TuneReportCallback
+forwards every report to Tune, which ends the whole sweep on one without the metric ("did not include the
+specified metric"); forwarded under TuneConfig's loose checking they would still advance `training_iteration`, the
+rungs' clock, and move ASHA's decisions. ScoredReportsToTune forwards the scored ones only; the checkpoints stay
+registered with Ray Train, which resumes the trial from them.
 """
 from __future__ import annotations
 
@@ -12,6 +20,7 @@ import json
 import os
 from pathlib import Path
 
+from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 
@@ -56,3 +65,15 @@ class PersistentASHA(ASHAScheduler):
         self._load_once()
         super().on_trial_complete(tune_controller, trial, result)
         self._save()
+
+
+class ScoredReportsToTune(TuneReportCallback):
+    """Ray Train reports to Tune, only those that carry `metric`."""
+
+    def __init__(self, metric: str):
+        super().__init__()
+        self._metric = metric
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if self._metric in metrics[0]:
+            super().after_report(run_context, metrics, checkpoint)

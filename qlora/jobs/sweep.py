@@ -1,7 +1,7 @@
 """The Tune driver: each trial is a full Ray Train run (TorchTrainer inside a Tune function trainable).
 
-Workers report eval loss at every log step through TuneReportCallback, so ASHA can stop bad trials
-mid-run. MLflow gets one parent run per sweep and one child run per trial (never one per worker).
+Workers report eval loss at every log step, forwarded to Tune (qlora.asha.ScoredReportsToTune), so ASHA can stop
+bad trials mid-run. MLflow gets one parent run per sweep and one child run per trial (never one per worker).
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from qlora import adapters, console, preflight, resources, runtime, tracking, train_driver
+from qlora.asha import PersistentASHA, ScoredReportsToTune
 from qlora.config import JobConfig, flatten
 from qlora.errors import ConfigError, Interrupted, stop_signal
 from qlora.jobs.base import ensure_data, finish, prepare_job, start_mlflow_run
@@ -35,7 +36,6 @@ def run_trial(config: dict, base_json: str, space_json: str, uri, parent_run_id,
         os.environ[console.VERBOSE_ENV] = "1"
     console.quiet_libraries()
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     space = SearchSpace.model_validate_json(space_json)
     cfg = trial_config(JobConfig.from_json(base_json), config["params"], space)
@@ -50,7 +50,7 @@ def run_trial(config: dict, base_json: str, space_json: str, uri, parent_run_id,
         if existing:  # a trial resumed after the sweep was stopped (its run KILLED then) runs again
             tracking.client(uri).update_run(run_id, status="RUNNING")
     payload = WorkerPayload(cfg.to_json(), job.data.cache, uri, run_id, console.verbose())
-    result = train_driver.fit(cfg, payload, name, storage, callbacks=[TuneReportCallback()], in_tune_trial=True)
+    result = train_driver.fit(cfg, payload, name, storage, callbacks=[ScoredReportsToTune(space.metric)], in_tune_trial=True)
     finish(result, job, uri, run_id)
 
 
@@ -147,7 +147,6 @@ def _close_interrupted(uri: str | None, cfg: JobConfig, parent: str | None) -> N
 def _tune_config(space: SearchSpace, sweep_dir: Path):
     from ray import tune
 
-    from qlora.asha import PersistentASHA
     scheduler = None
     if space.scheduler.type == "asha":
         scheduler = PersistentASHA(str(sweep_dir / "asha_rungs.json"), time_attr="training_iteration",
