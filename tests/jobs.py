@@ -1,11 +1,13 @@
 """Watching and stopping a training job run as a subprocess (`python -m ray_jobs.train`), for the e2e tests: the
 checkpoints Ray Train has registered, the job's own Ray processes (found from its driver's PID, never another job's),
-and how to kill it with its local cluster."""
+how to kill it with its local cluster, and a cluster of several nodes on this machine whose nodes Ray drains as a
+spot reclaim would."""
 import json
 import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -69,3 +71,24 @@ def kill_job(proc: subprocess.Popen) -> None:
 
 def resumed_steps(log: str) -> list[int]:
     return [int(m.group(1)) for m in re.finditer(r"resumed from checkpoint at step (\d+)", log)]
+
+
+def local_nodes(*cpus: float):
+    """A Ray cluster of len(cpus) nodes on this machine (one raylet each; the head first), which jobs join by its
+    address; (cluster, [worker nodes]). The test process does not connect to it."""
+    import ray
+    from ray.cluster_utils import Cluster
+    ray.shutdown()  # the test process's shared cluster (conftest.ray_cluster), if it runs, steps aside
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus[0], "include_dashboard": False})
+    nodes = [cluster.add_node(num_cpus=c) for c in cpus[1:]]
+    cluster.wait_for_nodes()
+    return cluster, nodes
+
+
+def drain_as_preempted(cluster, node) -> None:
+    """Ray drains `node` as the autoscaler does for a reclaimed spot node (`ray drain-node`, reason preemption)."""
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    done = subprocess.run([ray_cli, "drain-node", "--address", cluster.address, "--node-id", node.node_id,
+                           "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim (test)",
+                           "--deadline-remaining-seconds", "300"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr

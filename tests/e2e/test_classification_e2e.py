@@ -1,5 +1,5 @@
 """Sequence classification end to end on one local Ray cluster (started once for the module): the real
-SmolLM2 learning SST-2 sentiment, its adapter reloaded in-process and through the evaluate job, and a
+SmolLM2 learning SST-2 sentiment, its adapter reloaded by the evaluate job, and a
 tiny random Gemma-2 classifying pairwise preferences with LoRA on q/k/v of all but its first layer."""
 import json
 from pathlib import Path
@@ -8,10 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qlora import adapters, classification, distributed
+from qlora import adapters
 from qlora.jobs import evaluate, train
 from qlora.config import JobConfig
-from qlora.data import prepare_in_memory
 from qlora.tracking import client
 
 from conftest import ROOT
@@ -62,15 +61,8 @@ def test_smollm2_learns_sst2_and_its_adapter_reproduces_the_metrics(ray_cluster,
     saved = adapters.read_config(folder)
     assert saved.model.num_labels == 2 and saved.model.task == "sequence_classification"
 
-    # Reloaded in this process: the same held-out metrics the worker reported.
-    ctx = distributed.Context(0, 1, torch.device("cpu"))
-    model, tok = adapters.load_for_inference(saved, folder, ctx.device)
-    again = classification.evaluate(model, prepare_in_memory(saved.data, tok).eval, tok.pad_token_id, 16, ctx)
-    for key in after:
-        assert again[key] == pytest.approx(after[key], abs=1e-5), key
-    del model
-
-    # The evaluate job (ray_jobs.evaluate) on the adapter: same metrics, one prediction per record.
+    # The evaluate job (ray_jobs.evaluate) reloads the adapter: the metrics the worker reported, one prediction
+    # per record.
     ref_folder, eval_cfg = adapters.load_job(str(folder), None, [])
     out = tmp_path / "eval"
     evaluated = evaluate.evaluate(str(folder), eval_cfg, ref_folder, str(out))

@@ -1,6 +1,6 @@
 """`ray job submit` against a real `ray start --head` cluster (token auth on) with a real `mlflow server`:
-train, then evaluate the registered adapter by models:/NAME/VERSION; a bad config ends FAILED with its
-message in `ray job logs`."""
+train and register; a bad config ends FAILED with its message in `ray job logs`; rank 0's metrics outlive a
+tracking-server outage. The registered adapter evaluated by models:/NAME/VERSION: tests/e2e/test_readme_tour.py."""
 import json
 import subprocess
 import time
@@ -58,11 +58,11 @@ def test_runtime_env_file_is_valid_for_ray():
     assert (ROOT / "runtime_env.yaml").read_text().startswith("# ray job submit --address http://127.0.0.1:8265")
 
 
-def test_submitted_train_job_learns_logs_registers_and_evaluates(servers, tiny_model_dir, tmp_path):
+def test_submitted_train_job_learns_logs_and_registers(servers, tiny_model_dir, tmp_path):
     """The quickstart's job on a tiny random Llama (2 workers, DDP over gloo), submitted to a token-auth cluster:
-    the submission's mechanics (the uploaded working dir, outputs outside it, one MLflow run, the registry, a
-    second job evaluating the registered version on the cluster). The quickstart's own command on the real
-    SmolLM2 is run locally by tests/e2e/test_readme_tour.py."""
+    the submission's mechanics (the uploaded working dir, outputs outside it, one MLflow run, the registry). The
+    quickstart's own command on the real SmolLM2, and evaluating its registered version, run locally in
+    tests/e2e/test_readme_tour.py."""
     head, mlflow_server = servers.head, servers.mlflow
     sets = [f"model.name={tiny_model_dir}", "train.max_steps=4", "train.log_every=2", "train.save_every=2",
             "train.learning_rate=2e-3",
@@ -105,20 +105,6 @@ def test_submitted_train_job_learns_logs_registers_and_evaluates(servers, tiny_m
     assert len([p for p in ckpt.parent.glob("checkpoint_*") if p.is_dir()]) == 2  # steps 2 and 4, both kept
     version = c.get_model_version("people-extractor", "1")
     assert version.run_id == run.info.run_id and version.tags["data_hash"] == run.data.tags["data_hash"]
-
-    # The registered version, by name, on the cluster: loads on its base model and generates.
-    # One Ray task on the cluster (evaluating on a Ray Train worker group: tests/e2e/test_export.py).
-    ev = submit(head, "qlora-eval-1", "ray_jobs.evaluate", "--adapter", "models:/people-extractor/1",
-                "--set", f"tracking.uri={mlflow_server.uri}", "--set", "scaling.num_workers=1")
-    assert ev.returncode == 0, ev.stdout[-4000:] + ev.stderr[-2000:]
-    metrics = last_json(ev.stdout)["metrics"]
-    assert metrics["eval_loss"] == pytest.approx(result["metrics_after"]["eval_loss"], rel=1e-4)
-    assert metrics["exact_match"] == result["metrics_after"]["exact_match"]
-    eval_run = c.get_run(last_json(ev.stdout)["mlflow_run_id"])
-    assert eval_run.data.tags["evaluated_adapter"] == "models:/people-extractor/1"
-    predictions = c.download_artifacts(eval_run.info.run_id, "predictions.jsonl", str(tmp_path))
-    lines = open(predictions).read().splitlines()
-    assert len(lines) == 2 and all("answer" in json.loads(line) for line in lines)
 
 
 def test_a_failing_submission_ends_failed_with_the_message(servers):

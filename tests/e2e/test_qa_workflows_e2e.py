@@ -1,17 +1,20 @@
 """Issue 3 workflows end to end on one local Ray cluster (started once), through the in-process driver:
-GSM8K question/answer SFT on a 4-bit and an 8-bit SmolLM2 base (memory footprint of each, files beside
-the final adapter, generation from the reloaded adapter), and the CPU variant of the original QLoRA recipe
-(added [PAD] token, source/target caps, multiple-choice accuracy before and after).
+GSM8K question/answer SFT on a 4-bit SmolLM2 base (memory footprint, files beside the final adapter, generation
+from the reloaded adapter) and its 8-bit config's base (a LoRA step and the footprint, in this process), and the
+CPU variant of the original QLoRA recipe (added [PAD] token, source/target caps, multiple-choice accuracy before
+and after).
 Resuming from the last checkpoint is covered by tests/e2e/test_resume_equivalence.py."""
 import json
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 
-from qlora import adapters
+from qlora import adapters, modeling
 from qlora.jobs import generate
 from qlora.jobs import train as train_job
 from qlora.config import load_config
+from qlora.model_source import ModelSource
 from qlora.tracking import client
 
 from conftest import ROOT
@@ -37,26 +40,38 @@ def files_beside_adapter(result: dict, n_predictions: int) -> dict:
     return {"metrics": metrics, "predictions": predictions}
 
 
-def test_gsm8k_on_4bit_and_8bit_bases(ray_cluster, tmp_path):
+def frozen_gib(model) -> float:
+    """Bytes of the frozen base, as the worker counts them (quantized weights, scales, buffers)."""
+    return sum(t.numel() * t.element_size() for t in [p for p in model.parameters() if not p.requires_grad]
+               + list(model.buffers())) / 2**30
+
+
+def test_gsm8k_on_4bit_and_8bit_bases(ray_cluster, tmp_path, smollm_dir):
     gen = ["data.max_length=128", "evaluation.max_new_tokens=16"]
     four = train("configs/cpu/gsm8k_4bit.yaml", tmp_path, "gsm8k-4bit", gen)
-    eight = train("configs/cpu/gsm8k_8bit.yaml", tmp_path, "gsm8k-8bit", gen)
-    for result in (four, eight):
-        out = files_beside_adapter(result, 2)
-        assert {"exact_match", "final_number_match", "eval_loss"} <= out["metrics"]["after"].keys()
-        assert all("final_number_correct" in p for p in out["predictions"])
-        memory = out["metrics"]["memory"]
-        assert memory["weights_gib"] == result["weights_memory_gib"] and memory["peak_gib"] > memory["weights_gib"]
-        assert "resident set" in memory["peak_kind"]
-    # SmolLM2-135M: 8-bit linear weights take about twice the bytes of 4-bit ones (embeddings stay 32-bit).
-    assert eight["weights_memory_gib"] > 1.2 * four["weights_memory_gib"]
-    runs = client(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(
-        [client(f"sqlite:///{tmp_path / 'mlflow.db'}").get_experiment_by_name("gsm8k-cpu").experiment_id])
-    assert len(runs) == 2
-    for run in runs:
-        assert run.data.metrics["weights_memory_gib"] > 0 and run.data.metrics["peak_memory_gib"] > 0
-        assert {"metrics.json", "predictions.jsonl"} <= {a.path for a in client(
-            f"sqlite:///{tmp_path / 'mlflow.db'}").list_artifacts(run.info.run_id)}
+    out = files_beside_adapter(four, 2)
+    assert {"exact_match", "final_number_match", "eval_loss"} <= out["metrics"]["after"].keys()
+    assert all("final_number_correct" in p for p in out["predictions"])
+    memory = out["metrics"]["memory"]
+    assert memory["weights_gib"] == four["weights_memory_gib"] and memory["peak_gib"] > memory["weights_gib"]
+    assert "resident set" in memory["peak_kind"]
+    c = client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = c.search_runs([c.get_experiment_by_name("gsm8k-cpu").experiment_id])
+    assert run.data.metrics["weights_memory_gib"] > 0 and run.data.metrics["peak_memory_gib"] > 0
+    assert {"metrics.json", "predictions.jsonl"} <= {a.path for a in c.list_artifacts(run.info.run_id)}
+
+    # The 8-bit config's base (bitsandbytes LLM.int8), in this process: a LoRA step gives finite, non-zero
+    # gradients, and its linear weights take about twice the bytes of 4-bit ones (embeddings stay 32-bit).
+    eight_cfg = load_config(ROOT / "configs/cpu/gsm8k_8bit.yaml", gen)
+    assert eight_cfg.quantization.bits == 8
+    source = ModelSource(str(smollm_dir), True, "smollm2-135m")
+    base = modeling.load_base_model(eight_cfg, source, torch.device("cpu"))
+    eight = modeling.attach_lora(base, eight_cfg.lora)
+    ids = modeling.load_tokenizer(source, eight_cfg)("Tom has 3 apples and buys 4 more.", return_tensors="pt").input_ids
+    eight(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for n, p in eight.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert frozen_gib(eight) > 1.2 * four["weights_memory_gib"]
 
     # Reload the saved 4-bit adapter (ray_jobs.generate's path: a Ray task) and answer a new question.
     folder = adapters.resolve(four["checkpoint"])

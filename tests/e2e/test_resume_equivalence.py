@@ -27,7 +27,8 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import ROOT, write_tiny_llama
-from jobs import kill_job, registered_checkpoints, resumed_steps, train_worker_pids, wait_for
+from jobs import (drain_as_preempted, kill_job, local_nodes, registered_checkpoints, resumed_steps, train_worker_pids,
+                  wait_for)
 
 NUM_GENERATE = 5  # odd: one rank generates for 3 prompts, the other for 2 plus a discarded repeat
 
@@ -181,12 +182,7 @@ def test_deepspeed_zero2_resumes_a_killed_worker_to_ddps_result(tmp_path, ddp, u
 @pytest.fixture
 def two_nodes():
     """A Ray cluster of two nodes on this machine (two raylets, one CPU each), which jobs join by address."""
-    import ray
-    from ray.cluster_utils import Cluster
-    ray.shutdown()  # the test process's shared cluster (conftest.ray_cluster), if it runs, steps aside
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    second = cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
+    cluster, (second,) = local_nodes(1, 1)
     yield cluster, second
     cluster.shutdown()
 
@@ -211,11 +207,7 @@ def test_a_run_that_loses_a_node_then_its_driver_and_a_checkpoint_ends_at_the_un
                             env={**os.environ, "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.2"})  # Ray's default: 5 s
     try:
         wait_for(lambda: registered_checkpoints(run_dir), proc, "a checkpoint")
-        drain = subprocess.run([str(Path(sys.executable).parent / "ray"), "drain-node", "--address", cluster.address,
-                                "--node-id", second.node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
-                                "--reason-message", "spot reclaim (test)", "--deadline-remaining-seconds", "300"],
-                               capture_output=True, text=True, timeout=60)
-        assert drain.returncode == 0, drain.stdout + drain.stderr
+        drain_as_preempted(cluster, second)
         one_worker = "worker, 4 micro-batch(es) each per step"
         wait_for(lambda: one_worker in log_path.read_text()
                  and max([s for s, _ in registered_checkpoints(run_dir)], default=0) >= 8,
