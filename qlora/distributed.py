@@ -67,6 +67,11 @@ def local_bytes(tensors) -> int:
     return sum(local(t).nbytes for t in tensors)
 
 
+def frozen_gib(model: nn.Module) -> float:
+    """GiB of the frozen base this rank holds: quantized weights, their scales, buffers (its shard under FSDP)."""
+    return local_bytes([p for p in model.parameters() if not p.requires_grad] + list(model.buffers())) / 2**30
+
+
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
     """Clip to `max_norm` over all ranks' gradients (sharded gradients are reduced); returns the norm before."""
     return float(full(torch.nn.utils.clip_grad_norm_(params, max_norm)))

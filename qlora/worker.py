@@ -103,9 +103,7 @@ def set_up(payload: WorkerPayload) -> Run:
     trainer_state = resume_adapter(model, ctx)  # before sharding: each rank loads the whole saved adapter
     wrapped, optimizer = strategy.wrap(model, lambda params: make_optimizer(cfg, params),
                                        kernels.autocast_dtype(ctx.device, dtype))
-    # Bytes of the frozen base this worker holds (quantized weights + scales + buffers; its shard under FSDP).
-    weights_gib = distributed.local_bytes([p for p in model.parameters() if not p.requires_grad]
-                                          + list(model.buffers())) / 2**30
+    weights_gib = distributed.frozen_gib(model)
     plan = BatchPlan(len(data.train), cfg, data.lengths)
     sink = MetricsSink(payload.tracking_uri, payload.mlflow_run_id) if ctx.is_writer else None
     return Run(cfg, strategy, tokenizer, data, model, wrapped, optimizer, make_scheduler(cfg, optimizer, plan.total_steps),
@@ -246,10 +244,11 @@ def train_loop_per_worker(config: dict) -> None:
         if notice is not None:
             # Every rank's report collected by the controller before any rank stops: Ray Train restarts the group
             # at the first error it sees, and a report still queued on any rank then (the checkpoint's step) is lost.
-            preemption.wait_until_collected()
+            collected = preemption.wait_until_collected()
             distributed.barrier(ctx)
-            log(ctx, f"preemption notice: checkpoint at step {step} written and registered {time.time() - notice:.1f} s "
-                     "after the notice; stopping so that Ray Train resumes the run from it")
+            registered = "registered" if collected else "reported (not collected by Ray Train within 120 s)"
+            log(ctx, f"preemption notice: checkpoint at step {step} written and {registered} "
+                     f"{time.time() - notice:.1f} s after the notice; stopping so that Ray Train resumes the run from it")
             raise preemption.WorkerPreempted(f"stopped at step {step} on a preemption notice")
         window = Window()
         run.flops.reset()

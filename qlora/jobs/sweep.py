@@ -50,7 +50,8 @@ def run_trial(config: dict, base_json: str, space_json: str, uri, parent_run_id,
         if existing:  # a trial resumed after the sweep was stopped (its run KILLED then) runs again
             tracking.client(uri).update_run(run_id, status="RUNNING")
     payload = WorkerPayload(cfg.to_json(), job.data.cache, uri, run_id, console.verbose())
-    result = train_driver.fit(cfg, payload, name, storage, callbacks=[ScoredReportsToTune(space.metric)], in_tune_trial=True)
+    result = train_driver.fit(cfg, payload, name, storage, callbacks=[ScoredReportsToTune(space.metric)],
+                              in_tune_trial=True)
     finish(result, job, uri, run_id)
 
 

@@ -75,7 +75,7 @@ def test_sweep_asha_stops_bad_trials_and_resume_reruns_nothing_finished(tmp_path
         "data": {"path": str(ROOT / "data" / "people_json.jsonl"), "max_samples": 48, "eval_max_samples": 8,
                  "max_length": 128},
         # A checkpoint at every step, scored every second: unscored reports reach Ray Train but not Tune, whose
-        # ASHA would otherwise end the sweep on them (qlora.asha.ScoredReportsToTune).
+        # metric check would otherwise end the sweep on them (qlora.asha.ScoredReportsToTune).
         "train": {"max_steps": 4, "batch_size": 4, "log_every": 2, "save_every": 1},
         "evaluation": {"generate": False},
         "scaling": {"num_workers": 1, "storage_path": str(tmp_path / "runs")},
