@@ -7,7 +7,7 @@ given. The step is the worker's own: train_step.forward_backward + Strategy.appl
 
     python3 benchmarks/speed.py --model /tmp/rand-llama-8b --bs 4 --seq 2048 \\
         --variants fp32-residual,autocast,fused-ce,liger,selective:0.5,bs:8 --out results.jsonl
-    (also: compile, budget:B, real and packed (need --data/--tokenizer), attn:flex_attention)
+    (also: compile, budget:B, fp8, decode:bnb|fused, real and packed (need --data/--tokenizer), attn:flex_attention)
 
 --first-measured K applies the first K variants without timing them; --profile N runs N more steps of each
 measured variant under torch.profiler and prints where the GPU time went (kernel categories, top kernels).
@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from qlora import distributed, kernels, mfu, modeling
+from qlora import distributed, fp8, kernels, mfu, modeling
 from qlora.config import JobConfig
 from qlora.evaluation import to_tensors
 from qlora.model_source import ModelSource
@@ -167,6 +167,9 @@ def run_variant(cfg, model, hidden, use_autocast: bool, init: dict, args, flops:
             "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4)}
 
 
+fp8_fusable = fp8.fusable
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True, help="folder of a saved (random-weight) HF causal LM")
@@ -211,6 +214,12 @@ def main():
             torch._dynamo.reset()
         elif name == "attn":  # another attention implementation (model.attn_implementation), e.g. flex_attention
             base.set_attn_implementation(value)
+            torch._dynamo.reset()
+        elif name == "fp8":  # train.fp8_base: the frozen base's matmuls in FP8 (qlora/fp8.py), then recompile
+            fp8.use_fp8_base(base)
+            torch._dynamo.reset()
+        elif name == "decode":  # fp8's weight decode when compiled: fused (qlora.fp8.nf4_to_fp8) or bnb's dequantize
+            fp8.fusable = fp8_fusable if value == "fused" else (lambda state: False)
             torch._dynamo.reset()
         elif name == "real":  # real examples (--data), padded to the longest, from here on
             real = True

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from qlora import (checkpoint, console, distributed, evaluation, kernels, mfu, modeling, multiple_choice, preemption,
+from qlora import (checkpoint, console, distributed, evaluation, fp8, kernels, mfu, modeling, multiple_choice, preemption,
                    strategies, tasks)
 from qlora.batching import BatchPlan, model_inputs
 from qlora.config import JobConfig
@@ -84,8 +84,12 @@ def set_up(payload: WorkerPayload) -> Run:
     cfg = tasks.for_config(cfg).resolve(cfg, data)  # saved with checkpoints, so the adapter knows its classes
     # A classifier's new head is initialised randomly inside from_pretrained: same seed, same head on every rank.
     torch.manual_seed(cfg.train.seed)
+    if cfg.train.fp8_base:
+        fp8.check_device(ctx.device)  # before the weights load
     base = modeling.load_base_model(cfg, source, ctx.device, tokenizer.pad_token_id, prepare=strategy.prepare_base)
     kernels.apply_layer_kernels(base, cfg.train)
+    if cfg.train.fp8_base:
+        log(ctx, f"FP8 matmuls in {fp8.use_fp8_base(base)} 4-bit linear layers")
     if cfg.train.gradient_checkpointing and cfg.train.checkpointed_fraction < 1:
         kept = kernels.select_checkpointed_layers(base, cfg.train.checkpointed_fraction)
         log(ctx, f"activation checkpointing in {len(kept)} decoder layers: {kept}")

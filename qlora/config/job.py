@@ -74,6 +74,9 @@ class JobConfig(Section):
         if self.lora.init == "loftq" and self.quantization.bits != 4:
             raise ValueError(f"lora.init=loftq fits the adapter to the 4-bit quantization error, but "
                              f"quantization.bits={self.quantization.bits}: set quantization.bits=4, or lora.init=default")
+        if self.train.fp8_base and self.quantization.bits != 4:
+            raise ValueError(f"train.fp8_base multiplies by the 4-bit base weights in FP8, but quantization.bits="
+                             f"{self.quantization.bits}: set quantization.bits=4, or train.fp8_base=false")
         if self.lora.init == "loftq" and not self.scaling.use_gpu:
             raise ValueError("lora.init=loftq: peft computes the LoftQ fit on a CUDA (or XPU) device only: set "
                              "scaling.use_gpu=true, or lora.init=default (or gaussian) on CPU")
