@@ -21,8 +21,8 @@ from conftest import ROOT
 
 # What each command adds to the README's line: budgets for a 2-core machine, nothing else.
 BUDGET = {
-    "train": ["train.max_steps=4", "data.max_samples=64", "data.eval_max_samples=4", "evaluation.num_generate=2",
-              "evaluation.max_new_tokens=16", "train.log_every=2"],
+    "train": ["train.max_steps=2", "train.warmup_steps=0", "data.max_samples=64", "data.eval_max_samples=4",
+              "evaluation.num_generate=2", "evaluation.max_new_tokens=16", "train.log_every=1"],
     "sweep": ["train.max_steps=1", "train.warmup_steps=0", "data.max_samples=64", "data.eval_max_samples=4",
               "evaluation.generate=false"],
     "evaluate": ["data.eval_max_samples=4", "evaluation.num_generate=2", "evaluation.max_new_tokens=16"],
@@ -80,7 +80,7 @@ def test_the_tour_runs_as_written_on_a_fresh_machine(new_user):
 
     # The main job: a quiet console with our progress lines, the adapter registered in the default store.
     log = train.stdout + train.stderr
-    assert "[qlora] step 2/4 (50%)" in log and "ETA" in log and "[qlora] step 4/4 (100%)" in log
+    assert "[qlora] step 1/2 (50%)" in log and "ETA" in log and "[qlora] step 2/2 (100%)" in log
     assert "[qlora] held-out evaluation before training" in log
     for noise in NOISE:
         assert noise not in log, noise
