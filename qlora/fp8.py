@@ -65,7 +65,7 @@ def nf4_to_fp8(weight, quant_state, transposed: bool) -> tuple[torch.Tensor, tor
     largest absmax of the blocks it crosses (a bound wastes a little range, never overflows)."""
     n, k = quant_state.shape
     scales = block_absmax(quant_state).view(n, k // quant_state.blocksize)
-    packed = weight.view(n, k // 2)
+    packed = weight.view(torch.uint8).view(n, k // 2)  # FSDP types the packed bytes as the compute dtype
     codes = torch.stack([packed >> 4, packed & 15], dim=-1).view(n, k).long()  # high nibble first
     w = (quant_state.code[codes].view(n, scales.shape[1], -1) * scales[..., None]).view(n, k)
     if transposed:
