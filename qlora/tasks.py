@@ -59,8 +59,10 @@ class CausalLM:
         return cfg
 
     def evaluate(self, model, examples: list[dict], tokenizer, cfg: JobConfig, ctx, mc_items: list | None = None,
-                 predictions: list | None = None) -> dict:
-        """Held-out metrics over all ranks: loss, greedy answers' exact match, multiple-choice accuracy."""
+                 predictions: list | None = None, state: dict | None = None) -> dict:
+        """Held-out metrics over all ranks: loss, greedy answers' exact match, multiple-choice accuracy. `state`:
+        a dict the caller keeps for one run's evaluations of one held-out set, for what a task can reuse between
+        them (the preference task: the reference policy's log-probabilities)."""
         metrics = evaluation.eval_loss(model, examples, tokenizer.pad_token_id, cfg.evaluation.batch_size, ctx)
         if cfg.evaluation.generate:
             metrics.update(evaluation.exact_match(model, examples, tokenizer, cfg.evaluation, ctx, predictions))
@@ -139,7 +141,7 @@ class SequenceClassifier(CausalLM):
         # The head's size is fixed by the adapter, not by the labels of the data evaluated now.
         return cfg if cfg.model.num_labels else cfg.with_changes({"model.num_labels": adapter_cfg.model.num_labels})
 
-    def evaluate(self, model, examples, tokenizer, cfg, ctx, mc_items=None, predictions=None) -> dict:
+    def evaluate(self, model, examples, tokenizer, cfg, ctx, mc_items=None, predictions=None, state=None) -> dict:
         """Accuracy, log loss and eval_loss over all ranks; nothing to generate."""
         return classification.evaluate(model, examples, tokenizer.pad_token_id, cfg.evaluation.batch_size, ctx,
                                        predictions, cfg.data.eval_path or cfg.data.path)
@@ -198,10 +200,12 @@ class Preference(CausalLM):
         if cfg.preference.loss in preference.NEEDS_REFERENCE:
             flops.add(sides, forward_only=True)  # the reference pass
 
-    def evaluate(self, model, examples, tokenizer, cfg, ctx, mc_items=None, predictions=None) -> dict:
+    def evaluate(self, model, examples, tokenizer, cfg, ctx, mc_items=None, predictions=None, state=None) -> dict:
         """Reward accuracy, margin, rewards and log-probabilities of the held-out pairs; greedy answers to
-        their prompts, scored against the chosen answers (exact_match)."""
-        metrics = preference.evaluate(model, examples, tokenizer.pad_token_id, cfg, ctx)
+        their prompts, scored against the chosen answers (exact_match). `state` keeps the reference policy's
+        log-probabilities of the held-out pairs for the run's later evaluations."""
+        metrics = preference.evaluate(model, examples, tokenizer.pad_token_id, cfg, ctx,
+                                      None if state is None else state.setdefault("reference_logps", {}))
         if cfg.evaluation.generate:
             metrics.update(evaluation.exact_match(model, examples, tokenizer, cfg.evaluation, ctx, predictions))
         return metrics

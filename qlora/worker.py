@@ -12,7 +12,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -58,6 +58,7 @@ class Run:
     weights_gib: float
     sink: Optional[MetricsSink]
     trainer_state: Optional[dict]  # a resumed checkpoint's optimizer, scheduler, RNG and loop state
+    eval_state: dict = field(default_factory=dict)  # what the task reuses between held-out evaluations
 
     @property
     def ctx(self) -> distributed.Context:
@@ -119,7 +120,8 @@ def held_out(run: Run, when: str, predictions: Optional[list] = None) -> dict:
     cfg = run.cfg
     log(run.ctx, f"held-out evaluation {when} ({run.task.describe_evaluation(cfg, len(run.data.eval), len(run.mc_items))})")
     with kernels.for_evaluation(run.model, cfg.train.compile, cfg.model.attn_implementation):
-        return run.task.evaluate(run.model, run.data.eval, run.tokenizer, cfg, run.ctx, run.mc_items, predictions)
+        return run.task.evaluate(run.model, run.data.eval, run.tokenizer, cfg, run.ctx, run.mc_items, predictions,
+                                 run.eval_state)
 
 
 def train_step(run: Run, step: int, window: Window, clock: Clock) -> tuple[int, float]:

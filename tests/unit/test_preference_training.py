@@ -122,6 +122,38 @@ def test_the_reference_is_the_base_without_the_adapter(four_bit, smollm_tokenize
     assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())  # flags restored
 
 
+def test_held_out_reference_logps_are_computed_once_per_run(four_bit, smollm_tokenizer):
+    """A run's first evaluation keeps the reference policy's log-probabilities of the held-out pairs; later ones
+    reuse them (the base is frozen) and give what a full evaluation gives, after the adapter has changed."""
+    from qlora import distributed
+    cfg, model = four_bit
+    rows = [PAIR, {"prompt": "2+2?", "chosen": "4", "rejected": "Five, I think."}, {**PAIR, "prompt": "France?"}]
+    examples = make_encoder("preference", cfg.data, smollm_tokenizer)(rows, [False] * 3)
+    ctx, pad = distributed.Context(0, 1, torch.device("cpu")), smollm_tokenizer.pad_token_id
+    cache: dict = {}
+    assert preference.evaluate(model, examples, pad, cfg, ctx, cache) == preference.evaluate(model, examples, pad,
+                                                                                              cfg, ctx)
+    assert len(cache) == 1
+    saved = {n: p.clone() for n, p in model.named_parameters() if "lora_B" in n}
+    try:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in saved:
+                    p.add_(torch.randn_like(p), alpha=0.02)  # as a few training steps would
+        full = preference.evaluate(model, examples, pad, cfg, ctx)
+        reused = preference.evaluate(model, examples, pad, cfg, ctx, cache)
+        assert reused == pytest.approx(full, rel=1e-6, abs=1e-7) and full["reward_margin"] != 0
+        for key in cache:
+            cache[key] = cache[key] + 1.0  # the cached values are the ones used: rewards move by -beta
+        shifted = preference.evaluate(model, examples, pad, cfg, ctx, cache)
+        assert shifted["chosen_reward"] == pytest.approx(full["chosen_reward"] - cfg.preference.beta, abs=1e-6)
+    finally:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in saved:
+                    p.copy_(saved[n])
+
+
 @pytest.mark.parametrize("loss", ["dpo", "orpo", "simpo"])
 def test_training_loss_and_gradients_follow_the_formulas(four_bit, smollm_tokenizer, loss):
     cfg, model = four_bit
