@@ -37,6 +37,7 @@ def rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize(weight, quant_state) -> torch.Tensor:
+    """bitsandbytes' own dequantization of a 4-bit weight (imported here: qlora imports without bitsandbytes)."""
     import bitsandbytes.functional as bnb_f
     return bnb_f.dequantize_4bit(weight, quant_state)
 
@@ -60,9 +61,10 @@ def fusable(quant_state) -> bool:
 def nf4_to_fp8(weight, quant_state, transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The 4-bit weight W [N, K] (or W.T [K, N]) straight into row-scaled e4m3, in elementwise torch ops that the
     compiler fuses into one pass over the packed bytes (no bf16 copy of W is written, as bitsandbytes' dequantize
-    would). The scales need no pass over W: a block's largest element dequantizes to exactly its absmax (NF4's
-    code holds -1 and 1), so a row's range is the largest absmax of its blocks, and a column's is bounded by the
-    largest absmax of the blocks it crosses (a bound wastes a little range, never overflows)."""
+    would). The scales need no pass over W: a block's largest element dequantizes to exactly its absmax (the
+    4-bit code, NF4 or FP4, holds -1 and 1), so a row's range is the largest absmax of its blocks, and a
+    column's is bounded by the largest absmax of the blocks it crosses (a bound wastes a little range, never
+    overflows)."""
     n, k = quant_state.shape
     scales = block_absmax(quant_state).view(n, k // quant_state.blocksize)
     packed = weight.view(torch.uint8).view(n, k // 2)  # FSDP types the packed bytes as the compute dtype
