@@ -97,6 +97,11 @@ def check_compute(cfg: JobConfig) -> None:
                 f"machine has {have}",
                 f"lower {count_key} to {int(have // gpus_each)} or less, or set scaling.ray_address to a "
                 "bigger cluster")
+    if cfg.train.fp8_base:  # the local workers' devices are this machine's: refuse here, not in every worker
+        import torch
+
+        from qlora import fp8
+        fp8.check_device(torch.device("cuda", 0) if gpus_each else torch.device("cpu"))
     cpus_each = s.resources_per_worker.get("CPU", s.cpus_per_worker)
     have_cpus = local_cpus()
     if cpus_each * workers > have_cpus:

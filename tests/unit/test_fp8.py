@@ -4,7 +4,7 @@ path on the same packed weights. torch runs FP8 `_scaled_mm` on CPU too, so ever
 import pytest
 import torch
 
-from qlora import fp8, modeling
+from qlora import fp8, modeling, preflight
 from qlora.config import JobConfig, validate
 from qlora.errors import ConfigError
 from qlora.model_source import ModelSource
@@ -123,3 +123,15 @@ def test_fp8_base_needs_a_4bit_base():
                              "quantization": {"bits": 8}})
     with pytest.raises(ConfigError, match="no 4-bit linear layers"):
         fp8.use_fp8_base(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+def test_a_local_cpu_job_is_refused_before_ray_exactly_when_torch_cannot_run_it():
+    """The preflight (before any cluster starts) asks the local device what the workers would: torch 2.13's CPU
+    build runs row-scaled FP8 (this machine: no error), older builds are refused with the version and the fix."""
+    cfg = validate(JobConfig, {"model": {"name": "m"}, "data": {"path": "d.jsonl"}, "train": {"fp8_base": True},
+                               "scaling": {"num_workers": 1}})
+    if fp8.runs_rowwise_fp8(torch.device("cpu")):
+        preflight.check_compute(cfg)
+    else:
+        with pytest.raises(ConfigError, match="no row-scaled FP8 matmul on cpu"):
+            preflight.check_compute(cfg)
