@@ -29,11 +29,20 @@ FP8_MAX = torch.finfo(FP8).max  # 448
 MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (L4, L40S) and Hopper (H100, H200)
 
 
+def scale_for(amax: torch.Tensor) -> torch.Tensor:
+    """The fp32 scale that maps a range `amax` onto e4m3's (an all-zero row gets a tiny one, not 0)."""
+    return amax.float().clamp(min=1e-12) / FP8_MAX
+
+
+def cast(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """t / scale in e4m3, saturated at its largest value."""
+    return (t.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
 def rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(t scaled row by row into e4m3, the fp32 [rows, 1] scales): t ~= fp8.float() * scale."""
-    amax = t.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
-    scale = amax / FP8_MAX
-    return (t.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    scale = scale_for(t.abs().amax(dim=-1, keepdim=True))
+    return cast(t, scale), scale
 
 
 def dequantize(weight, quant_state) -> torch.Tensor:
@@ -71,10 +80,10 @@ def nf4_to_fp8(weight, quant_state, transposed: bool) -> tuple[torch.Tensor, tor
     codes = torch.stack([packed >> 4, packed & 15], dim=-1).view(n, k).long()  # high nibble first
     w = (quant_state.code[codes].view(n, scales.shape[1], -1) * scales[..., None]).view(n, k)
     if transposed:
-        scale = (scales.amax(0).repeat_interleave(quant_state.blocksize) / FP8_MAX).clamp(min=1e-12)[:, None]
-        return (w.t() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).contiguous(), scale
-    scale = (scales.amax(1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
-    return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+        scale = scale_for(scales.amax(0).repeat_interleave(quant_state.blocksize)[:, None])
+        return cast(w.t(), scale).contiguous(), scale
+    scale = scale_for(scales.amax(1, keepdim=True))
+    return cast(w, scale), scale
 
 
 def weight_fp8(weight, quant_state, transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,13 +55,18 @@ def terms(p: PreferenceSection, policy: torch.Tensor, counts: torch.Tensor,
     return preference_loss.simpo(policy, counts, p.beta, p.simpo_gamma)
 
 
+def reference_logps(model, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
+    """The reference policy's summed log-probabilities of each row (the reference pass)."""
+    with reference_policy(model):
+        return pair_logps(model, inputs, labels)[0]
+
+
 def pair_terms(model, inputs: dict, labels: torch.Tensor, p: PreferenceSection,
                reference: torch.Tensor | None = None) -> tuple[preference_loss.PairTerms, torch.Tensor]:
     """The objective's per-pair terms of a micro-batch of pairs, and the policy's summed log-probabilities of
     its rows: the reference pass first (DPO; skipped when `reference` holds its result), then the policy's."""
     if reference is None and p.loss in NEEDS_REFERENCE:
-        with reference_policy(model):
-            reference = pair_logps(model, inputs, labels)[0]
+        reference = reference_logps(model, inputs, labels)
     policy, counts = pair_logps(model, inputs, labels)
     return terms(p, policy, counts, reference), policy
 
@@ -82,8 +87,9 @@ def evaluate(model, examples: list[dict], pad_id: int, cfg: JobConfig, ctx,
     chosen answer has the higher reward), the mean reward margin and rewards, and the mean summed
     log-probabilities of the chosen and rejected answers under the policy. `reference_cache` (one dict per run
     and held-out set, kept by the caller between evaluations): the reference policy's log-probabilities of each
-    batch, computed by the first evaluation and reused by the later ones (the base is frozen: they never change),
-    which halves the cost of a DPO run's later evaluations."""
+    batch (by its first example's place in this rank's share), computed by the first evaluation and reused by
+    the later ones (the base is frozen: they never change), which halves the cost of a DPO run's later
+    evaluations."""
     model.eval()
     mine, real = distributed.lockstep_share(examples, ctx)
     sums = dict.fromkeys(("eval_loss", *METRICS), 0.0)
@@ -96,11 +102,12 @@ def evaluate(model, examples: list[dict], pad_id: int, cfg: JobConfig, ctx,
         counted = max(0, min(len(batch), real - start))  # lockstep padding examples are run, not counted
         t = to_tensors(collate_pairs(batch, pad_id), ctx.device)
         inputs = {"input_ids": t["input_ids"], "attention_mask": t["attention_mask"]}
-        cached = None if reference_cache is None else reference_cache.get((start, size))
-        if cached is None and reference_cache is not None and cfg.preference.loss in NEEDS_REFERENCE:
-            with reference_policy(model):
-                cached = reference_cache[(start, size)] = pair_logps(model, inputs, t["labels"])[0]
-        found_terms, policy = pair_terms(model, inputs, t["labels"], cfg.preference, cached)
+        reference = None
+        if reference_cache is not None and cfg.preference.loss in NEEDS_REFERENCE:
+            if start not in reference_cache:
+                reference_cache[start] = reference_logps(model, inputs, t["labels"])
+            reference = reference_cache[start]
+        found_terms, policy = pair_terms(model, inputs, t["labels"], cfg.preference, reference)
         n = len(batch)
         kept = preference_loss.PairTerms(*(x[:counted] for x in (found_terms.losses, found_terms.chosen_rewards,
                                                                   found_terms.rejected_rewards)))

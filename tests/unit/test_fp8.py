@@ -96,8 +96,7 @@ def test_weight_decoded_from_4bit_codes_matches_bitsandbytes_dequantize():
 
 def lora_grads(model_dir, use_fp8: bool) -> tuple[float, torch.Tensor]:
     cfg = JobConfig.model_validate({"model": {"name": str(model_dir)}, "data": {"path": "unused.jsonl"},
-                                    "lora": {"r": 8, "dropout": 0.0, "target_modules": "all-linear"},
-                                    "train": {"fp8_base": use_fp8}})
+                                    "lora": {"r": 8, "dropout": 0.0, "target_modules": "all-linear"}})
     base = modeling.load_base_model(cfg, ModelSource(str(model_dir), True, "test"), torch.device("cpu"))
     if use_fp8:
         assert fp8.use_fp8_base(base) == 14  # 7 linear layers in each of 2 decoder layers
