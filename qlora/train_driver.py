@@ -79,7 +79,8 @@ def fit(cfg: JobConfig, payload: WorkerPayload, name: str, storage: str, callbac
     try:
         return trainer.fit()
     except Exception as e:  # Ray wraps the worker's exception (TrainingFailed / WorkerGroupError)
-        runtime.finish_mlflow_run(payload.tracking_uri, payload.mlflow_run_id, "FAILED")
+        if not in_tune_trial:  # a trial's run is closed by the sweep driver, which knows whether ASHA stopped it
+            runtime.finish_mlflow_run(payload.tracking_uri, payload.mlflow_run_id, "FAILED")
         raise failures.run_error(e, what, cfg, runtime.run_snapshot(storage, name), f"{storage}/{name}") from None
 
 
@@ -89,7 +90,8 @@ def fit_with_memory_retries(cfg: JobConfig, name: str, storage: str, uri: str | 
     the accumulation (same global batch) as a fresh run, until it fits or the micro-batch is 1."""
     base_name = name
     while True:
-        payload = WorkerPayload(runtime.worker_config(cfg).to_json(), data_cache, uri, run_id, console.verbose())
+        payload = WorkerPayload(runtime.worker_config(cfg).to_json(), data_cache, uri, run_id, console.verbose(),
+                                storage_root=storage)
         try:
             return fit(cfg, payload, name, storage)
         except oom.OutOfMemory as e:

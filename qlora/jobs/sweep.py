@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import yaml
@@ -20,6 +21,7 @@ from qlora.payload import WorkerPayload
 from qlora.search_space import SearchSpace, apply_params, with_tied
 
 STATE_FILE = "qlora_sweep.json"
+TRIAL_ID = re.compile(r"_([0-9a-f]{5}_\d{5})_")  # Tune's trial folders: run_trial_<id>_<index>_<params>_<time>
 
 
 def trial_config(base: JobConfig, params: dict, space: SearchSpace) -> JobConfig:
@@ -49,7 +51,7 @@ def run_trial(config: dict, base_json: str, space_json: str, uri, parent_run_id,
             job, uri, name, {"mlflow.parentRunId": parent_run_id, "trial_id": trial_id})
         if existing:  # a trial resumed after the sweep was stopped (its run KILLED then) runs again
             tracking.client(uri).update_run(run_id, status="RUNNING")
-    payload = WorkerPayload(cfg.to_json(), job.data.cache, uri, run_id, console.verbose())
+    payload = WorkerPayload(cfg.to_json(), job.data.cache, uri, run_id, console.verbose(), storage_root=storage)
     result = train_driver.fit(cfg, payload, name, storage, callbacks=[ScoredReportsToTune(space.metric)],
                               in_tune_trial=True)
     finish(result, job, uri, run_id)
@@ -117,12 +119,14 @@ def sweep(cfg: JobConfig, space: SearchSpace, name: str, resume: bool = False) -
                                  space_json=space.model_dump_json(), uri=uri, parent_run_id=parent, storage=storage,
                                  sweep_name=name, verbose=console.verbose()),
             resources.TRIAL_RESOURCES)  # the trial function only waits on its TorchTrainer; 0 CPUs is refused
+        param_space = {"params": {k: d.to_tune() for k, d in space.params.items()}}
         if resume:
-            tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
-                                       restart_errored=True)
+            # The space again: Tuner.restore otherwise forgets it, and a trial its search algorithm generates anew
+            # (seen once in CI after a Ctrl+C) would get an empty config.
+            tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, param_space=param_space,
+                                       resume_unfinished=True, restart_errored=True)
         else:
-            tuner = tune.Tuner(trainable, param_space={"params": {k: d.to_tune() for k, d in space.params.items()}},
-                               tune_config=_tune_config(space, sweep_dir),
+            tuner = tune.Tuner(trainable, param_space=param_space, tune_config=_tune_config(space, sweep_dir),
                                run_config=tune.RunConfig(name=name, storage_path=storage))
         try:
             grid = tuner.fit()
@@ -169,7 +173,8 @@ def summarize(grid, cfg: JobConfig, space: SearchSpace, uri, parent, name: str) 
     for r in grid:
         params = with_tied(r.config["params"], space.tied)
         m = r.metrics or {}
-        trial_id = m.get("trial_id") or Path(r.path).name
+        # A trial that failed before its first report has no metrics: its folder name holds its id.
+        trial_id = m.get("trial_id") or next(iter(TRIAL_ID.findall(Path(r.path).name)), Path(r.path).name)
         finished = "train_seconds" in m  # only the last step's report carries it
         status = "error" if r.error else ("finished" if finished else "stopped early")
         rows.append({"trial": trial_id, **params, space.metric: m.get(space.metric), "steps": m.get("step"),
@@ -177,6 +182,8 @@ def summarize(grid, cfg: JobConfig, space: SearchSpace, uri, parent, name: str) 
         if r.metrics_dataframe is not None and "step" in r.metrics_dataframe:
             curves[trial_id] = r.metrics_dataframe
     table = pd.DataFrame(rows)
+    if uri and parent:
+        _close_trial_runs(uri, cfg, parent, table)
     done = table[table.status == "finished"].dropna(subset=[space.metric])
     if done.empty:
         raise ConfigError("no trial of the sweep finished", "see the trial errors above; widen the time budget")
@@ -199,17 +206,26 @@ def _plain(v):
     return v.item() if hasattr(v, "item") else v
 
 
-def _log_parent(uri, parent, cfg, table, curves, space, best_trial, best_cfg) -> str | None:
-    import tempfile
+def _close_trial_runs(uri, cfg: JobConfig, parent, table) -> None:
+    """Trials never close their own run on an error: one that ASHA stops is cut off mid-fit, and its exception
+    handler could still be running after Tune returned (seen: FAILED written over KILLED). The table decides."""
     c = tracking.client(uri)
     children = {r.data.tags.get("trial_id"): r for r in _child_runs(uri, cfg.tracking.experiment, parent)}
     for row in table.itertuples():
         child = children.get(row.trial)
-        # A trial that ASHA stops is cut off mid-fit: its run is left RUNNING, or FAILED when the
-        # interruption surfaced as an exception inside TorchTrainer.fit.
-        if child is not None and row.status == "stopped early" and child.info.status in ("RUNNING", "FAILED"):
+        if child is None or child.info.status != "RUNNING":
+            continue
+        if row.status == "stopped early":
             c.set_tag(child.info.run_id, "stopped_early", "true")
             c.set_terminated(child.info.run_id, "KILLED")
+        elif row.status == "error":
+            c.set_terminated(child.info.run_id, "FAILED")
+
+
+def _log_parent(uri, parent, cfg, table, curves, space, best_trial, best_cfg) -> str | None:
+    import tempfile
+    c = tracking.client(uri)
+    children = {r.data.tags.get("trial_id"): r for r in _child_runs(uri, cfg.tracking.experiment, parent)}
     with tempfile.TemporaryDirectory() as tmp:
         table.to_csv(Path(tmp) / "trials.csv", index=False)
         _plots(Path(tmp), table, curves, space)
