@@ -23,11 +23,17 @@ class Context:
     world_size: int
     device: torch.device
     sharded: bool = False  # parameters sharded over the ranks (FSDP): forward passes are collectives
+    local_rank: int = 0  # rank among this node's workers
 
     @property
     def is_writer(self) -> bool:
         """Only rank 0 writes adapters, checkpoints and MLflow records."""
         return self.rank == 0
+
+    @property
+    def writes_node_cache(self) -> bool:
+        """One worker per node fills the node's caches (the quantized base: qlora/weights_cache.py)."""
+        return self.local_rank == 0
 
 
 def context(use_gpu: bool) -> Context:
@@ -36,9 +42,9 @@ def context(use_gpu: bool) -> Context:
     try:
         import ray.train
         ctx = ray.train.get_context()
-        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        rank, world, local = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
     except Exception:  # not inside a Ray Train worker
-        rank, world = 0, 1
+        rank, world, local = 0, 1, 0
     if use_gpu:
         if not torch.cuda.is_available():
             raise EnvironmentProblem("scaling.use_gpu=true but this Ray worker sees no CUDA GPU",
@@ -48,7 +54,7 @@ def context(use_gpu: bool) -> Context:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    return Context(rank, world, device)
+    return Context(rank, world, device, local_rank=local)
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:

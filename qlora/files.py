@@ -15,6 +15,14 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def filesystem(location: str):
+    """(pyarrow filesystem, path in it) of a local folder or a cloud URI (s3://, gs://, ...)."""
+    import pyarrow.fs
+    if "://" in location:
+        return pyarrow.fs.FileSystem.from_uri(location)
+    return pyarrow.fs.LocalFileSystem(), str(Path(location).absolute())
+
+
 def output_home() -> Path:
     """Where relative output paths (checkpoint storage, the default MLflow store) live.
 

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from qlora import console, tasks
+from qlora import console, tasks, weights_cache
 from qlora.config import JobConfig, LoraSection, QuantizationSection
 from qlora.errors import ConfigError
 from qlora.model_source import ModelSource
@@ -142,24 +143,45 @@ def keep_cpu_weights_trainable(model) -> None:
 
 
 def load_base_model(cfg: JobConfig, source: ModelSource, device: torch.device, pad_token_id: int | None = None,
-                    prepare: Callable[[nn.Module, torch.dtype], None] | None = None):
+                    prepare: Callable[[nn.Module, torch.dtype], None] | None = None, keep_quantized: bool = True,
+                    report: Callable[[str], None] | None = None):
     """The frozen base model on `device`, quantized as the config says, ready for k-bit training.
     A sequence classifier needs the tokenizer's `pad_token_id`: it pools the last token that is not padding.
     `prepare(model, compute dtype)`: the distributed strategy's hook (Strategy.prepare_base), called once the
-    weights are quantized and before k-bit preparation."""
+    weights are quantized and before k-bit preparation. A 4-bit base comes from this machine's cache of quantized
+    weights when it has it (qlora/weights_cache.py); else it is quantized here and, if `keep_quantized`, kept
+    there. `report(line)`: where to say which, and how long it took."""
     check_source(source, cfg)
     cls, task_kwargs = tasks.for_config(cfg).auto_class(cfg)
     dtype = compute_dtype(cfg.quantization, device)
     qconf = quantization_config(cfg.quantization, dtype)
     if task_kwargs:
         console.expect_new_classifier_head()
+    cache_key = weights_cache.key(cfg, source, dtype, device) if weights_cache.applies(cfg, source) else None
+    cached = weights_cache.lookup(cache_key)
+    started = time.perf_counter()
+    # A cached folder's config.json carries the quantization it was written with (quantization_config=None
+    # passed explicitly would load its packed bytes as plain weights).
+    quantization = {} if cached or qconf is None else {"quantization_config": qconf}
     model = cls.from_pretrained(
-        source.path, **task_kwargs, revision=None if source.is_local else cfg.model.revision,
+        str(cached) if cached else source.path, **task_kwargs, **quantization,
+        revision=None if cached or source.is_local else cfg.model.revision,
         trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation,
-        quantization_config=qconf, dtype=dtype, device_map={"": device},
+        dtype=dtype, device_map={"": device},
         # Pickle weights only when the config allows them; otherwise transformers refuses *.bin files itself.
         use_safetensors=None if cfg.model.allow_pickle else True,
     )
+    seconds = time.perf_counter() - started
+    forget_4bit_deserialization(model)
+    if cached:
+        _say(report, f"4-bit base loaded from the quantized-weights cache {cached} in {seconds:.1f} s")
+    elif cache_key and keep_quantized:
+        started = time.perf_counter()
+        kept = weights_cache.store(model, cache_key, source.description, seconds)
+        _say(report, f"4-bit base quantized in {seconds:.1f} s; kept in {kept} for the next job "
+                     f"({time.perf_counter() - started:.1f} s)")
+    elif qconf is not None:
+        _say(report, f"base loaded and quantized in {seconds:.1f} s")
     model.config.use_cache = False
     keep_cpu_weights_trainable(model)
     if prepare is not None and qconf is not None:
@@ -174,6 +196,21 @@ def load_base_model(cfg: JobConfig, source: ModelSource, device: torch.device, p
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
     return model
+
+
+def forget_4bit_deserialization(model) -> None:
+    """transformers (5.17) records the converter that rebuilt a pre-quantized checkpoint's 4-bit weights, and
+    save_pretrained then tries to reverse it and fails (NotImplementedError), even for the dequantized, merged
+    model an export writes. Dropped: 4-bit layers serialize themselves, as in a model quantized at load."""
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [c for c in conversions if not any(
+            type(op).__name__ == "Bnb4bitDeserialize" for op in getattr(c, "operations", []))]
+
+
+def _say(report: Callable[[str], None] | None, line: str) -> None:
+    if report is not None:
+        report(line)
 
 
 def lora_config(lora: LoraSection, task: str = "causal_lm"):

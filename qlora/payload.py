@@ -15,6 +15,7 @@ class WorkerPayload:
     mlflow_run_id: Optional[str] = None
     verbose: bool = False  # --verbose: the libraries' own output too (qlora/console.py)
     files: Optional[dict] = None  # evaluate on workers: the adapter's files as bytes (adapters.pack)
+    storage_root: Optional[str] = None  # scaling.storage_path as the driver resolved it (qlora/compile_cache.py)
 
     def to_dict(self) -> dict:
         return asdict(self)

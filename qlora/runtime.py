@@ -10,7 +10,7 @@ from pathlib import Path
 from qlora import preflight, tracking
 from qlora.config import JobConfig
 from qlora.errors import EnvironmentProblem, TrainingFailure, UserError
-from qlora.files import output_home
+from qlora.files import filesystem, output_home
 
 RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
 
@@ -76,16 +76,10 @@ def tracking_target(cfg: JobConfig) -> str | None:
     return uri
 
 
-def _storage_fs(storage: str):
-    """(pyarrow filesystem, path in it) of scaling.storage_path: a local folder or a cloud URI."""
-    import pyarrow.fs
-    return pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else Path(storage).as_uri())
-
-
 def has_checkpoints(storage: str, name: str) -> bool:
     """Whether Ray Train already keeps checkpoints of a run named `name` in `storage` (local or cloud)."""
     import pyarrow.fs
-    fs, path = _storage_fs(storage)
+    fs, path = filesystem(storage)
     return fs.get_file_info(f"{path}/{name}/{RAY_TRAIN_SNAPSHOT}").type != pyarrow.fs.FileType.NotFound
 
 
@@ -93,7 +87,7 @@ def saved_run_config(storage: str, name: str) -> str | None:
     """The config.yaml of the newest checkpoint of run `name` in `storage` (local or cloud), or None. Checkpoint
     folders are named by Ray Train's timestamp (checkpoint_YYYY-MM-DD_HH-MM-SS.ffffff), so the newest sorts last."""
     import pyarrow.fs
-    fs, path = _storage_fs(storage)
+    fs, path = filesystem(storage)
     found = fs.get_file_info(pyarrow.fs.FileSelector(f"{path}/{name}", allow_not_found=True))
     folders = sorted((i.path for i in found if i.type == pyarrow.fs.FileType.Directory
                       and i.base_name.startswith("checkpoint_")), reverse=True)
@@ -156,7 +150,7 @@ def on_worker(cfg: JobConfig, fn, *args):
 
 def run_snapshot(storage: str, name: str) -> str | None:
     """Ray Train's checkpoint snapshot of run `name` in `storage` (local or cloud), or None."""
-    fs, path = _storage_fs(storage)
+    fs, path = filesystem(storage)
     try:
         with fs.open_input_stream(f"{path}/{name}/{RAY_TRAIN_SNAPSHOT}") as f:
             return f.read().decode()

@@ -18,8 +18,8 @@ from typing import Optional
 
 import torch
 
-from qlora import (checkpoint, console, distributed, evaluation, fp8, kernels, mfu, modeling, multiple_choice, preemption,
-                   strategies, tasks)
+from qlora import (checkpoint, compile_cache, console, distributed, evaluation, fp8, kernels, mfu, modeling,
+                   multiple_choice, preemption, strategies, tasks)
 from qlora.batching import BatchPlan, model_inputs
 from qlora.config import JobConfig
 from qlora.data import PreparedData, to_tensors
@@ -59,6 +59,7 @@ class Run:
     sink: Optional[MetricsSink]
     trainer_state: Optional[dict]  # a resumed checkpoint's optimizer, scheduler, RNG and loop state
     eval_state: dict = field(default_factory=dict)  # what the task reuses between held-out evaluations
+    compiled_to_keep: Optional[str] = None  # where to write the compile cache after the first step (rank 0)
 
     @property
     def ctx(self) -> distributed.Context:
@@ -87,7 +88,8 @@ def set_up(payload: WorkerPayload) -> Run:
     torch.manual_seed(cfg.train.seed)
     if cfg.train.fp8_base:
         fp8.check_device(ctx.device)  # before the weights load
-    base = modeling.load_base_model(cfg, source, ctx.device, tokenizer.pad_token_id, prepare=strategy.prepare_base)
+    base = modeling.load_base_model(cfg, source, ctx.device, tokenizer.pad_token_id, prepare=strategy.prepare_base,
+                                    keep_quantized=ctx.writes_node_cache, report=lambda line: log(ctx, line))
     kernels.apply_layer_kernels(base, cfg.train)
     if cfg.train.fp8_base:
         log(ctx, f"FP8 matmuls in {fp8.use_fp8_base(base)} 4-bit linear layers")
@@ -97,8 +99,10 @@ def set_up(payload: WorkerPayload) -> Run:
     torch.manual_seed(cfg.train.seed)  # identical LoRA init on every rank
     model = modeling.attach_lora(base, cfg.lora, cfg.model.task)
     modeling.init_lora_weights(model, cfg.lora, source)
+    compiled_to_keep = None
     if cfg.train.compile:
         n = kernels.compile_layers(model, cfg.train.compile_memory_budget)
+        compiled_to_keep = reuse_compiled(cfg, ctx, payload.storage_root)
         log(ctx, f"compiling {n} decoder layers (the first steps include the compile)")
     hidden = kernels.HiddenStates(model, cfg.train.kernels == "liger") if cfg.train.fused_cross_entropy else None
     dtype = modeling.compute_dtype(cfg.quantization, ctx.device)
@@ -112,7 +116,30 @@ def set_up(payload: WorkerPayload) -> Run:
     plan = BatchPlan(len(data.train), cfg, data.lengths)
     sink = MetricsSink(payload.tracking_uri, payload.mlflow_run_id) if ctx.is_writer else None
     return Run(cfg, strategy, tokenizer, data, model, wrapped, optimizer, make_scheduler(cfg, optimizer, plan.total_steps),
-               plan, hidden, dtype, flops, multiple_choice.prepare(cfg, tokenizer), weights_gib, sink, trainer_state)
+               plan, hidden, dtype, flops, multiple_choice.prepare(cfg, tokenizer), weights_gib, sink, trainer_state,
+               compiled_to_keep=compiled_to_keep)
+
+
+def reuse_compiled(cfg: JobConfig, ctx: distributed.Context, storage_root: Optional[str]) -> Optional[str]:
+    """Load the compile cache this run's shape has in storage (qlora/compile_cache.py); returns where rank 0
+    should write one after its first step when there was none."""
+    if storage_root is None:
+        return None
+    where = compile_cache.location(storage_root, cfg, ctx.device, ctx.world_size)
+    found = compile_cache.load(where)
+    if found:
+        log(ctx, f"compile cache: {found} compiled artifacts from {where}")
+    return where if found is None and ctx.is_writer else None
+
+
+def keep_compiled(run: Run) -> None:
+    """After the first step, rank 0 writes what torch compiled for the next run of this shape."""
+    started = time.perf_counter()
+    size = compile_cache.save(run.compiled_to_keep)
+    if size:
+        log(run.ctx, f"compile cache: {size / 2**20:.1f} MiB written to {run.compiled_to_keep} "
+                     f"({time.perf_counter() - started:.1f} s)")
+    run.compiled_to_keep = None
 
 
 def held_out(run: Run, when: str, predictions: Optional[list] = None) -> dict:
@@ -227,6 +254,8 @@ def train_loop_per_worker(config: dict) -> None:
     while step < total:
         epoch, grad_norm = train_step(run, step, window, clock)
         step += 1
+        if run.compiled_to_keep:
+            keep_compiled(run)
         last = step == total
         notice = None if last else preemption.noticed(ctx)  # a collective: every rank, every step
         do_eval = last or (cfg.train.eval_every and step % cfg.train.eval_every == 0)

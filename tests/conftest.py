@@ -12,6 +12,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _session_cache() -> None:
+    """QLORA_CACHE for this test session: its own folder, so the quantized weights of the session's temporary
+    models never land in the user's cache, with the user's GGUF conversions linked in (converting the packaged
+    SmolLM2 again would cost a minute per session). Jobs the tests start inherit it."""
+    import atexit
+    import shutil
+    import tempfile
+    user = Path(os.environ.get("QLORA_CACHE", Path.home() / ".cache" / "qlora"))
+    session = Path(tempfile.mkdtemp(prefix="qlora-test-cache-"))
+    (user / "gguf").mkdir(parents=True, exist_ok=True)
+    (session / "gguf").symlink_to(user / "gguf")
+    os.environ["QLORA_CACHE"] = str(session)
+    atexit.register(shutil.rmtree, session, True)
+
+
+_session_cache()
 # Real tokenizers and datasets (CI checks out ../shared beside the project); tests only, never the project.
 SHARED = Path(os.environ.get("QLORA_SHARED_DATA", ROOT.parent / "shared" / "data"))
 

@@ -56,6 +56,9 @@ class QuantizationSection(Section):
         "auto", description="Matmul dtype. auto: bfloat16 on GPUs that support it, float16 on older GPUs, "
         "float32 on CPU (bf16 without native support is ~18x slower there).",
     )
+    cache_weights: bool = Field(True, description="Keep the 4-bit base this job quantizes in $QLORA_CACHE/quantized "
+                                "(each node's local disk, keyed by the source's files and these settings) and load "
+                                "it from there next time instead of quantizing again (qlora/weights_cache.py).")
 
     @model_validator(mode="after")
     def _four_bit_options(self):

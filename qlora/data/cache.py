@@ -40,6 +40,7 @@ from qlora.config import CLASSIFICATION_FORMATS, DataSection
 from qlora.data.batches import packed_row
 from qlora.data.examples import PreparedData
 from qlora.errors import DataError
+from qlora.files import filesystem
 
 PIPELINE_VERSION = 1  # raise when the examples a configuration gives change
 MANIFEST = "manifest.json"
@@ -89,17 +90,10 @@ def folder_of(storage_root: str, key: str) -> str:
     return f"{storage_root.rstrip('/')}/data_cache/{key}"
 
 
-def _fs(location: str):
-    import pyarrow.fs
-    if "://" in location:
-        return pyarrow.fs.FileSystem.from_uri(location)
-    return pyarrow.fs.LocalFileSystem(), str(Path(location).absolute())
-
-
 def read_manifest(location: str) -> Optional[dict]:
     """The manifest of a complete cache at `location`, or None (absent, half-written, or files missing)."""
     import pyarrow.fs
-    fs, base = _fs(location)
+    fs, base = filesystem(location)
     try:
         with fs.open_input_stream(f"{base}/{MANIFEST}") as f:
             manifest = json.loads(f.read())
@@ -130,7 +124,7 @@ class Writer:
         self.key, self.final = key, folder_of(storage_root, key)
         self.local = "://" not in storage_root
         self.base = f"{self.final}.tmp-{uuid.uuid4().hex[:8]}" if self.local else self.final
-        self.fs, self.base_path = _fs(self.base)
+        self.fs, self.base_path = filesystem(self.base)
         self.files: dict[str, int] = {}
         self._created = []
 
@@ -201,7 +195,7 @@ def local_folder(location: str, manifest: dict) -> Path:
     target = Path(os.environ.get("QLORA_DATA_CACHE", Path.home() / ".cache" / "qlora" / "data")) / manifest["key"]
     if read_manifest(str(target)) is not None:
         return target
-    fs, base = _fs(location)
+    fs, base = filesystem(location)
     tmp = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     for name in [*manifest["files"], MANIFEST]:
         (tmp / name).parent.mkdir(parents=True, exist_ok=True)

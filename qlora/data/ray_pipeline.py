@@ -16,7 +16,8 @@ import pyarrow as pa
 from qlora.config import CLASSIFICATION_FORMATS, DataSection
 from qlora.data import records as checks
 from qlora.data import sources
-from qlora.data.cache import Writer, _fs, schema, write_table
+from qlora.files import filesystem
+from qlora.data.cache import Writer, schema, write_table
 from qlora.data.examples import META_COLUMNS, eval_selection, make_encoder, meta, select
 from qlora.errors import DataError
 
@@ -90,7 +91,7 @@ class ShardSink:
 
     def write(self, blocks, ctx) -> dict:
         table = pa.concat_tables([pa.table(b) if not isinstance(b, pa.Table) else b for b in blocks])
-        fs, base = _fs(self.base)
+        fs, base = filesystem(self.base)
         split = table.column("split").to_numpy()
         bad = np.flatnonzero(split < 0)
         result = {"files": {}, "meta": {}, "problems": len(bad), "first_problem": None,
