@@ -20,14 +20,7 @@ M8=/tmp/rand-llama-8b-nf4
 PARTS=${PARTS:-compiled}
 
 main() {
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/base/*.whl .whl/ray/*.whl || return 1
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-dash .whl/dash/*.whl || return 1
-  export PYTHONPATH=/tmp/site:/tmp/site-dash:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0 \
-    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_AUTH_MODE=token RAY_DEDUP_LOGS=0
-  date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
-  python3 -c "import torch, transformers, peft, bitsandbytes, ray; print('torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| bnb', bitsandbytes.__version__, '| ray', ray.__version__)"
-  cp .whl/alpaca_en_demo.json /tmp/alpaca_en_demo.json
+  . benchmarks/gpu_ray_env.sh || return 1
   ray get-auth-token --generate > /dev/null
   [ -f $M8/config.json ] || { timeout 150 python3 benchmarks/make_random_nf4.py --shape 8b $M8 2>&1 | grep "^{\|Error" || return 1; }
   if [ -n "$PYTEST" ]; then

@@ -19,8 +19,12 @@ STEP = re.compile(r"\[qlora\] step (\d+)/\d+ .*?tokens/s ([\d,]+) .*?peak ([\d.]
 RECOMPILE = "Recompiling function"  # TORCH_LOGS=recompiles in the workers' environment
 CLOCK_KEYS = ("clock_tokens_per_second", "clock_tokens_per_second_after_first_step", "first_step_seconds",
               "eval_seconds", "report_seconds", "train_seconds")  # from the job's last JSON line
-MARKS = {"job_started": "Job '", "workers_started": "[qlora] held-out evaluation before training",
-         "before_eval_done": "[qlora] before training"}
+# Seconds from the submit command to the first line holding each text (the parts of the start).
+MARKS = {"job_started": "Job '", "data_ready": "[qlora] data: ",
+         "weights_loaded": "[qlora] 4-bit base", "weights_loaded_16bit": "[qlora] base loaded",
+         "compile_cache_loaded": "compiled artifacts from", "lora_and_compile_set_up": "[qlora] compiling ",
+         "workers_started": "[qlora] held-out evaluation before training",
+         "before_eval_done": "[qlora] before training", "compile_cache_written": "MiB written to"}
 
 
 def main() -> None:
@@ -28,9 +32,14 @@ def main() -> None:
     p.add_argument("--address", required=True)
     p.add_argument("--warmup", type=int, default=3, help="steps left out of the median")
     p.add_argument("--log", help="also write the job's streamed log here, each line with its seconds")
+    p.add_argument("--env", action="append", default=[], help="KEY=VALUE in the job's runtime environment "
+                   "(its driver and workers)")
     args, job_args = p.parse_known_args()
     job_args = [a for a in job_args if a != "--"]
-    cmd = ["ray", "job", "submit", "--address", args.address, "--", sys.executable, "-m", "ray_jobs.train", *job_args]
+    env = dict(e.split("=", 1) for e in args.env)
+    runtime_env = ["--runtime-env-json", json.dumps({"env_vars": env})] if env else []
+    cmd = ["ray", "job", "submit", "--address", args.address, *runtime_env, "--", sys.executable, "-m",
+           "ray_jobs.train", *job_args]
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     marks, steps, tail, recompiles, summary = {}, {}, [], [], {}
