@@ -22,7 +22,10 @@ def connect_ray(address: str | None) -> bool:
         return False
     started_here = (address is None and "RAY_ADDRESS" not in os.environ) or address == "local"
     try:
-        ray.init(address=address)
+        # "local", not None: with None Ray joins whatever cluster `ray start` last started on this machine (its
+        # address file in /tmp/ray), another user's or another job's (seen: a test's cluster, whose auth token
+        # this job lacked); unset means a local cluster of our own, or the one RAY_ADDRESS names.
+        ray.init(address="local" if started_here else address)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise EnvironmentProblem(f"Ray cluster at {address or os.environ.get('RAY_ADDRESS')} is unreachable ({e})",
                                  "start it with `ray start --head`, or fix scaling.ray_address / RAY_ADDRESS") from None

@@ -102,7 +102,7 @@ def start_mlflow_server(folder: Path, port: int | None = None) -> MlflowServer:
          "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts")],
         env=server_env(), stdout=open(folder / "server.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
     server = MlflowServer(f"http://127.0.0.1:{port}", proc, folder)
-    _wait_http(server.uri + "/health", 120)
+    _wait_http(server.uri + "/health", 300)  # a first start in a fresh environment (no .pyc yet) on busy cores: ~2 min
     return server
 
 

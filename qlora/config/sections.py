@@ -346,8 +346,9 @@ class ScalingSection(Section):
         "which places each worker on a node with resource accelerator_type:<type>). Unset: any node.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker reserves (fractions allowed).")
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Extra Ray resources.")
-    ray_address: Optional[str] = Field(None, description="Ray cluster address; unset: start a local cluster "
-                                       "(or join the one `ray job submit` runs in).")
+    ray_address: Optional[str] = Field(None, description="Ray cluster address (host:port, or auto: the cluster "
+                                       "`ray start` last started on this machine); unset: start a local cluster "
+                                       "(or join the one `ray job submit` runs in, which sets RAY_ADDRESS).")
     storage_path: str = Field("runs", description="Where Ray Train keeps checkpoints: a cloud URI or shared "
                               "folder on multi-node clusters; a relative path is under $QLORA_HOME (default: the "
                               "current folder, or ~/qlora_runs inside a `ray job submit` job).")

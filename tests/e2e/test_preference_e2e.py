@@ -1,7 +1,7 @@
 """Preference tuning end to end on a local Ray cluster: the real SmolLM2-135M-Instruct in NF4 learns to prefer the
-strict JSON answers of data/people_preference.jsonl with DPO (reference = the same 4-bit base, adapter off);
-held-out reward accuracy rises above 50% and above where it started, reaches the final JSON line, MLflow and
-metrics.json, and the saved adapter, reloaded in this process, reproduces it."""
+strict JSON answers of data/people_preference.jsonl with DPO on two DDP workers (reference = the same 4-bit base,
+adapter off); held-out reward accuracy rises above 50% and above where it started, reaches the final JSON line,
+MLflow and metrics.json, and the saved adapter, reloaded in this process, reproduces it."""
 import json
 from pathlib import Path
 
@@ -23,9 +23,11 @@ def test_dpo_raises_held_out_reward_accuracy_on_smollm2(ray_cluster, tmp_path):
         "data": {"path": str(ROOT / "data" / "people_preference.jsonl"), "format": "preference", "max_length": 128,
                  "eval_max_samples": 16},
         "preference": {"loss": "dpo", "beta": 0.1},
-        "train": {"max_steps": 5, "batch_size": 4, "learning_rate": 5e-4, "warmup_steps": 0, "log_every": 5},
+        # Two DDP workers of 2 pairs each: every rank scores its share of each step's pairs and of the held-out
+        # pairs against its own reference pass; the gathered metrics must equal one process's (below).
+        "train": {"max_steps": 5, "batch_size": 2, "learning_rate": 5e-4, "warmup_steps": 0, "log_every": 5},
         "evaluation": {"num_generate": 2, "max_new_tokens": 16, "batch_size": 16},
-        "scaling": {"num_workers": 1, "storage_path": str(tmp_path / "runs")},
+        "scaling": {"num_workers": 2, "storage_path": str(tmp_path / "runs")},
         "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "dpo", "run_name": "dpo"}})
     result = train.train(cfg)
     before, after = result["metrics_before"], result["metrics_after"]
