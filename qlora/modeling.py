@@ -17,7 +17,7 @@ from torch import nn
 from qlora import console, tasks, weights_cache
 from qlora.config import JobConfig, LoraSection, QuantizationSection
 from qlora.errors import ConfigError
-from qlora.model_source import ModelSource
+from qlora.model_source import ModelSource, cache_root
 
 LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 PAD_TOKEN = "[PAD]"  # what model.pad_token=add adds, as QLoRA does
@@ -177,9 +177,14 @@ def load_base_model(cfg: JobConfig, source: ModelSource, device: torch.device, p
         _say(report, f"4-bit base loaded from the quantized-weights cache {cached} in {seconds:.1f} s")
     elif cache_key and keep_quantized:
         started = time.perf_counter()
-        kept = weights_cache.store(model, cache_key, source.description, seconds)
-        _say(report, f"4-bit base quantized in {seconds:.1f} s; kept in {kept} for the next job "
-                     f"({time.perf_counter() - started:.1f} s)")
+        try:
+            kept = weights_cache.store(model, cache_key, source.description, seconds)
+        except OSError as e:  # a full or read-only disk costs the next job the quantization, never this job
+            _say(report, f"4-bit base quantized in {seconds:.1f} s; not kept ({e}): free space in {cache_root()} "
+                         "or set quantization.cache_weights=false")
+        else:
+            _say(report, f"4-bit base quantized in {seconds:.1f} s; kept in {kept} for the next job "
+                         f"({time.perf_counter() - started:.1f} s)")
     elif qconf is not None:
         _say(report, f"base loaded and quantized in {seconds:.1f} s")
     model.config.use_cache = False

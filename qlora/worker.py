@@ -135,7 +135,11 @@ def reuse_compiled(cfg: JobConfig, ctx: distributed.Context, storage_root: Optio
 def keep_compiled(run: Run) -> None:
     """After the first step, rank 0 writes what torch compiled for the next run of this shape."""
     started = time.perf_counter()
-    size = compile_cache.save(run.compiled_to_keep)
+    try:
+        size = compile_cache.save(run.compiled_to_keep)
+    except OSError as e:  # the storage refused it: the next run compiles again, this one goes on
+        log(run.ctx, f"compile cache: not written to {run.compiled_to_keep} ({e})")
+        size = None
     if size:
         log(run.ctx, f"compile cache: {size / 2**20:.1f} MiB written to {run.compiled_to_keep} "
                      f"({time.perf_counter() - started:.1f} s)")

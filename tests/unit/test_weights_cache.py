@@ -83,13 +83,18 @@ def test_the_key_follows_the_source_bytes_and_the_settings(tiny_model_dir, tmp_p
     assert key() != base
 
 
-def test_what_is_not_kept(tiny_model_dir, tmp_path, cache):
+def test_what_is_not_kept(tiny_model_dir, tmp_path, cache, monkeypatch):
     source = ModelSource(str(tiny_model_dir), True, "tiny")
     _load(_cfg(str(tiny_model_dir), cache_weights=False), source)
     _load(_cfg(str(tiny_model_dir), bits=8), source)
     _, said = _load(_cfg(str(tiny_model_dir)), source, keep_quantized=False)  # another worker of this node keeps it
     assert said == [said[0]] and "quantized in" in said[0] and "kept" not in said[0]
     assert not cache.exists()
+    # A cache that cannot be written (here: its folder would sit under a file) costs the next job, not this one.
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("QLORA_CACHE", str(tmp_path / "a-file" / "cache"))
+    model, said = _load(_cfg(str(tiny_model_dir)), source)
+    assert "not kept" in said[0] and "quantization.cache_weights=false" in said[0] and model is not None
     # A pre-quantized checkpoint (what save_pretrained writes for a 4-bit model) is loaded as it is.
     modeling.load_base_model(_cfg(str(tiny_model_dir), cache_weights=False), source, CPU).save_pretrained(
         tmp_path / "nf4")
