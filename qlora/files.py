@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 
@@ -41,6 +42,22 @@ def ray_submission_id() -> str | None:
     # The job supervisor hands the entrypoint its job config (runtime env + metadata) in this variable.
     config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
     return config.get("metadata", {}).get("job_submission_id")
+
+
+@contextlib.contextmanager
+def folder_once(target: Path):
+    """Yield a fresh temporary folder beside `target` to fill; on success it becomes `target` in one rename unless
+    another process got there first (caches that two jobs may fill at once: the first rename wins, the same
+    content either way). The temporary folder never outlives the block."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
+    try:
+        yield tmp
+        if not target.exists():
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -9,14 +9,12 @@ from __future__ import annotations
 import importlib.util
 import mmap
 import os
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from qlora.errors import ConfigError
-from qlora.files import file_sha256
+from qlora.files import file_sha256, folder_once
 
 # Short name -> (pip package that ships the file, file name inside it, install hint).
 PACKAGED_MODELS = {
@@ -121,15 +119,9 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"})
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     plain.load_state_dict(loaded.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
-    try:
+    with folder_once(target) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- cheap integrity checks of local weights (headers only: no tensor is read) -----------------------

@@ -144,7 +144,7 @@ def keep_cpu_weights_trainable(model) -> None:
 
 def load_base_model(cfg: JobConfig, source: ModelSource, device: torch.device, pad_token_id: int | None = None,
                     prepare: Callable[[nn.Module, torch.dtype], None] | None = None, keep_quantized: bool = True,
-                    report: Callable[[str], None] | None = None):
+                    report: Callable[[str], None] = lambda line: None):
     """The frozen base model on `device`, quantized as the config says, ready for k-bit training.
     A sequence classifier needs the tokenizer's `pad_token_id`: it pools the last token that is not padding.
     `prepare(model, compute dtype)`: the distributed strategy's hook (Strategy.prepare_base), called once the
@@ -174,19 +174,19 @@ def load_base_model(cfg: JobConfig, source: ModelSource, device: torch.device, p
     seconds = time.perf_counter() - started
     forget_4bit_deserialization(model)
     if cached:
-        _say(report, f"4-bit base loaded from the quantized-weights cache {cached} in {seconds:.1f} s")
+        report(f"4-bit base loaded from the quantized-weights cache {cached} in {seconds:.1f} s")
     elif cache_key and keep_quantized:
         started = time.perf_counter()
         try:
             kept = weights_cache.store(model, cache_key, source.description, seconds)
         except OSError as e:  # a full or read-only disk costs the next job the quantization, never this job
-            _say(report, f"4-bit base quantized in {seconds:.1f} s; not kept ({e}): free space in {cache_root()} "
+            report(f"4-bit base quantized in {seconds:.1f} s; not kept ({e}): free space in {cache_root()} "
                          "or set quantization.cache_weights=false")
         else:
-            _say(report, f"4-bit base quantized in {seconds:.1f} s; kept in {kept} for the next job "
+            report(f"4-bit base quantized in {seconds:.1f} s; kept in {kept} for the next job "
                          f"({time.perf_counter() - started:.1f} s)")
     elif qconf is not None:
-        _say(report, f"base loaded and quantized in {seconds:.1f} s")
+        report(f"base loaded and quantized in {seconds:.1f} s")
     model.config.use_cache = False
     keep_cpu_weights_trainable(model)
     if prepare is not None and qconf is not None:
@@ -211,11 +211,6 @@ def forget_4bit_deserialization(model) -> None:
     if conversions:
         model._weight_conversions = [c for c in conversions if not any(
             type(op).__name__ == "Bnb4bitDeserialize" for op in getattr(c, "operations", []))]
-
-
-def _say(report: Callable[[str], None] | None, line: str) -> None:
-    if report is not None:
-        report(line)
 
 
 def lora_config(lora: LoraSection, task: str = "causal_lm"):

@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -32,6 +29,7 @@ from typing import Optional
 import torch
 
 from qlora.config import JobConfig
+from qlora.files import folder_once
 from qlora.model_source import ModelSource, cache_root
 
 INFO = "qlora_cache.json"
@@ -90,14 +88,8 @@ def lookup(cache_key: Optional[str]) -> Optional[Path]:
 def store(model, cache_key: str, description: str, quantize_seconds: float) -> Path:
     """Write the loaded 4-bit `model` (before any training change) as the cache entry of `cache_key`."""
     target = folder(cache_key)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{cache_key}.tmp", dir=target.parent))
-    try:
+    with folder_once(target) as tmp:
         model.save_pretrained(tmp)
         (tmp / INFO).write_text(json.dumps({"source": description, "quantize_seconds": round(quantize_seconds, 2),
                                             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
-        if not target.exists():
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
